@@ -1,0 +1,99 @@
+"""The outbox: delivers queued reports to their destinations, retrying with backoff.
+
+A report stays queued, with its attempt count and last error visible in the state database,
+until a destination accepts it; a destination that is down only delays delivery.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from nidaan.server.config import Config
+from nidaan.server.errors import DeliveryError
+
+from .scu import send_file
+from .state import OutboxItem, StateStore
+from .uids import ref
+
+log = logging.getLogger("nidaan.outbox")
+
+
+def backoff(attempts: int, initial_s: float, max_s: float) -> float:
+    """Seconds to wait after ``attempts`` failed attempts: exponential, capped."""
+    return float(min(max_s, initial_s * 2 ** max(0, attempts - 1)))
+
+
+class Outbox:
+    """A thread that sends due outbox items."""
+
+    def __init__(
+        self,
+        config: Config,
+        state: StateStore,
+        on_delivered: Callable[[str], None] = lambda study_uid: None,
+        on_attempt: Callable[[bool], None] = lambda ok: None,
+    ) -> None:
+        self.config = config
+        self.state = state
+        self._on_delivered = on_delivered
+        self._on_attempt = on_attempt
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="nidaan-outbox", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    def wake(self) -> None:
+        """Look at the queue now (a report was just queued)."""
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for item in self.state.due():
+                if self._stop.is_set():
+                    return
+                self._deliver(item)
+            self._wake.wait(timeout=0.5)
+            self._wake.clear()
+
+    def _deliver(self, item: OutboxItem) -> None:
+        cfg = self.config
+        peer = cfg.peer(item.destination)
+        try:
+            if peer is None:
+                raise DeliveryError(f"destination {item.destination} is not a configured peer")
+            send_file(
+                item.report_path,
+                calling_ae=cfg.dicom.ae_title,
+                peer_ae=peer.ae_title,
+                host=peer.host,
+                port=peer.port,
+                timeout_s=cfg.dicom.network_timeout_s,
+            )
+        except (DeliveryError, OSError) as exc:
+            wait = backoff(item.attempts + 1, cfg.reports.retry_initial_s, cfg.reports.retry_max_s)
+            self.state.retry_later(item.id, time.time() + wait, str(exc))
+            log.warning(
+                "report %s to %s failed (attempt %d), retry in %.0f s: %s",
+                ref(item.sop_instance_uid),
+                item.destination,
+                item.attempts + 1,
+                wait,
+                exc,
+            )
+            self._on_attempt(False)
+            return
+        self._on_attempt(True)
+        log.info("report %s delivered to %s", ref(item.sop_instance_uid), item.destination)
+        study = self.state.delivered(item.id)
+        if study:
+            self._on_delivered(study)

@@ -1,0 +1,188 @@
+"""The DICOM SCP: Verification (C-ECHO) and Storage (C-STORE) service class provider.
+
+Handler errors become DICOM statuses (PS3.4 Annex B.2.3, PS3.7 C.4.2.1.4), never a broken
+association:
+
+* 0x0000 Success: the instance is durably stored and recorded (and, for an image a model will
+  read, decoded successfully).
+* 0xA700 Out of Resources: it could not be stored (disk, database); nothing partial is kept.
+* 0xA900 Data Set does not match SOP Class: required UIDs are missing or malformed.
+* 0xC000-0xCFFF Cannot understand: the data set or its pixel data cannot be decoded. The bytes
+  are kept in the quarantine folder with the reason.
+
+Error Comment (0000,0902) carries a short reason that names the problem and no patient data.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from nidaan.server.errors import InputError
+
+from .spool import Spool
+from .state import InstanceRecord, StateStore
+from .uids import is_valid_uid, ref
+
+log = logging.getLogger("nidaan.scp")
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DOES_NOT_MATCH_SOP_CLASS = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+
+
+@dataclass(frozen=True)
+class StoreOutcome:
+    """What the SCP did with one C-STORE request (for metrics and tests)."""
+
+    status: int
+    reason: str = ""
+
+
+#: Called for each instance before Success is sent: returns whether it is an image to analyse,
+#: raises InputError if it is one that cannot be used.
+Inspector = Callable[[Dataset], bool]
+
+
+def _status(code: int, comment: str = "") -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    if comment:
+        ds.ErrorComment = comment[:64]  # LO: at most 64 characters (PS3.5 6.2)
+    return ds
+
+
+class StorageSCP:
+    """Receives studies, stores them durably, and reports instances and association ends."""
+
+    def __init__(
+        self,
+        ae_title: str,
+        spool: Spool,
+        state: StateStore,
+        *,
+        inspect: Inspector,
+        on_instance: Callable[[int, str], None],
+        on_association_end: Callable[[int], None],
+        on_outcome: Callable[[StoreOutcome], None] = lambda o: None,
+        max_pdu: int = 4_194_304,
+    ) -> None:
+        self.spool = spool
+        self.state = state
+        self._inspect = inspect
+        self._on_instance = on_instance
+        self._on_association_end = on_association_end
+        self._on_outcome = on_outcome
+        self.ae = AE(ae_title=ae_title)
+        self.ae.maximum_pdu_size = max_pdu
+        self.ae.require_called_aet = True
+        self.ae.add_supported_context(Verification)
+        for cx in StoragePresentationContexts:
+            if cx.abstract_syntax is not None:
+                self.ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        self._server: Any = None
+        self._assoc_ids: dict[int, int] = {}
+        self._next_id = 0
+        self._ids_lock = threading.Lock()
+
+    def start(self, bind: str, port: int) -> None:
+        """Start listening in background threads."""
+        handlers: list[Any] = [
+            (evt.EVT_C_ECHO, lambda event: SUCCESS),
+            (evt.EVT_C_STORE, self._handle_store),
+            (evt.EVT_CONN_CLOSE, self._handle_close),
+        ]
+        self._server = self.ae.start_server((bind, port), block=False, evt_handlers=handlers)
+
+    @property
+    def port(self) -> int:
+        """The port actually bound (useful when started on port 0)."""
+        return int(self._server.server_address[1])
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    def _assoc_id(self, assoc: Any) -> int:
+        with self._ids_lock:
+            key = id(assoc)
+            if key not in self._assoc_ids:
+                self._next_id += 1
+                self._assoc_ids[key] = self._next_id
+            return self._assoc_ids[key]
+
+    def _handle_close(self, event: Any) -> None:
+        with self._ids_lock:
+            assoc_id = self._assoc_ids.pop(id(event.assoc), None)
+        if assoc_id is not None:
+            self._on_association_end(assoc_id)
+
+    def _refuse(self, chunks: list[bytes] | None, status: int, reason: str) -> Dataset:
+        where = ""
+        if chunks is not None:
+            try:
+                where = (
+                    f" (quarantined as {self.spool.quarantine(chunks, reason, status=status).name})"
+                )
+            except OSError as exc:
+                where = f" (could not quarantine: {exc.strerror})"
+        log.warning("refused an instance with 0x%04X: %s%s", status, reason, where)
+        self._on_outcome(StoreOutcome(status, reason))
+        return _status(status, reason)
+
+    def _handle_store(self, event: Any) -> Dataset:
+        try:
+            chunks = [event.encoded_dataset(include_meta=True)]
+        except Exception as exc:  # the request itself is unusable
+            return self._refuse(
+                None, CANNOT_UNDERSTAND, f"unreadable request: {type(exc).__name__}"
+            )
+        try:
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            study_uid = str(ds.StudyInstanceUID)
+            sop_uid = str(ds.SOPInstanceUID)
+            series_uid = str(ds.get("SeriesInstanceUID", ""))
+            sop_class = str(ds.get("SOPClassUID", ""))
+        except AttributeError as exc:
+            return self._refuse(chunks, DOES_NOT_MATCH_SOP_CLASS, f"missing UID: {exc}"[:64])
+        except Exception as exc:  # pydicom raises many types for corrupt encodings
+            return self._refuse(chunks, CANNOT_UNDERSTAND, f"cannot decode data set: {exc}")
+        if not (is_valid_uid(study_uid) and is_valid_uid(sop_uid)):
+            return self._refuse(chunks, DOES_NOT_MATCH_SOP_CLASS, "malformed Study/SOP UID")
+        if sop_uid != str(event.request.AffectedSOPInstanceUID):
+            return self._refuse(
+                chunks,
+                DOES_NOT_MATCH_SOP_CLASS,
+                "SOP Instance UID differs from the request's Affected SOP Instance UID",
+            )
+        try:
+            is_image = self._inspect(ds)
+        except InputError as exc:
+            return self._refuse(chunks, exc.status, str(exc))
+        except Exception as exc:  # a bug must not break the association; the file is kept
+            log.exception("inspecting an instance failed")
+            return self._refuse(chunks, CANNOT_UNDERSTAND, f"internal error: {type(exc).__name__}")
+        try:
+            path = self.spool.store(study_uid, sop_uid, chunks)
+            self.state.add_instance(
+                InstanceRecord(sop_uid, study_uid, series_uid, sop_class, path, bool(is_image)),
+                calling_ae=event.assoc.requestor.ae_title,
+            )
+        except (OSError, sqlite3.Error) as exc:
+            log.error("could not store instance %s: %s", ref(sop_uid), exc)
+            self._on_outcome(StoreOutcome(OUT_OF_RESOURCES, "storage failed"))
+            return _status(OUT_OF_RESOURCES, "could not store the instance")
+        self._on_instance(self._assoc_id(event.assoc), study_uid)
+        self._on_outcome(StoreOutcome(SUCCESS))
+        return _status(SUCCESS)

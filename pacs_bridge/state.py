@@ -1,0 +1,238 @@
+"""Study and delivery state in SQLite (WAL), one database per Nidaan instance.
+
+A study moves through::
+
+    receiving -> complete -> analysed -> reported -> delivered
+    complete -> skipped   (nothing to analyse: no images, or no model applies)
+    any state -> failed   (with a reason)
+
+Every acknowledged instance has a row in ``instances`` before the C-STORE response is sent, so
+after a restart the server knows what it still owes.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS studies (
+    study_uid TEXT PRIMARY KEY,
+    calling_ae TEXT NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS instances (
+    sop_instance_uid TEXT PRIMARY KEY,
+    study_uid TEXT NOT NULL REFERENCES studies(study_uid),
+    series_uid TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    is_image INTEGER NOT NULL,
+    received_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instances_by_study ON instances(study_uid);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    study_uid TEXT NOT NULL,
+    report_path TEXT NOT NULL,
+    sop_instance_uid TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    last_error TEXT NOT NULL DEFAULT '',
+    UNIQUE (sop_instance_uid, destination)
+);
+"""
+
+STUDY_STATES = ("receiving", "complete", "analysed", "reported", "delivered", "skipped", "failed")
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """One stored instance."""
+
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    sop_class_uid: str
+    path: Path
+    is_image: bool
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    """A report waiting for (or done with) delivery to one destination."""
+
+    id: int
+    study_uid: str
+    report_path: Path
+    sop_instance_uid: str
+    destination: str
+    state: str
+    attempts: int
+    next_attempt_at: float
+    last_error: str
+
+
+class StateStore:
+    """Thread-safe access to the state database."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # FULL: a committed row survives power loss, as the C-STORE response promises.
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # --- instances and studies -----------------------------------------------------------------
+
+    def add_instance(self, rec: InstanceRecord, calling_ae: str) -> bool:
+        """Record a stored instance; False when that SOP Instance UID was already stored.
+
+        A new instance of a study that was already analysed reopens it, so the report covers it.
+        """
+        now = time.time()
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO instances VALUES (?,?,?,?,?,?,?)",
+                (
+                    rec.sop_instance_uid,
+                    rec.study_uid,
+                    rec.series_uid,
+                    rec.sop_class_uid,
+                    str(rec.path),
+                    int(rec.is_image),
+                    now,
+                ),
+            )
+            is_new = cur.rowcount == 1
+            db.execute(
+                "INSERT INTO studies (study_uid, calling_ae, state, updated_at)"
+                " VALUES (?,?,'receiving',?) ON CONFLICT(study_uid) DO UPDATE SET"
+                " state = CASE WHEN ? THEN 'receiving' ELSE state END,"
+                " reason = CASE WHEN ? THEN '' ELSE reason END,"
+                " calling_ae = excluded.calling_ae, updated_at = excluded.updated_at",
+                (rec.study_uid, calling_ae, now, is_new, is_new),
+            )
+        return is_new
+
+    def instances(self, study_uid: str) -> list[InstanceRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT sop_instance_uid, study_uid, series_uid, sop_class_uid, path, is_image"
+                " FROM instances WHERE study_uid = ? ORDER BY received_at",
+                (study_uid,),
+            ).fetchall()
+        return [InstanceRecord(r[0], r[1], r[2], r[3], Path(r[4]), bool(r[5])) for r in rows]
+
+    def set_study_state(self, study_uid: str, state: str, reason: str = "") -> None:
+        if state not in STUDY_STATES:
+            raise ValueError(f"unknown study state {state!r}")
+        with self._tx() as db:
+            db.execute(
+                "UPDATE studies SET state = ?, reason = ?, updated_at = ? WHERE study_uid = ?",
+                (state, reason, time.time(), study_uid),
+            )
+
+    def study(self, study_uid: str) -> tuple[str, str, str] | None:
+        """(state, reason, calling AE) of a study, or None."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT state, reason, calling_ae FROM studies WHERE study_uid = ?", (study_uid,)
+            ).fetchone()
+        return None if row is None else (row[0], row[1], row[2])
+
+    def studies_in(self, *states: str) -> list[str]:
+        marks = ",".join("?" * len(states))
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT study_uid FROM studies WHERE state IN ({marks}) ORDER BY updated_at",
+                states,
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        """How many studies are in each state."""
+        with self._lock:
+            rows = self._db.execute("SELECT state, COUNT(*) FROM studies GROUP BY state").fetchall()
+        return {r[0]: r[1] for r in rows}
+
+    # --- outbox ----------------------------------------------------------------------------------
+
+    def enqueue(
+        self, study_uid: str, report_path: Path, sop_instance_uid: str, destination: str
+    ) -> None:
+        """Queue a report for a destination (idempotent for the same report and destination)."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO outbox (study_uid, report_path, sop_instance_uid, destination, state,"
+                " next_attempt_at) VALUES (?,?,?,?,'queued',?)"
+                " ON CONFLICT(sop_instance_uid, destination) DO UPDATE SET state = 'queued',"
+                " report_path = excluded.report_path, next_attempt_at = excluded.next_attempt_at",
+                (study_uid, str(report_path), sop_instance_uid, destination, time.time()),
+            )
+
+    def due(self, now: float | None = None) -> list[OutboxItem]:
+        """Queued items whose next attempt is due."""
+        now = time.time() if now is None else now
+        return [i for i in self.outbox("queued") if i.next_attempt_at <= now]
+
+    def outbox(self, *states: str) -> list[OutboxItem]:
+        query = "SELECT * FROM outbox"
+        if states:
+            query += f" WHERE state IN ({','.join('?' * len(states))})"
+        with self._lock:
+            rows = self._db.execute(query + " ORDER BY id", states).fetchall()
+        return [
+            OutboxItem(r[0], r[1], Path(r[2]), r[3], r[4], r[5], r[6], r[7], r[8]) for r in rows
+        ]
+
+    def delivered(self, item_id: int) -> str:
+        """Mark an item delivered; return its study UID once every item of the study is."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE outbox SET state = 'delivered', attempts = attempts + 1,"
+                " last_error = '' WHERE id = ?",
+                (item_id,),
+            )
+            (study_uid,) = db.execute(
+                "SELECT study_uid FROM outbox WHERE id = ?", (item_id,)
+            ).fetchone()
+            (left,) = db.execute(
+                "SELECT COUNT(*) FROM outbox WHERE study_uid = ? AND state != 'delivered'",
+                (study_uid,),
+            ).fetchone()
+        return study_uid if left == 0 else ""
+
+    def retry_later(self, item_id: int, when: float, error: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?,"
+                " last_error = ? WHERE id = ?",
+                (when, error[:500], item_id),
+            )

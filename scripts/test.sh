@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Install everything the tests need on a fresh Debian machine, then run lint, types and the suite.
+# Usage: scripts/test.sh [pytest args...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Real peers the tests use: Orthanc (PACS), dcmtk (storescu/storescp/echoscu/dsrdump/dcmcjpeg),
+# dicom3tools (dciodvfy). Installed when missing and we are root.
+need_pkgs=()
+command -v Orthanc >/dev/null || need_pkgs+=(orthanc)
+command -v storescu >/dev/null || need_pkgs+=(dcmtk)
+command -v dciodvfy >/dev/null || need_pkgs+=(dicom3tools)
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need_pkgs[@]}"
+  else
+    echo "missing Debian packages: ${need_pkgs[*]} (run as root, or: sudo apt-get install ${need_pkgs[*]})" >&2
+  fi
+fi
+# The Debian package starts an Orthanc service where an init system runs; tests start their own.
+
+python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e '.[test]'
+
+.venv/bin/ruff check .
+.venv/bin/mypy kernels server pacs_bridge
+
+# A fresh kernel cache: Numba's cache is not invalidated by edits to imported helper modules.
+export NUMBA_CACHE_DIR
+NUMBA_CACHE_DIR=$(mktemp -d)
+trap 'rm -rf "$NUMBA_CACHE_DIR"' EXIT
+.venv/bin/python -m pytest "$@"

@@ -1,0 +1,251 @@
+"""The ``nidaan serve`` process: SCP, study assembly, analysis worker, report outbox, metrics.
+
+Everything runs in one process with no external service (the embedded default). Threads:
+pynetdicom's association threads receive; one worker analyses complete studies in order; the
+outbox thread delivers reports; a timer completes idle studies.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import start_http_server
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from nidaan.kernels import configure_cache
+from nidaan.pacs_bridge.assembly import StudyAssembler
+from nidaan.pacs_bridge.outbox import Outbox
+from nidaan.pacs_bridge.reports import build_report, report_uids
+from nidaan.pacs_bridge.scp import StorageSCP, StoreOutcome
+from nidaan.pacs_bridge.spool import Spool, atomic_write
+from nidaan.pacs_bridge.state import StateStore
+from nidaan.pacs_bridge.uids import ref
+
+from .config import SOURCE, Config
+from .errors import NidaanError
+from .inference import create_backend
+from .metrics import Metrics
+from .model_repository import load_repository
+from .pipeline import Pipeline
+
+log = logging.getLogger("nidaan.server")
+
+
+class NidaanServer:
+    """One Nidaan instance. ``start()`` returns once it listens; ``stop()`` shuts it down."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        configure_cache(config.kernels.cache_dir)
+        self.models = load_repository(config.models.repository)
+        self.backend = create_backend(config.inference)
+        self.pipeline = Pipeline(self.models, self.backend, kernel_backend=config.kernels.backend)
+        data = Path(config.storage.data_dir)
+        self.spool = Spool(data)
+        self.state = StateStore(data / "state.sqlite3")
+        self.metrics = Metrics()
+        self.device_uid = generate_uid(prefix=None, entropy_srcs=["nidaan", config.dicom.ae_title])
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._stop = threading.Event()
+        self.assembler = StudyAssembler(config.dicom.study_idle_timeout_s, self._study_complete)
+        self.scp = StorageSCP(
+            config.dicom.ae_title,
+            self.spool,
+            self.state,
+            inspect=self.pipeline.inspect,
+            on_instance=self.assembler.instance_received,
+            on_association_end=self.assembler.association_ended,
+            on_outcome=self._count_store,
+            max_pdu=config.dicom.max_pdu,
+        )
+        self.outbox = Outbox(
+            config,
+            self.state,
+            on_delivered=self._study_delivered,
+            on_attempt=lambda ok: self.metrics.deliveries.labels(
+                "delivered" if ok else "failed"
+            ).inc(),
+        )
+        self._threads = [
+            threading.Thread(target=self._work, name="nidaan-worker", daemon=True),
+            threading.Thread(target=self._tick, name="nidaan-timer", daemon=True),
+        ]
+        self._http: tuple[Any, Any] | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    def start(self, *, http: bool = True) -> None:
+        """Warm the kernels, recover unfinished work, and start listening."""
+        self._warm_up()
+        self._recover()
+        for t in self._threads:
+            t.start()
+        self.outbox.start()
+        self.scp.start(self.config.dicom.bind, self.config.dicom.port)
+        if http:
+            self._http = start_http_server(
+                self.config.http.port, addr=self.config.http.bind, registry=self.metrics.registry
+            )
+        log.info(
+            "listening as %s on port %d; %d model(s): %s",
+            self.config.dicom.ae_title,
+            self.scp.port,
+            len(self.models),
+            ", ".join(m.name for m in self.models),
+        )
+
+    def stop(self) -> None:
+        """Stop accepting, finish the study in progress, stop delivering."""
+        self.scp.stop()
+        self._stop.set()
+        self._queue.put(None)
+        for t in self._threads:
+            t.join(timeout=30)
+        self.outbox.stop()
+        if self._http is not None:
+            server, thread = self._http
+            server.shutdown()
+            thread.join(timeout=5)
+        self.backend.close()
+        self.state.close()
+
+    def _warm_up(self) -> None:
+        """Compile the kernels and load each model once, so the first study is not slow."""
+        import numpy as np
+
+        from nidaan.kernels import PixelTransform, preprocess
+
+        from .pipeline import layout_of
+
+        for m in self.models:
+            batch, _ = preprocess(
+                [np.zeros((8, 8), np.uint16)],
+                [PixelTransform()],
+                layout_of(m),
+                backend=self.config.kernels.backend,
+            )
+            self.backend.infer(m, batch)
+
+    def _recover(self) -> None:
+        """Queue studies a previous run acknowledged but did not finish."""
+        for study in self.state.studies_in("receiving", "complete", "analysed"):
+            log.info("recovering study %s", ref(study))
+            self._queue.put(study)
+
+    # --- events ----------------------------------------------------------------------------------
+
+    def _count_store(self, outcome: StoreOutcome) -> None:
+        self.metrics.instances.labels(f"0x{outcome.status:04X}").inc()
+
+    def _study_complete(self, study_uid: str) -> None:
+        self.state.set_study_state(study_uid, "complete")
+        self._queue.put(study_uid)
+
+    def _study_delivered(self, study_uid: str) -> None:
+        self.state.set_study_state(study_uid, "delivered")
+        self.metrics.studies.labels("delivered").inc()
+        log.info("study %s delivered", ref(study_uid))
+
+    def _tick(self) -> None:
+        while not self._stop.wait(0.25):
+            self.assembler.tick()
+
+    def _work(self) -> None:
+        while True:
+            study = self._queue.get()
+            if study is None or self._stop.is_set():
+                return
+            started = time.monotonic()
+            try:
+                self.process_study(study)
+            except NidaanError as exc:
+                self._fail(study, str(exc))
+            except Exception as exc:  # keep serving; the study is visibly failed
+                log.exception("analysing study %s failed", ref(study))
+                self._fail(study, f"internal error: {type(exc).__name__}: {exc}")
+            self.metrics.analysis_seconds.observe(time.monotonic() - started)
+
+    def _fail(self, study_uid: str, reason: str) -> None:
+        self.state.set_study_state(study_uid, "failed", reason)
+        self.metrics.studies.labels("failed").inc()
+        log.error("study %s failed: %s", ref(study_uid), reason)
+
+    # --- the work --------------------------------------------------------------------------------
+
+    def destinations(self, calling_ae: str) -> list[str]:
+        """AE titles a study's report goes to (``@source`` = the sender, when it is a peer)."""
+        out: list[str] = []
+        for d in self.config.reports.destinations:
+            ae = calling_ae if d == SOURCE else d
+            if self.config.peer(ae) is not None and ae not in out:
+                out.append(ae)
+        return out
+
+    def process_study(self, study_uid: str) -> None:
+        """Analyse a complete study, write its report and queue it for delivery."""
+        info = self.state.study(study_uid)
+        if info is None:
+            return
+        _, _, calling_ae = info
+        records = [r for r in self.state.instances(study_uid) if r.is_image]
+        if not records:
+            self.state.set_study_state(study_uid, "skipped", "no image that a model applies to")
+            self.metrics.studies.labels("skipped").inc()
+            return
+        paths = {r.sop_instance_uid: r.path for r in records}
+        headers = [dcmread(r.path, stop_before_pixels=True) for r in records]
+
+        def load_pixels(ds: Dataset) -> Dataset:
+            return dcmread(paths[str(ds.SOPInstanceUID)])
+
+        analyses = self.pipeline.analyse(headers, load_pixels=load_pixels)
+        if not analyses:
+            self.state.set_study_state(study_uid, "skipped", "no image that a model applies to")
+            self.metrics.studies.labels("skipped").inc()
+            return
+        self.state.set_study_state(study_uid, "analysed")
+        # The report UIDs derive from the study, the models' versions and the analysed
+        # instances, so a re-sent report is the same object and never duplicates in the PACS.
+        key = "|".join(
+            sorted({f"{a.algorithm.name}@{a.algorithm.version}" for a in analyses}) + sorted(paths)
+        )
+        series_uid, sop_uid = report_uids(study_uid, key)
+        report = build_report(
+            analyses,
+            series_instance_uid=series_uid,
+            sop_instance_uid=sop_uid,
+            series_number=self.config.reports.series_number,
+            device_observer_uid=self.device_uid,
+            institution_name=self.config.reports.institution_name or None,
+        )
+        path = self.spool.reports_dir / f"{sop_uid}.dcm"
+        atomic_write(path, [_encode(report)])
+        destinations = self.destinations(calling_ae)
+        if not destinations:
+            self.state.set_study_state(
+                study_uid,
+                "reported",
+                "no destination configured for the sending AE; report kept in the data dir",
+            )
+            log.warning("study %s reported but no destination is configured", ref(study_uid))
+            return
+        for dest in destinations:
+            self.state.enqueue(study_uid, path, sop_uid, dest)
+        self.state.set_study_state(study_uid, "reported")
+        self.metrics.studies.labels("reported").inc()
+        self.outbox.wake()
+
+
+def _encode(ds: Dataset) -> bytes:
+    from io import BytesIO
+
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()

@@ -1,0 +1,271 @@
+"""The ``nidaan`` command: serve, analyze, models, doctor."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .config import Config, load_config
+from .errors import NidaanError
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(args.config)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the server until SIGINT/SIGTERM."""
+    from .app import NidaanServer
+
+    cfg = _config(args)
+    server = NidaanServer(cfg)
+    server.start(http=not args.no_http)
+    print(
+        f"nidaan: AE {cfg.dicom.ae_title} on DICOM port {server.scp.port}, metrics on "
+        f"http://{cfg.http.bind}:{cfg.http.port}/metrics, data in {cfg.storage.data_dir}",
+        flush=True,
+    )
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    server.stop()
+    return 0
+
+
+def _files(paths: Sequence[str]) -> list[Path]:
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out.extend(sorted(f for f in p.rglob("*") if f.is_file()))
+        else:
+            out.append(p)
+    return out
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    """Analyse DICOM files offline and print the findings (JSON lines with --json)."""
+    from pydicom import dcmread
+    from pydicom.errors import InvalidDicomError
+    from tqdm import tqdm
+
+    from .inference import create_backend
+    from .model_repository import load_repository
+    from .pipeline import Pipeline
+
+    cfg = _config(args)
+    pipeline = Pipeline(
+        load_repository(cfg.models.repository),
+        create_backend(cfg.inference),
+        kernel_backend=cfg.kernels.backend,
+    )
+    files = _files(args.paths)
+    failures = 0
+    results: list[dict[str, Any]] = []
+    for path in tqdm(
+        files, desc="analysing", unit="file", disable=args.quiet or None, file=sys.stderr
+    ):
+        try:
+            ds = dcmread(path)
+            analyses = pipeline.analyse([ds])
+        except (InvalidDicomError, OSError) as exc:
+            failures += 1
+            print(f"{path}: not a readable DICOM file: {exc}", file=sys.stderr)
+            continue
+        except NidaanError as exc:
+            failures += 1
+            print(f"{path}: {exc}", file=sys.stderr)
+            continue
+        for a in analyses:
+            results.append(
+                {
+                    "file": str(path),
+                    "model": a.algorithm.name,
+                    "version": a.algorithm.version,
+                    "not_for_diagnosis": a.algorithm.not_for_diagnosis,
+                    "findings": [
+                        {
+                            "label": f.label,
+                            "probability": round(f.probability, 4),
+                            "threshold": f.threshold,
+                            "present": f.present,
+                            "region": None
+                            if f.region is None
+                            else [
+                                round(v, 1)
+                                for v in (
+                                    f.region.x_min,
+                                    f.region.y_min,
+                                    f.region.x_max,
+                                    f.region.y_max,
+                                )
+                            ],
+                        }
+                        for f in a.findings
+                    ],
+                }
+            )
+        if not analyses:
+            print(f"{path}: no model applies to this instance", file=sys.stderr)
+    for r in results:
+        if args.json:
+            print(json.dumps(r))
+        else:
+            warn = "  [synthetic-trained: NOT FOR DIAGNOSIS]" if r["not_for_diagnosis"] else ""
+            print(f"{r['file']}: {r['model']} {r['version']}{warn}")
+            for f in r["findings"]:
+                mark = "PRESENT" if f["present"] else "absent "
+                print(
+                    f"  {mark} {f['label']:<10} p={f['probability']:.3f} "
+                    f"(threshold {f['threshold']}) region={f['region']}"
+                )
+    return 1 if failures else 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """List and validate the model repository."""
+    from .model_repository import load_repository
+
+    cfg = _config(args)
+    models = load_repository(cfg.models.repository)
+    for m in models:
+        flag = (
+            " (trained on synthetic data: not for diagnosis)"
+            if m.algorithm.not_for_diagnosis
+            else ""
+        )
+        print(f"{m.name} {m.version}: {m.display_name}{flag}")
+        print(
+            f"  input {m.input.name} 1x{m.input.height}x{m.input.width} ({m.input.resize}), "
+            f"max batch {m.max_batch_size}, accepts {','.join(m.accepts.modalities)}"
+        )
+        for f in m.findings:
+            print(
+                f"  finding {f.label}: {f.code.scheme} {f.code.value} '{f.code.meaning}', "
+                f"threshold {f.threshold}"
+            )
+    print(f"{len(models)} model(s) valid in {cfg.models.repository}")
+    return 0
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Check that this machine can run Nidaan with this config."""
+    problems = 0
+
+    def report(ok: bool, what: str) -> None:
+        nonlocal problems
+        problems += not ok
+        print(f"[{'ok' if ok else 'FAIL'}] {what}")
+
+    try:
+        cfg = _config(args)
+        report(True, "configuration is valid")
+    except NidaanError as exc:
+        report(False, f"configuration: {exc}")
+        return 1
+    try:
+        from .model_repository import load_repository
+
+        n = len(load_repository(cfg.models.repository))
+        report(True, f"model repository {cfg.models.repository}: {n} valid model(s)")
+    except NidaanError as exc:
+        report(False, str(exc))
+    for module in (
+        "pydicom",
+        "pynetdicom",
+        "highdicom",
+        "onnxruntime",
+        "numba",
+        "libjpeg",
+        "openjpeg",
+        "rle",
+    ):
+        try:
+            __import__(module)
+            report(True, f"python module {module} imports")
+        except ImportError as exc:
+            report(False, f"python module {module}: {exc}")
+    data = Path(cfg.storage.data_dir)
+    try:
+        data.mkdir(parents=True, exist_ok=True)
+        probe = data / ".doctor"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+        free = shutil.disk_usage(data).free / 2**30
+        report(free > 1.0, f"data dir {data} is writable, {free:.1f} GiB free")
+    except OSError as exc:
+        report(False, f"data dir {data}: {exc.strerror}")
+    for name, port, host in (
+        ("DICOM", cfg.dicom.port, cfg.dicom.bind),
+        ("HTTP", cfg.http.port, cfg.http.bind),
+    ):
+        report(_port_free(host, port), f"{name} port {port} is free")
+    from .inference import onnxruntime_providers
+
+    try:
+        report(True, f"ONNX Runtime providers: {', '.join(onnxruntime_providers('auto'))}")
+    except NidaanError as exc:
+        report(False, str(exc))
+    return 1 if problems else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nidaan", description=__doc__)
+    parser.add_argument(
+        "--config",
+        help="TOML config file (NIDAAN_* env vars override it)",
+        default=os.environ.get("NIDAAN_CONFIG"),
+    )
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("serve", help="run the DICOM node (the main job)")
+    p.add_argument("--no-http", action="store_true", help="do not serve metrics over HTTP")
+    p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("analyze", help="analyse DICOM files or folders offline")
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--json", action="store_true", help="one JSON object per analysed image")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_analyze)
+    p = sub.add_parser("models", help="list and validate the model repository")
+    p.set_defaults(func=cmd_models)
+    p = sub.add_parser("doctor", help="check this machine and config")
+    p.set_defaults(func=cmd_doctor)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``nidaan`` command."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    try:
+        return int(args.func(args))
+    except NidaanError as exc:
+        print(f"nidaan: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,297 @@
+"""Nidaan's configuration: embedded defaults, one TOML file, then ``NIDAAN_*`` variables.
+
+Precedence (later wins): the defaults in this module, the TOML file given with ``--config``, and
+environment variables named ``NIDAAN_<SECTION>_<KEY>`` (for example ``NIDAAN_DICOM_PORT=11113``,
+``NIDAAN_STORAGE_DATA_DIR=/var/lib/nidaan``). See docs/configuration.md for every key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 6.2: AE, no backslash, <= 16 chars
+
+
+def _check_ae_title(value: str, where: str) -> str:
+    if not _AE_TITLE.match(value) or not value.strip():
+        raise ConfigError(f"{where}: {value!r} is not a valid AE title (1-16 characters, no '\\')")
+    return value.strip()
+
+
+def _check_port(value: int, where: str) -> int:
+    if not 0 <= value <= 65535:
+        raise ConfigError(f"{where}: port {value} is outside 0-65535")
+    return value
+
+
+@dataclass
+class DicomConfig:
+    """The DICOM SCP that receives studies."""
+
+    ae_title: str = "NIDAAN"
+    bind: str = "0.0.0.0"
+    port: int = 11112
+    #: A study whose instances came over several associations is complete this long after its
+    #: last instance; a study sent on one association is complete when that association releases.
+    study_idle_timeout_s: float = 5.0
+    #: Maximum PDU we announce: large, so senders send few PDUs (0 would mean unlimited).
+    max_pdu: int = 4_194_304
+    #: Time-outs for our own associations (the SCU that delivers reports).
+    network_timeout_s: float = 30.0
+
+    def validate(self) -> None:
+        self.ae_title = _check_ae_title(self.ae_title, "dicom.ae_title")
+        _check_port(self.port, "dicom.port")
+        if self.study_idle_timeout_s <= 0:
+            raise ConfigError("dicom.study_idle_timeout_s must be positive")
+
+
+@dataclass
+class GrpcConfig:
+    """The gRPC API for integrators."""
+
+    port: int = 50051
+
+    def validate(self) -> None:
+        _check_port(self.port, "grpc.port")
+
+
+@dataclass
+class HttpConfig:
+    """Metrics, health and status page."""
+
+    bind: str = "0.0.0.0"
+    port: int = 8080
+
+    def validate(self) -> None:
+        _check_port(self.port, "http.port")
+
+
+@dataclass
+class StorageConfig:
+    """Where the spool, the SQLite state and the quarantine live."""
+
+    data_dir: Path = Path("./nidaan-data")
+
+    def validate(self) -> None:
+        self.data_dir = Path(self.data_dir)
+
+
+@dataclass
+class ModelsConfig:
+    """The Triton-style model repository."""
+
+    repository: Path = Path("./models")
+
+    def validate(self) -> None:
+        self.repository = Path(self.repository)
+
+
+@dataclass
+class InferenceConfig:
+    """Which inference backend runs the models."""
+
+    backend: str = "onnxruntime"
+    #: ``auto`` uses the CUDA execution provider when a GPU is present, else the CPU one.
+    device: str = "auto"
+    #: Threads ONNX Runtime may use for one model run; 0 = one per core.
+    intra_op_threads: int = 0
+    triton_url: str = "127.0.0.1:8001"
+
+    def validate(self) -> None:
+        if self.backend not in ("onnxruntime", "triton"):
+            raise ConfigError(
+                f"inference.backend is {self.backend!r}; use 'onnxruntime' or 'triton'"
+            )
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"inference.device is {self.device!r}; use 'auto', 'cpu' or 'cuda'")
+
+
+@dataclass
+class KernelsConfig:
+    """Preprocessing kernels."""
+
+    backend: str = "auto"
+    #: Numba's on-disk cache of compiled kernels; empty = Numba's default.
+    cache_dir: str = ""
+
+    def validate(self) -> None:
+        if self.backend not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"kernels.backend is {self.backend!r}; use 'auto', 'cpu' or 'cuda'")
+
+
+@dataclass
+class Peer:
+    """A known DICOM node (a PACS) that may send to us and receive our reports."""
+
+    ae_title: str
+    host: str
+    port: int
+
+    def validate(self, where: str) -> None:
+        self.ae_title = _check_ae_title(self.ae_title, f"{where}.ae_title")
+        _check_port(self.port, f"{where}.port")
+        if not self.host:
+            raise ConfigError(f"{where}.host is empty")
+
+
+#: In ``reports.destinations``: send the report to the AE that sent the study, when it is a peer.
+SOURCE = "@source"
+
+
+@dataclass
+class ReportsConfig:
+    """Where reports go and how delivery is retried."""
+
+    #: AE titles of peers, or ``@source`` for the peer that sent the study.
+    destinations: list[str] = field(default_factory=lambda: [SOURCE])
+    retry_initial_s: float = 1.0
+    retry_max_s: float = 300.0
+    series_number: int = 9901
+    institution_name: str = ""
+
+    def validate(self) -> None:
+        if self.retry_initial_s <= 0 or self.retry_max_s < self.retry_initial_s:
+            raise ConfigError("reports: need 0 < retry_initial_s <= retry_max_s")
+
+
+@dataclass
+class Config:
+    """The whole configuration. Build it with :func:`load_config`."""
+
+    dicom: DicomConfig = field(default_factory=DicomConfig)
+    grpc: GrpcConfig = field(default_factory=GrpcConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    reports: ReportsConfig = field(default_factory=ReportsConfig)
+    peers: list[Peer] = field(default_factory=list)
+
+    def validate(self) -> None:
+        """Check every section; raise :class:`ConfigError` naming the first bad key."""
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if hasattr(section, "validate"):
+                section.validate()
+        seen: set[str] = set()
+        for i, peer in enumerate(self.peers):
+            peer.validate(f"peers[{i}]")
+            if peer.ae_title in seen:
+                raise ConfigError(f"peers: AE title {peer.ae_title!r} is listed twice")
+            seen.add(peer.ae_title)
+        for dest in self.reports.destinations:
+            if dest != SOURCE and dest not in seen:
+                raise ConfigError(
+                    f"reports.destinations names {dest!r}, which is not a configured peer"
+                )
+
+    def peer(self, ae_title: str) -> Peer | None:
+        """The configured peer with this AE title, if any."""
+        for p in self.peers:
+            if p.ae_title == ae_title.strip():
+                return p
+        return None
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Convert a TOML or env value to the field's declared type, or raise ConfigError."""
+    origin = typing.get_origin(annotation)
+    try:
+        if annotation is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if annotation in (int, float):
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return annotation(value)
+        if annotation is str:
+            if not isinstance(value, str):
+                raise ValueError(value)
+            return value
+        if annotation is Path:
+            return Path(os.path.expanduser(str(value)))
+        if origin is list:
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            (item_type,) = typing.get_args(annotation)
+            return [_coerce(v, item_type, where) for v in value]
+        if origin in (typing.Union, types.UnionType):
+            return value
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {value!r} is not a valid {annotation}") from exc
+    return value
+
+
+def _apply(section: Any, values: Mapping[str, Any], where: str) -> None:
+    hints = typing.get_type_hints(type(section))
+    names = {f.name for f in dataclasses.fields(section)}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(names))})")
+        setattr(section, key, _coerce(value, hints[key], f"{where}.{key}"))
+
+
+def _sections(cfg: Config) -> dict[str, Any]:
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "peers"}
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Config:
+    """Build the configuration from defaults, an optional TOML file and ``NIDAAN_*`` variables."""
+    cfg = Config()
+    sections = _sections(cfg)
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+        for name, values in data.items():
+            if name == "peers":
+                if not isinstance(values, list):
+                    raise ConfigError("peers must be an array of tables ([[peers]])")
+                cfg.peers = []
+                for i, item in enumerate(values):
+                    try:
+                        peer = Peer(**item)
+                    except TypeError as exc:
+                        raise ConfigError(f"peers[{i}]: {exc}") from exc
+                    peer.port = _coerce(peer.port, int, f"peers[{i}].port")
+                    cfg.peers.append(peer)
+            elif name in sections:
+                if not isinstance(values, dict):
+                    raise ConfigError(f"[{name}] must be a table")
+                _apply(sections[name], values, name)
+            else:
+                raise ConfigError(f"unknown section [{name}] in {path}")
+    env = os.environ if environ is None else environ
+    for var, value in env.items():
+        if not var.startswith("NIDAAN_"):
+            continue
+        rest = var[len("NIDAAN_") :].lower()
+        name, _, key = rest.partition("_")
+        if name in sections and key:
+            _apply(sections[name], {key: value}, var)
+    cfg.validate()
+    return cfg

@@ -1,0 +1,107 @@
+"""Decoding: a DICOM instance to stored pixel values and the transform that displays them.
+
+pydicom decodes native and RLE pixel data itself; the pylibjpeg plugins (libjpeg, openjpeg, rle)
+add JPEG baseline/extended/lossless and JPEG 2000. Only single-frame greyscale images are
+analysed today; anything else raises :class:`UnsupportedError`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+
+from nidaan.kernels import PixelTransform
+
+from .errors import DecodeError, UnsupportedError
+
+_GREYSCALE = ("MONOCHROME1", "MONOCHROME2")
+
+
+@dataclass(frozen=True)
+class SourceImage:
+    """One decoded frame: stored values (2-D) and how to display them."""
+
+    pixels: np.ndarray
+    transform: PixelTransform
+
+    @property
+    def rows(self) -> int:
+        return int(self.pixels.shape[0])
+
+    @property
+    def columns(self) -> int:
+        return int(self.pixels.shape[1])
+
+
+def is_image(ds: Dataset) -> bool:
+    """Whether the instance carries pixel data (SR, presentation states and KOs do not)."""
+    return any(kw in ds for kw in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
+
+
+def _first(value: object) -> float:
+    if isinstance(value, MultiValue | list | tuple):
+        value = value[0]
+    return float(value)  # type: ignore[arg-type]
+
+
+def pixel_transform(ds: Dataset) -> PixelTransform:
+    """Read the Modality LUT (rescale) and VOI window from the header (PS3.3 C.11.1, C.11.2)."""
+    try:
+        slope = _first(ds.get("RescaleSlope", 1.0) or 1.0)
+        intercept = _first(ds.get("RescaleIntercept", 0.0) or 0.0)
+        centre = width = None
+        if ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
+            centre, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+            if width <= 0:  # a broken window: fall back to the image's own range
+                centre = width = None
+        function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
+        if width is not None and width < 1 and function == "LINEAR":
+            centre = width = None
+        return PixelTransform(
+            slope=slope,
+            intercept=intercept,
+            window_centre=centre,
+            window_width=width,
+            voi_function=function,
+            invert=ds.PhotometricInterpretation == "MONOCHROME1",
+        )
+    except (TypeError, ValueError) as exc:
+        raise UnsupportedError(f"cannot interpret the pixel transform attributes: {exc}") from exc
+
+
+def decode(ds: Dataset) -> SourceImage:
+    """Decode the first frame of a greyscale image; raise an :class:`InputError` naming why not."""
+    if not is_image(ds):
+        raise UnsupportedError("the instance has no pixel data")
+    photometric = str(ds.get("PhotometricInterpretation", ""))
+    if photometric not in _GREYSCALE:
+        raise UnsupportedError(f"photometric interpretation {photometric!r} is not greyscale")
+    if int(ds.get("SamplesPerPixel", 1)) != 1:
+        raise UnsupportedError("only one sample per pixel is supported")
+    rows, columns = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+    if rows < 1 or columns < 1:
+        raise DecodeError(f"image has {rows} rows and {columns} columns")
+    transform = pixel_transform(ds)
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        # Decode only the first frame (index=0): cheaper for multi-frame objects.
+        arr = ds.pixel_array if frames == 1 else _first_frame(ds)
+    except NotImplementedError as exc:
+        raise DecodeError(f"no decoder for transfer syntax {ts}: {exc}") from exc
+    except Exception as exc:  # decoders raise many types for corrupt data
+        raise DecodeError(
+            f"pixel data ({ts}) cannot be decoded: {type(exc).__name__}: {exc}"
+        ) from exc
+    if arr.ndim != 2 or arr.shape != (rows, columns):
+        raise DecodeError(f"decoded pixels have shape {arr.shape}, header says {rows}x{columns}")
+    return SourceImage(pixels=arr, transform=transform)
+
+
+def _first_frame(ds: Dataset) -> np.ndarray:
+    from pydicom.pixels import pixel_array
+
+    return pixel_array(ds, index=0)

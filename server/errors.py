@@ -1,0 +1,59 @@
+"""Nidaan's exception hierarchy, in one place.
+
+Every error Nidaan raises on purpose derives from :class:`NidaanError`, so an integrator can catch
+one class. Messages name the problem and never carry patient data (no names, IDs, birth dates):
+they may name UIDs of the object at fault, tags and sizes, never attribute values of the patient.
+
+    NidaanError
+    ├── ConfigError            the config file or an env override is wrong
+    ├── ModelRepositoryError   a model folder is incomplete or inconsistent
+    ├── InputError             an input cannot be analysed (maps to a DICOM failure status)
+    │   ├── DecodeError        the pixel data cannot be decoded
+    │   └── UnsupportedError   decodable, but no model or transfer syntax supports it
+    ├── InferenceError         a backend failed to run a model
+    └── DeliveryError          a report could not be delivered (it stays queued)
+"""
+
+from __future__ import annotations
+
+
+class NidaanError(Exception):
+    """Base class of every error Nidaan raises on purpose."""
+
+
+class ConfigError(NidaanError):
+    """The configuration (TOML file or ``NIDAAN_*`` variable) is invalid."""
+
+
+class ModelRepositoryError(NidaanError):
+    """A model in the repository is missing a file or is inconsistent."""
+
+
+class InputError(NidaanError):
+    """An input instance cannot be analysed.
+
+    ``status`` is the DICOM C-STORE status the SCP answers with (PS3.4 Annex B.2.3):
+    0xC000-0xCFFF "Cannot understand", 0xA900 "Data Set does not match SOP Class".
+    """
+
+    status: int = 0xC000
+
+
+class DecodeError(InputError):
+    """The pixel data cannot be decoded (corrupt, truncated or an unsupported encoding)."""
+
+    status = 0xC210
+
+
+class UnsupportedError(InputError):
+    """The instance is well formed but Nidaan cannot analyse it."""
+
+    status = 0xC211
+
+
+class InferenceError(NidaanError):
+    """An inference backend failed to run a model."""
+
+
+class DeliveryError(NidaanError):
+    """A report could not be delivered to a destination; it stays queued for retry."""

@@ -1,0 +1,162 @@
+"""The analysis pipeline: decode, preprocess (kernels), infer (backend), postprocess, findings.
+
+The same :class:`Pipeline` serves the DICOM path (the SCP inspects each instance on arrival and
+the study is analysed on completion) and the offline ``nidaan analyze`` command.
+
+Images are decoded once: on arrival the SCP's inspection decodes and preprocesses an image into
+the model tensors, which wait in a bounded in-memory cache until the study is complete; only an
+image that fell out of the cache (or arrived before a restart) is decoded again from the spool.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from nidaan.kernels import InputLayout, Placement, peak_region, preprocess
+
+from .decode import decode, is_image
+from .findings import BoundingBox, Finding, ImageAnalysis
+from .inference import InferenceBackend
+from .model_repository import ModelSpec
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One image preprocessed for one model: its (1, H, W) tensor and where the image landed."""
+
+    tensor: np.ndarray
+    placement: Placement
+
+
+def layout_of(model: ModelSpec) -> InputLayout:
+    """The kernels' view of a model's input spec."""
+    i = model.input
+    return InputLayout(i.height, i.width, i.resize, i.pad_value, i.mean, i.std)
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword, "")
+    return "" if value is None else str(value).strip()
+
+
+class Pipeline:
+    """Routes images to models and turns model outputs into findings."""
+
+    def __init__(
+        self,
+        models: Sequence[ModelSpec],
+        backend: InferenceBackend,
+        *,
+        kernel_backend: str = "auto",
+        cache_bytes: int = 1 << 30,
+    ) -> None:
+        self.models = list(models)
+        self.backend = backend
+        self.kernel_backend = kernel_backend
+        self._cache: OrderedDict[str, dict[str, Prepared]] = OrderedDict()
+        self._cache_bytes = 0
+        self._cache_limit = cache_bytes
+        self._lock = threading.Lock()
+
+    # --- routing ---------------------------------------------------------------------------------
+
+    def models_for(self, ds: Dataset) -> list[ModelSpec]:
+        """Models whose sidecar accepts this image (by modality, body part and view)."""
+        if not is_image(ds):
+            return []
+        modality = _text(ds, "Modality")
+        body_part = _text(ds, "BodyPartExamined")
+        view = _text(ds, "ViewPosition")
+        return [m for m in self.models if m.accepts_image(modality, body_part, view)]
+
+    # --- preparation -----------------------------------------------------------------------------
+
+    def prepare(self, ds: Dataset) -> dict[str, Prepared]:
+        """Decode and preprocess ``ds`` for each model that applies; InputError if it can't."""
+        models = self.models_for(ds)
+        if not models:
+            return {}
+        image = decode(ds)
+        prepared = {}
+        for m in models:
+            batch, placements = preprocess(
+                [image.pixels], [image.transform], layout_of(m), backend=self.kernel_backend
+            )
+            prepared[m.name] = Prepared(batch[0], placements[0])
+        return prepared
+
+    def inspect(self, ds: Dataset) -> bool:
+        """SCP hook: prepare an arriving instance and keep the tensors for its study's analysis.
+
+        Returns whether the instance is an image some model will analyse.
+        """
+        prepared = self.prepare(ds)
+        if prepared:
+            self._remember(str(ds.SOPInstanceUID), prepared)
+        return bool(prepared)
+
+    def _remember(self, sop_uid: str, prepared: dict[str, Prepared]) -> None:
+        size = sum(p.tensor.nbytes for p in prepared.values())
+        with self._lock:
+            old = self._cache.pop(sop_uid, None)
+            if old is not None:
+                self._cache_bytes -= sum(p.tensor.nbytes for p in old.values())
+            self._cache[sop_uid] = prepared
+            self._cache_bytes += size
+            while self._cache_bytes > self._cache_limit and self._cache:
+                _, evicted = self._cache.popitem(last=False)
+                self._cache_bytes -= sum(p.tensor.nbytes for p in evicted.values())
+
+    def _take(self, sop_uid: str) -> dict[str, Prepared] | None:
+        with self._lock:
+            prepared = self._cache.pop(sop_uid, None)
+            if prepared is not None:
+                self._cache_bytes -= sum(p.tensor.nbytes for p in prepared.values())
+            return prepared
+
+    # --- analysis --------------------------------------------------------------------------------
+
+    def analyse(
+        self,
+        datasets: Sequence[Dataset],
+        *,
+        load_pixels: Callable[[Dataset], Dataset] | None = None,
+    ) -> list[ImageAnalysis]:
+        """Analyse the images of one study with every applicable model, batched per model.
+
+        ``datasets`` may be headers only (no pixel data) when ``load_pixels(ds)`` can return the
+        full dataset for an image whose tensors are no longer cached.
+        """
+        jobs: dict[str, list[tuple[Dataset, Prepared]]] = {}
+        for ds in datasets:
+            prepared = self._take(str(ds.SOPInstanceUID))
+            if prepared is None:
+                prepared = self.prepare(ds if load_pixels is None else load_pixels(ds))
+            for name, p in prepared.items():
+                jobs.setdefault(name, []).append((ds, p))
+        results = []
+        for model in self.models:
+            items = jobs.get(model.name)
+            if not items:
+                continue
+            batch = np.stack([p.tensor for _, p in items])
+            outputs = self.backend.infer(model, batch)
+            probs = outputs[model.probabilities_output]
+            heat = outputs.get(model.heatmap_output) if model.heatmap_output else None
+            for n, (ds, p) in enumerate(items):
+                findings = []
+                for spec in model.findings:
+                    prob = float(np.clip(probs[n, spec.index], 0.0, 1.0))
+                    region = None
+                    if heat is not None and prob >= spec.threshold:
+                        box = peak_region(heat[n, spec.index], p.placement, spec.region_fraction)
+                        region = BoundingBox(*box) if box else None
+                    findings.append(Finding(spec.label, spec.code, prob, spec.threshold, region))
+                results.append(ImageAnalysis(model.algorithm, ds, tuple(findings)))
+        return results

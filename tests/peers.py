@@ -1,0 +1,166 @@
+"""Real peers for tests: Orthanc (the PACS), dcmtk and dicom3tools, started on loopback.
+
+When a peer's program is missing, a test fails under CI (CI=true) with a message naming the
+Debian package to install, and is skipped with that message elsewhere: never silently.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+PACKAGES = {
+    "Orthanc": "orthanc",
+    "storescu": "dcmtk",
+    "storescp": "dcmtk",
+    "echoscu": "dcmtk",
+    "dsrdump": "dcmtk",
+    "dcmcjpeg": "dcmtk",
+    "dcmcrle": "dcmtk",
+    "dciodvfy": "dicom3tools",
+}
+
+#: dcmtk stalls about 40 ms per file on loopback without TCP_NODELAY (see shared/design.md).
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def need(program: str) -> str:
+    """The path of ``program``; fail (under CI) or skip with the Debian package to install."""
+    path = shutil.which(program)
+    if path is None:
+        msg = (
+            f"{program} is not installed: apt-get install {PACKAGES.get(program, program)} "
+            "(the README's test command does this)"
+        )
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path
+
+
+def free_port() -> int:
+    """A free high TCP port on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on port {port} after {timeout} s")
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.1):  # type: ignore[no-untyped-def]
+    """Poll ``predicate`` until it returns something truthy, or fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def stop(proc: subprocess.Popen, sig: int = 15, timeout: float = 20.0) -> None:
+    """Stop a process and wait for it (Orthanc must be gone before another reuses its DB)."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@dataclass
+class Orthanc:
+    """A running Orthanc with REST on ``http_port`` and DICOM (AE ``ORTHANC``) on ``dicom_port``."""
+
+    http_port: int
+    dicom_port: int
+    process: subprocess.Popen
+    aet: str = "ORTHANC"
+
+    def _url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.http_port}{path}"
+
+    def get(self, path: str):  # type: ignore[no-untyped-def]
+        with urllib.request.urlopen(self._url(path), timeout=30) as r:
+            body = r.read()
+        return json.loads(body) if body[:1] in (b"{", b"[") else body
+
+    def post(self, path: str, data: bytes | str, content_type: str = "application/dicom"):  # type: ignore[no-untyped-def]
+        body = data.encode() if isinstance(data, str) else data
+        req = urllib.request.Request(
+            self._url(path), data=body, method="POST", headers={"Content-Type": content_type}
+        )
+        with urllib.request.urlopen(req, timeout=120) as r:
+            out = r.read()
+        return json.loads(out) if out[:1] in (b"{", b"[") else out
+
+    def upload(self, path: Path) -> dict:
+        """Store a file in Orthanc over REST; returns Orthanc's answer (IDs of the instance)."""
+        return self.post("/instances", path.read_bytes())
+
+    def send_to(self, modality: str, resource_id: str) -> None:
+        """Have Orthanc C-STORE a resource (study/series/instance ID) to a configured modality."""
+        self.post(f"/modalities/{modality}/store", resource_id, content_type="text/plain")
+
+    def study_instances(self, study_id: str) -> list[dict]:
+        return self.get(f"/studies/{study_id}/instances")
+
+    def reports(self, study_id: str) -> list[dict]:
+        """Instances of the study whose series modality is SR."""
+        out = []
+        for series in self.get(f"/studies/{study_id}/series"):
+            if series["MainDicomTags"].get("Modality") == "SR":
+                out.extend(self.get(f"/series/{series['ID']}/instances"))
+        return out
+
+
+def start_orthanc(workdir: Path, modalities: dict[str, tuple[str, str, int]]) -> Orthanc:
+    """Start a fresh Orthanc in ``workdir`` knowing the given DICOM modalities."""
+    exe = need("Orthanc")
+    http_port, dicom_port = free_port(), free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = {
+        "Name": "nidaan-test-pacs",
+        "StorageDirectory": str(workdir / "db"),
+        "IndexDirectory": str(workdir / "db"),
+        "HttpPort": http_port,
+        "DicomPort": dicom_port,
+        "DicomAet": "ORTHANC",
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "DicomAlwaysAllowStore": True,
+        "DicomCheckCalledAet": True,
+        "DicomModalities": {k: list(v) for k, v in modalities.items()},
+        # Release each association right after sending: Nidaan completes a study on release.
+        "DicomAssociationCloseDelay": 0,
+        "StableAge": 1,
+        "Plugins": [],
+        "StorageCompression": False,
+    }
+    cfg = workdir / "orthanc.json"
+    cfg.write_text(json.dumps(config, indent=1))
+    log = open(workdir / "orthanc.log", "wb")  # noqa: SIM115 - lives as long as the process
+    proc = subprocess.Popen([exe, str(cfg)], stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
+    wait_for_port(http_port, proc=proc)
+    wait_for_port(dicom_port, proc=proc)
+    return Orthanc(http_port, dicom_port, proc)

@@ -1,0 +1,69 @@
+from pathlib import Path
+
+import pytest
+
+from nidaan.server.config import SOURCE, load_config
+from nidaan.server.errors import ConfigError
+
+
+def test_embedded_defaults_match_the_contract() -> None:
+    cfg = load_config(None, environ={})
+    assert (cfg.dicom.ae_title, cfg.dicom.port, cfg.grpc.port, cfg.http.port) == (
+        "NIDAAN",
+        11112,
+        50051,
+        8080,
+    )
+    assert cfg.storage.data_dir == Path("./nidaan-data")
+    assert cfg.models.repository == Path("./models")
+    assert cfg.inference.backend == "onnxruntime"
+    assert cfg.dicom.study_idle_timeout_s == 5.0
+    assert cfg.reports.destinations == [SOURCE]
+
+
+def test_toml_then_env_override(tmp_path: Path) -> None:
+    path = tmp_path / "nidaan.toml"
+    path.write_text(
+        '[dicom]\nae_title = "AI_NODE"\nport = 4000\n'
+        '[reports]\ndestinations = ["PACS1", "@source"]\n'
+        '[[peers]]\nae_title = "PACS1"\nhost = "127.0.0.1"\nport = 4242\n'
+    )
+    cfg = load_config(
+        path, environ={"NIDAAN_DICOM_PORT": "4001", "NIDAAN_STORAGE_DATA_DIR": str(tmp_path / "d")}
+    )
+    assert cfg.dicom.ae_title == "AI_NODE"
+    assert cfg.dicom.port == 4001
+    assert cfg.storage.data_dir == tmp_path / "d"
+    assert cfg.peer("PACS1") is not None and cfg.peer("PACS1").port == 4242  # type: ignore[union-attr]
+    assert cfg.reports.destinations == ["PACS1", SOURCE]
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "message"),
+    [
+        ("[dicom]\nport = 70000\n", {}, "dicom.port"),
+        ("[dicom]\nprot = 1\n", {}, "unknown key 'prot'"),
+        ('[dicom]\nae_title = "THIS_AE_TITLE_IS_TOO_LONG"\n', {}, "AE title"),
+        (
+            '[reports]\ndestinations = ["NOWHERE"]\n',
+            {},
+            "'NOWHERE', which is not a configured peer",
+        ),
+        ('[inference]\nbackend = "tensorflow"\n', {}, "inference.backend"),
+        ("[nonsense]\n", {}, "unknown section"),
+        ("", {"NIDAAN_DICOM_PORT": "eleven"}, "NIDAAN_DICOM_PORT"),
+        ("not toml at all [", {}, "not valid TOML"),
+    ],
+)
+def test_bad_config_is_refused_with_a_message_naming_the_key(
+    tmp_path: Path, text: str, env: dict[str, str], message: str
+) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(".", r"\.")):
+        load_config(path, environ=env)
+
+
+def test_missing_config_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "absent.toml", environ={})

@@ -1,0 +1,143 @@
+"""End to end, as a radiology department sees it: a real Orthanc PACS sends a chest radiograph
+to ``nidaan serve`` (the installed command, on its own process), and the DICOM SR with the AI
+findings comes back into the same study in Orthanc."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from conftest import MODELS
+from factory import save, synthetic_cxr, testdata
+from netutil import storescu
+from peers import Orthanc, free_port, start_orthanc, stop, wait_for_port, wait_until
+from srutil import codes, dciodvfy_errors, dsrdump_ok, graphics, numbers
+
+NODULE, TB = "786838002", "154283005"
+
+
+@dataclass
+class Deployment:
+    orthanc: Orthanc
+    nidaan: subprocess.Popen
+    nidaan_port: int
+    http_port: int
+    log: Path
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    work = tmp_path_factory.mktemp("e2e")
+    nidaan_port, http_port = free_port(), free_port()
+    orthanc = start_orthanc(work / "orthanc", {"nidaan": ("NIDAAN", "127.0.0.1", nidaan_port)})
+    config = work / "nidaan.toml"
+    config.write_text(
+        f'[dicom]\nbind = "127.0.0.1"\nport = {nidaan_port}\n'
+        f'[http]\nbind = "127.0.0.1"\nport = {http_port}\n'
+        f'[storage]\ndata_dir = "{work / "data"}"\n'
+        f'[models]\nrepository = "{MODELS}"\n'
+        '[reports]\ndestinations = ["@source", "ORTHANC"]\n'
+        f'[[peers]]\nae_title = "ORTHANC"\nhost = "127.0.0.1"\nport = {orthanc.dicom_port}\n'
+    )
+    log = work / "nidaan.log"
+    exe = Path(sys.executable).parent / "nidaan"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(
+            [str(exe), "--config", str(config), "serve"],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "NIDAAN_DICOM_AE_TITLE": "NIDAAN"},
+        )
+    try:
+        wait_for_port(nidaan_port, timeout=120, proc=proc)
+        yield Deployment(orthanc, proc, nidaan_port, http_port, log)
+    finally:
+        stop(proc, signal.SIGTERM)
+        stop(orthanc.process)
+
+
+def _report_of(orthanc: Orthanc, study_id: str, timeout: float = 90) -> pydicom.Dataset:
+    (sr,) = wait_until(lambda: orthanc.reports(study_id), timeout, "the SR in Orthanc")
+    return pydicom.dcmread(__import__("io").BytesIO(orthanc.get(f"/instances/{sr['ID']}/file")))
+
+
+def _check_report(sr: pydicom.Dataset, source: pydicom.Dataset, tmp_path: Path) -> None:
+    assert sr.Modality == "SR"
+    assert sr.StudyInstanceUID == source.StudyInstanceUID
+    assert sr.SeriesInstanceUID != source.SeriesInstanceUID
+    assert sr.PatientID == source.PatientID
+    assert "NOT FOR DIAGNOSIS" in sr.SeriesDescription
+    refs = {
+        i.ReferencedSOPInstanceUID
+        for s in sr.CurrentRequestedProcedureEvidenceSequence
+        for se in s.ReferencedSeriesSequence
+        for i in se.ReferencedSOPSequence
+    }
+    assert refs == {source.SOPInstanceUID}
+    assert {NODULE, TB} <= codes(sr)
+    probabilities = [v for v in numbers(sr) if 0.0 <= v <= 1.0]
+    assert len(probabilities) >= 2
+    path = save(sr, tmp_path / "report.dcm")
+    assert dciodvfy_errors(path) == []
+    assert dsrdump_ok(path)
+
+
+@pytest.mark.parametrize("name", ["RG1_UNCR.dcm", "RG1_J2KR.dcm"])
+def test_orthanc_sends_a_real_radiograph_and_gets_the_report_back(
+    deployment: Deployment, name: str, tmp_path: Path
+) -> None:
+    source = pydicom.dcmread(testdata(name))
+    answer = deployment.orthanc.upload(testdata(name))
+    study_id = answer["ParentStudy"]
+    assert deployment.orthanc.reports(study_id) == []
+    deployment.orthanc.send_to("nidaan", study_id)
+    sr = _report_of(deployment.orthanc, study_id)
+    _check_report(sr, source, tmp_path)
+    assert sr.SeriesDescription  # same study, visible in the PACS as its own series
+    assert len(deployment.orthanc.study_instances(study_id)) == 2
+
+
+def test_storescu_sender_nodule_found_where_it_was_planted(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    ds, masks = synthetic_cxr(3, nodule=True, rows=1200, columns=1000)
+    path = save(ds, tmp_path / "nodule.dcm")
+    run = storescu(deployment.nidaan_port, [path])
+    assert run.returncode == 0, run.stderr
+    study_id = wait_until(
+        lambda: deployment.orthanc.post(
+            "/tools/lookup", ds.StudyInstanceUID, content_type="text/plain"
+        ),
+        90,
+        "the study in Orthanc",
+    )
+    sr = _report_of(deployment.orthanc, study_id[0]["ID"])
+    _check_report(sr, ds, tmp_path)
+    # The nodule's region is a closed polyline around the planted nodule, in source pixels.
+    ys, xs = masks["nodule"].nonzero()
+    cx, cy = xs.mean() + 0.5, ys.mean() + 0.5
+    boxes = [g for g in graphics(sr) if len(g) >= 8]
+    assert any(
+        min(g[0::2]) <= cx <= max(g[0::2]) and min(g[1::2]) <= cy <= max(g[1::2]) for g in boxes
+    ), f"no region contains the nodule centre ({cx:.0f}, {cy:.0f})"
+
+
+def test_metrics_count_instances_and_logs_carry_no_phi(deployment: Deployment) -> None:
+    with urllib.request.urlopen(f"http://127.0.0.1:{deployment.http_port}/metrics") as r:
+        metrics = r.read().decode()
+    assert 'nidaan_instances_received_total{status="0x0000"}' in metrics
+    source = pydicom.dcmread(testdata("RG1_UNCR.dcm"), stop_before_pixels=True)
+    log = deployment.log.read_text()
+    assert "listening as NIDAAN" in log
+    for phi in (str(source.PatientName), str(source.PatientID), str(source.StudyInstanceUID)):
+        if phi:
+            assert phi not in log

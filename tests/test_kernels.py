@@ -1,0 +1,138 @@
+"""The CPU kernels against the NumPy reference, and the heatmap-to-region mapping."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nidaan.kernels import InputLayout, PixelTransform, Placement, peak_region, preprocess
+from nidaan.kernels.geometry import taps
+from nidaan.kernels.reference import display, preprocess_one
+
+LAYOUT = InputLayout(64, 64, "letterbox", pad_value=0.0, mean=0.5, std=0.25)
+
+
+def _check(src: np.ndarray, t: PixelTransform, layout: InputLayout = LAYOUT) -> np.ndarray:
+    batch, placements = preprocess([src], [t], layout)
+    ref = preprocess_one(src, t, placements[0], layout.pad_value, layout.mean, layout.std)
+    np.testing.assert_allclose(batch[0, 0], ref, atol=2e-5)
+    return batch[0, 0]
+
+
+@pytest.mark.parametrize(
+    "shape", [(1, 1), (1, 7), (3, 2), (64, 64), (65, 63), (200, 50), (31, 500), (129, 127)]
+)
+@pytest.mark.parametrize("mode", ["letterbox", "stretch"])
+def test_cpu_matches_reference_for_odd_sizes(shape: tuple[int, int], mode: str) -> None:
+    rng = np.random.default_rng(sum(shape))
+    src = rng.integers(0, 4096, shape).astype(np.uint16)
+    t = PixelTransform(window_centre=1800.0, window_width=2500.0)
+    _check(src, t, InputLayout(64, 64, mode, 0.0, 0.5, 0.25))
+
+
+@pytest.mark.parametrize(
+    "t",
+    [
+        PixelTransform(),  # no window in the header: the image's own range
+        PixelTransform(window_centre=100.0, window_width=1.0),  # width 1 is a threshold
+        PixelTransform(slope=2.5, intercept=-1024.0, window_centre=40.0, window_width=400.0),
+        PixelTransform(slope=-1.0, intercept=4095.0),  # negative slope, own range
+        PixelTransform(slope=1e-3, intercept=1e4, window_centre=10001.0, window_width=3.0),
+        PixelTransform(window_centre=2048.0, window_width=4096.0, invert=True),
+        PixelTransform(window_centre=1000.0, window_width=800.0, voi_function="SIGMOID"),
+        PixelTransform(window_centre=1000.0, window_width=800.0, voi_function="LINEAR_EXACT"),
+    ],
+)
+def test_pixel_transforms_match_reference(t: PixelTransform) -> None:
+    src = np.random.default_rng(1).integers(0, 4096, (97, 131)).astype(np.uint16)
+    _check(src, t)
+
+
+def test_signed_and_big_endian_input() -> None:
+    rng = np.random.default_rng(2)
+    signed = rng.integers(-2000, 2000, (50, 70)).astype(np.int16)
+    t = PixelTransform(slope=1.0, intercept=0.0, window_centre=0.0, window_width=1000.0)
+    out = _check(signed, t)
+    big = signed.astype(">i2")
+    batch, _ = preprocess([big], [t], LAYOUT)
+    np.testing.assert_array_equal(batch[0, 0], out)
+
+
+def test_monochrome1_is_the_inverse_of_monochrome2() -> None:
+    src = np.random.default_rng(3).integers(0, 4096, (80, 80)).astype(np.uint16)
+    a = _check(src, PixelTransform(window_centre=2048.0, window_width=4096.0))
+    b = _check(src, PixelTransform(window_centre=2048.0, window_width=4096.0, invert=True))
+    # display d and 1 - d normalise to (d - m)/s and (1 - d - m)/s: they sum to (1 - 2m)/s = 0.
+    np.testing.assert_allclose(a + b, 0.0, atol=1e-5)
+
+
+def test_letterbox_pads_with_the_pad_value_and_keeps_aspect() -> None:
+    src = np.full((10, 40), 4095, np.uint16)
+    out = _check(src, PixelTransform(window_centre=2048.0, window_width=4096.0))
+    p = Placement.fit(10, 40, 64, 64, "letterbox")
+    assert (p.height, p.width, p.offset_y, p.offset_x) == (16, 64, 24, 0)
+    assert np.all(out[: p.offset_y] == pytest.approx((0.0 - 0.5) / 0.25))
+    assert np.all(out[p.offset_y : p.offset_y + p.height] == pytest.approx((1.0 - 0.5) / 0.25))
+
+
+def test_area_average_preserves_the_mean_when_shrinking() -> None:
+    src = np.random.default_rng(4).integers(0, 4096, (1000, 1000)).astype(np.uint16)
+    t = PixelTransform(window_centre=2048.0, window_width=4097.0)
+    out = _check(src, t, InputLayout(64, 64, "stretch", 0.0, 0.0, 1.0))
+    assert out.mean() == pytest.approx(display(src, t).mean(), abs=1e-4)
+
+
+@given(n_src=st.integers(1, 3000), n_out=st.integers(1, 600))
+@settings(max_examples=200, deadline=None)
+def test_taps_are_normalised_and_in_bounds(n_src: int, n_out: int) -> None:
+    start, count, weights = taps(n_src, n_out)
+    assert np.all(count >= 1)
+    assert np.all(start >= 0) and np.all(start + count <= n_src)
+    np.testing.assert_allclose(weights.sum(axis=1), 1.0, atol=1e-9)
+
+
+@given(
+    h=st.integers(1, 300),
+    w=st.integers(1, 300),
+    centre=st.floats(-5000, 5000),
+    width=st.floats(1, 10000),
+    slope=st.floats(-4, 4).filter(lambda s: abs(s) > 1e-3),
+    intercept=st.floats(-3000, 3000),
+    invert=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+@settings(max_examples=40, deadline=None)
+def test_cpu_matches_reference_property(
+    h: int,
+    w: int,
+    centre: float,
+    width: float,
+    slope: float,
+    intercept: float,
+    invert: bool,
+    seed: int,
+) -> None:
+    src = np.random.default_rng(seed).integers(-32768, 32767, (h, w)).astype(np.int16)
+    t = PixelTransform(slope, intercept, centre, width, "LINEAR", invert)
+    _check(src, t, InputLayout(32, 48, "letterbox", 0.0, 0.5, 0.25))
+
+
+def test_peak_region_maps_back_to_source_pixels() -> None:
+    # A 2000 x 1000 (rows x columns) image letterboxed into 256 x 256: width 128, offset 64.
+    p = Placement.fit(2000, 1000, 256, 256, "letterbox")
+    assert (p.offset_x, p.width) == (64, 128)
+    heat = np.zeros((32, 32))
+    heat[10, 12] = 1.0  # cell = 8 x 8 input pixels: x 96..104, y 80..88
+    heat[10, 13] = 0.6
+    heat[20, 20] = 0.9  # a second blob, not connected to the peak: ignored
+    box = peak_region(heat, p, fraction=0.5)
+    assert box is not None
+    scale = 2000 / 256
+    assert box == pytest.approx(((96 - 64) * scale, 80 * scale, (112 - 64) * scale, 88 * scale))
+
+
+def test_peak_region_in_the_padding_is_none() -> None:
+    p = Placement.fit(2000, 1000, 256, 256, "letterbox")
+    heat = np.zeros((32, 32))
+    heat[5, 2] = 1.0  # columns 16..24: wholly in the left padding (0..64)
+    assert peak_region(heat, p) is None
