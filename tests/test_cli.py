@@ -1,0 +1,71 @@
+"""The ``nidaan`` command as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import MODELS
+from factory import save, synthetic_cxr, testdata
+
+NIDAAN = str(Path(sys.executable).parent / "nidaan")
+
+
+def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env_cfg = ["--config", str(cwd / "c.toml")] if cwd else []
+    return subprocess.run(
+        [NIDAAN, *env_cfg, *args], capture_output=True, text=True, timeout=300, cwd=cwd
+    )
+
+
+def _config(tmp_path: Path) -> Path:
+    (tmp_path / "c.toml").write_text(
+        f'[models]\nrepository = "{MODELS}"\n[storage]\ndata_dir = "{tmp_path / "data"}"\n'
+    )
+    return tmp_path
+
+
+def test_models_lists_and_validates(tmp_path: Path) -> None:
+    run = _run("models", cwd=_config(tmp_path))
+    assert run.returncode == 0, run.stderr
+    assert "cxr_screen" in run.stdout and "not for diagnosis" in run.stdout
+    assert "model(s) valid" in run.stdout
+
+
+def test_analyze_files_and_folders_as_json(tmp_path: Path) -> None:
+    nodule, _ = synthetic_cxr(21, nodule=True)
+    folder = tmp_path / "in"
+    save(nodule, folder / "nodule.dcm")
+    (folder / "notes.txt").write_text("not dicom")
+    run = _run(
+        "analyze",
+        "--json",
+        "--quiet",
+        str(folder),
+        str(testdata("RG1_J2KR.dcm")),
+        cwd=_config(tmp_path),
+    )
+    assert run.returncode == 1  # one input was not DICOM: reported, the rest analysed
+    assert "notes.txt: not a readable DICOM file" in run.stderr
+    rows = [json.loads(line) for line in run.stdout.splitlines()]
+    assert len(rows) == 2
+    by_file = {Path(r["file"]).name: r for r in rows}
+    found = {f["label"]: f for f in by_file["nodule.dcm"]["findings"]}
+    assert found["nodule"]["present"] and found["nodule"]["region"] is not None
+    assert by_file["nodule.dcm"]["not_for_diagnosis"] is True
+
+
+def test_bad_config_exits_2_with_a_message(tmp_path: Path) -> None:
+    (tmp_path / "c.toml").write_text("[dicom]\nport = -1\n")
+    run = _run("models", cwd=tmp_path)
+    assert run.returncode == 2
+    assert "dicom.port" in run.stderr
+
+
+def test_doctor_reports_each_check(tmp_path: Path) -> None:
+    run = _run("doctor", cwd=_config(tmp_path))
+    assert "[ok] configuration is valid" in run.stdout
+    assert "[ok] model repository" in run.stdout
+    assert "ONNX Runtime providers" in run.stdout
