@@ -10,10 +10,11 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from factory import save, synthetic_cxr, testdata
 from nidaan.kernels import InputLayout, preprocess
 from nidaan.server.decode import decode, pixel_transform
 from nidaan.server.errors import DecodeError, UnsupportedError
+
+from factory import save, synthetic_cxr, testdata
 from peers import need
 
 

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MODELS
 from nidaan.server.errors import ModelRepositoryError
 from nidaan.server.model_repository import load_model, load_repository
+
+from conftest import MODELS
 
 
 def test_shipped_models_are_valid_and_carry_a_card(repository) -> None:  # type: ignore[no-untyped-def]

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from factory import synthetic_cxr, testdata
 from nidaan.server.inference import OnnxRuntimeBackend
 from nidaan.server.pipeline import Pipeline
+
+from factory import synthetic_cxr, testdata
 
 
 @pytest.fixture(scope="module")
