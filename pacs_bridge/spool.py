@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from .uids import is_valid_uid
@@ -24,7 +25,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, chunks: list[bytes]) -> None:
+def atomic_write(path: Path, chunks: Iterable[bytes]) -> None:
     """Write ``chunks`` to ``path`` atomically and durably (temp file, fsync, rename, fsync dir)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
@@ -58,7 +59,7 @@ class Spool:
                 raise ValueError("UID is not a valid DICOM UID")
         return self.root / study_uid / f"{sop_instance_uid}.dcm"
 
-    def store(self, study_uid: str, sop_instance_uid: str, chunks: list[bytes]) -> Path:
+    def store(self, study_uid: str, sop_instance_uid: str, chunks: Iterable[bytes]) -> Path:
         """Write one instance durably and return its path."""
         path = self.instance_path(study_uid, sop_instance_uid)
         atomic_write(path, chunks)

@@ -1,0 +1,84 @@
+"""The spool and the state database: what a restart relies on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nidaan.pacs_bridge.outbox import backoff
+from nidaan.pacs_bridge.spool import Spool
+from nidaan.pacs_bridge.state import InstanceRecord, StateStore
+
+
+def _rec(spool: Spool, study: str, sop: str, image: bool = True) -> InstanceRecord:
+    path = spool.store(study, sop, [b"x" * 10])
+    return InstanceRecord(sop, study, "1.2.3.1", "1.2.840.10008.5.1.4.1.1.1", path, image)
+
+
+def test_state_survives_reopening_and_duplicates_are_not_counted(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    state = StateStore(tmp_path / "state.sqlite3")
+    assert state.add_instance(_rec(spool, "1.2.3", "1.2.3.4"), "PACS")
+    assert not state.add_instance(_rec(spool, "1.2.3", "1.2.3.4"), "PACS")  # re-sent
+    state.set_study_state("1.2.3", "complete")
+    state.close()
+    again = StateStore(tmp_path / "state.sqlite3")
+    assert [r.sop_instance_uid for r in again.instances("1.2.3")] == ["1.2.3.4"]
+    assert again.studies_in("complete") == ["1.2.3"]
+    assert again.study("1.2.3") == ("complete", "", "PACS")
+
+
+def test_new_instance_reopens_a_finished_study(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    state = StateStore(tmp_path / "s.db")
+    state.add_instance(_rec(spool, "1.2.3", "1.2.3.4"), "PACS")
+    state.set_study_state("1.2.3", "delivered")
+    state.add_instance(_rec(spool, "1.2.3", "1.2.3.4"), "PACS")  # duplicate: no change
+    assert state.study("1.2.3")[0] == "delivered"  # type: ignore[index]
+    state.add_instance(_rec(spool, "1.2.3", "1.2.3.5"), "PACS")
+    assert state.study("1.2.3")[0] == "receiving"  # type: ignore[index]
+
+
+def test_outbox_item_is_delivered_once_per_destination(tmp_path: Path) -> None:
+    state = StateStore(tmp_path / "s.db")
+    spool = Spool(tmp_path)
+    state.add_instance(_rec(spool, "1.2.3", "1.2.3.4"), "PACS")
+    report = tmp_path / "r.dcm"
+    for _ in range(2):  # queued twice (e.g. after a restart): still one item per destination
+        state.enqueue("1.2.3", report, "2.25.1", "PACS")
+        state.enqueue("1.2.3", report, "2.25.1", "ARCHIVE")
+    items = state.due()
+    assert sorted(i.destination for i in items) == ["ARCHIVE", "PACS"]
+    state.retry_later(items[0].id, when=2e12, error="connection refused")
+    assert [i.destination for i in state.due()] == [items[1].destination]
+    assert state.delivered(items[1].id) == ""  # the other destination still waits
+    assert state.delivered(items[0].id) == "1.2.3"
+    assert state.outbox("queued") == []
+
+
+@pytest.mark.parametrize("uid", ["../../etc", "1.2.3/../../x", "1.2.03", "", "1" * 65, "a.b"])
+def test_spool_refuses_uids_that_could_escape_it(tmp_path: Path, uid: str) -> None:
+    spool = Spool(tmp_path)
+    with pytest.raises(ValueError, match="not a valid DICOM UID"):
+        spool.store(uid, "1.2.3", [b"x"])
+    with pytest.raises(ValueError, match="not a valid DICOM UID"):
+        spool.store("1.2.3", uid, [b"x"])
+    assert list(spool.root.rglob("*")) == []
+
+
+def test_spool_write_is_complete_or_absent(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+
+    def chunks():  # type: ignore[no-untyped-def]
+        yield b"part one"
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        spool.store("1.2.3", "1.2.3.4", chunks())
+    assert list(spool.root.rglob("*.dcm")) == []
+    assert list(spool.root.rglob("*.tmp")) == []
+
+
+def test_backoff_doubles_and_is_capped() -> None:
+    assert [backoff(n, 1.0, 10.0) for n in range(1, 7)] == [1, 2, 4, 8, 10, 10]
