@@ -29,9 +29,10 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import generate_uid
 
 from nidaan.server.findings import BoundingBox, CodedValue, Finding, ImageAnalysis
+
+from .uids import derived_uid
 
 NOT_FOR_DIAGNOSIS = "NOT FOR DIAGNOSIS"
 #: SCT 399208008 "Plain chest X-ray": the procedure the reported images belong to.
@@ -48,9 +49,10 @@ def report_uids(study_instance_uid: str, key: str) -> tuple[str, str]:
     """
     if not study_instance_uid or not key:
         raise ValueError("report UIDs need a study UID and a key")
-    series = generate_uid(prefix=None, entropy_srcs=["nidaan-sr-series", study_instance_uid, key])
-    sop = generate_uid(prefix=None, entropy_srcs=["nidaan-sr-instance", study_instance_uid, key])
-    return str(series), str(sop)
+    return (
+        derived_uid("sr-series", study_instance_uid, key),
+        derived_uid("sr-instance", study_instance_uid, key),
+    )
 
 
 def _concept(code: CodedValue) -> hd.sr.CodedConcept:
@@ -83,26 +85,22 @@ def _group(
         name=algo.name, version=algo.version, parameters=params
     )
     finding_type = _concept(finding.code)
-    common = {
-        "tracking_identifier": hd.sr.TrackingIdentifier(
-            uid=tracking_uid, identifier=f"{finding.label} ({algo.name} {algo.version})"[:64]
-        ),
-        "finding_type": finding_type,
-        "algorithm_id": algorithm_id,
-        "measurements": [
-            hd.sr.Measurement(
-                name=codes.DCM.CertaintyOfFinding,
-                value=round(finding.probability, 6),
-                unit=_NO_UNITS,
-                algorithm_id=algorithm_id,
-            )
-        ],
-        "qualitative_evaluations": [
-            hd.sr.QualitativeEvaluation(
-                name=finding_type, value=codes.SCT.Present if finding.present else codes.SCT.Absent
-            )
-        ],
-    }
+    tracking = hd.sr.TrackingIdentifier(
+        uid=tracking_uid, identifier=f"{finding.label} ({algo.name} {algo.version})"[:64]
+    )
+    measurements = [
+        hd.sr.Measurement(
+            name=codes.DCM.CertaintyOfFinding,
+            value=round(finding.probability, 6),
+            unit=_NO_UNITS,
+            algorithm_id=algorithm_id,
+        )
+    ]
+    evaluations = [
+        hd.sr.QualitativeEvaluation(
+            name=finding_type, value=codes.SCT.Present if finding.present else codes.SCT.Absent
+        )
+    ]
     src = analysis.source
     if finding.region is not None and finding.present:
         region = hd.sr.ImageRegion(
@@ -114,16 +112,25 @@ def _group(
             ),
         )
         return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-            referenced_region=region, **common
+            tracking_identifier=tracking,
+            referenced_region=region,
+            finding_type=finding_type,
+            algorithm_id=algorithm_id,
+            measurements=measurements,
+            qualitative_evaluations=evaluations,
         )
     return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking,
+        finding_type=finding_type,
+        algorithm_id=algorithm_id,
+        measurements=measurements,
+        qualitative_evaluations=evaluations,
         source_images=[
             hd.sr.SourceImageForMeasurementGroup(
                 referenced_sop_class_uid=src.SOPClassUID,
                 referenced_sop_instance_uid=src.SOPInstanceUID,
             )
         ],
-        **common,
     )
 
 
@@ -150,10 +157,10 @@ def build_report(
     groups = []
     for i, a in enumerate(analyses):
         for j, f in enumerate(a.findings):
-            tracking = generate_uid(
-                prefix=None, entropy_srcs=[sop_instance_uid, str(i), str(j), f.label]
-            )
+            tracking = derived_uid("sr-tracking", sop_instance_uid, str(i), str(j), f.label)
             groups.append(_group(a, f, str(tracking)))
+    if not groups:
+        raise ValueError("the analyses hold no findings to report")
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import uuid
 
 # PS3.5 9.1: components of digits separated by '.', no leading zeros, at most 64 characters.
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
@@ -21,3 +22,18 @@ def ref(uid: str) -> str:
     an operator can correlate lines without the log holding identifiers.
     """
     return hashlib.sha256(uid.encode()).hexdigest()[:12]
+
+
+_NIDAAN_NAMESPACE = uuid.UUID("5f1d2a8e-6c1b-4e0c-9a57-3c2f4b7d9e10")
+
+
+def derived_uid(*parts: str) -> str:
+    """A UID that depends only on ``parts``: ``2.25.`` + a name-based UUID (PS3.5 B.2).
+
+    Used where the same inputs must give the same UID again (report UIDs, so a re-sent report
+    never duplicates in a PACS). pydicom's ``generate_uid(prefix=None)`` ignores its entropy
+    sources and is random, so it cannot serve here.
+    """
+    if not parts or not all(parts):
+        raise ValueError("a derived UID needs non-empty parts")
+    return f"2.25.{uuid.uuid5(_NIDAAN_NAMESPACE, chr(0).join(parts)).int}"

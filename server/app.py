@@ -17,7 +17,6 @@ from typing import Any
 from prometheus_client import start_http_server
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
 
 from nidaan.kernels import configure_cache
 from nidaan.pacs_bridge.assembly import StudyAssembler
@@ -26,7 +25,7 @@ from nidaan.pacs_bridge.reports import build_report, report_uids
 from nidaan.pacs_bridge.scp import StorageSCP, StoreOutcome
 from nidaan.pacs_bridge.spool import Spool, atomic_write
 from nidaan.pacs_bridge.state import StateStore
-from nidaan.pacs_bridge.uids import ref
+from nidaan.pacs_bridge.uids import derived_uid, ref
 
 from .config import SOURCE, Config
 from .errors import NidaanError
@@ -51,7 +50,7 @@ class NidaanServer:
         self.spool = Spool(data)
         self.state = StateStore(data / "state.sqlite3")
         self.metrics = Metrics()
-        self.device_uid = generate_uid(prefix=None, entropy_srcs=["nidaan", config.dicom.ae_title])
+        self.device_uid = derived_uid("device", config.dicom.ae_title)
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._stop = threading.Event()
         self.assembler = StudyAssembler(config.dicom.study_idle_timeout_s, self._study_complete)

@@ -17,7 +17,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def testdata(name: str) -> Path:
+def sample_file(name: str) -> Path:
     """A file from pydicom's test data or pydicom-data (e.g. RG1_UNCR.dcm, RG1_J2KR.dcm)."""
     path = get_testdata_file(name)
     if path is None:
@@ -38,7 +38,7 @@ def synthetic_module():  # type: ignore[no-untyped-def]
 
 @cache
 def _rg1_header() -> Dataset:
-    return pydicom.dcmread(testdata("RG1_UNCR.dcm"), stop_before_pixels=True)
+    return pydicom.dcmread(sample_file("RG1_UNCR.dcm"), stop_before_pixels=True)
 
 
 def synthetic_cxr(

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from conftest import MODELS
-from factory import save, synthetic_cxr, testdata
+from factory import sample_file, save, synthetic_cxr
 
 NIDAAN = str(Path(sys.executable).parent / "nidaan")
 
@@ -44,7 +44,7 @@ def test_analyze_files_and_folders_as_json(tmp_path: Path) -> None:
         "--json",
         "--quiet",
         str(folder),
-        str(testdata("RG1_J2KR.dcm")),
+        str(sample_file("RG1_J2KR.dcm")),
         cwd=_config(tmp_path),
     )
     assert run.returncode == 1  # one input was not DICOM: reported, the rest analysed

@@ -14,7 +14,7 @@ from nidaan.kernels import InputLayout, preprocess
 from nidaan.server.decode import decode, pixel_transform
 from nidaan.server.errors import DecodeError, UnsupportedError
 
-from factory import save, synthetic_cxr, testdata
+from factory import sample_file, save, synthetic_cxr
 from peers import need
 
 
@@ -64,8 +64,8 @@ def test_jpeg_lossless_12_bit(tmp_path: Path) -> None:
 
 
 def test_jpeg2000_lossless_radiograph_equals_uncompressed() -> None:
-    a = decode(pydicom.dcmread(testdata("RG1_UNCR.dcm")))
-    b = decode(pydicom.dcmread(testdata("RG1_J2KR.dcm")))
+    a = decode(pydicom.dcmread(sample_file("RG1_UNCR.dcm")))
+    b = decode(pydicom.dcmread(sample_file("RG1_J2KR.dcm")))
     assert a.pixels.shape == (1955, 1841)
     np.testing.assert_array_equal(a.pixels, b.pixels)
     assert a.transform.invert  # MONOCHROME1
@@ -82,21 +82,21 @@ def test_monochrome1_and_monochrome2_of_the_same_image_give_the_same_tensor() ->
 
 
 def test_rescale_and_missing_window_are_read_from_the_header() -> None:
-    ct = pydicom.dcmread(testdata("CT_small.dcm"))
+    ct = pydicom.dcmread(sample_file("CT_small.dcm"))
     t = pixel_transform(ct)
     assert (t.slope, t.intercept) == (1.0, -1024.0)
     assert t.window_centre is None  # the kernels then window the image's own range
 
 
 def test_corrupt_and_unsupported_pixel_data_raise_clear_errors() -> None:
-    ds = pydicom.dcmread(testdata("RG1_UNCR.dcm"))
+    ds = pydicom.dcmread(sample_file("RG1_UNCR.dcm"))
     ds.SOPInstanceUID = generate_uid()
     ds.PixelData = ds.PixelData[:1000]  # truncated native pixel data
     with pytest.raises(DecodeError, match="cannot be decoded"):
         decode(ds)
-    rgb = pydicom.dcmread(testdata("SC_rgb.dcm"))
+    rgb = pydicom.dcmread(sample_file("SC_rgb.dcm"))
     with pytest.raises(UnsupportedError, match="not greyscale"):
         decode(rgb)
-    sr = pydicom.dcmread(testdata("test-SR.dcm"))
+    sr = pydicom.dcmread(sample_file("test-SR.dcm"))
     with pytest.raises(UnsupportedError, match="no pixel data"):
         decode(sr)

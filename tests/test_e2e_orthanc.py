@@ -17,7 +17,7 @@ import pydicom
 import pytest
 
 from conftest import MODELS
-from factory import save, synthetic_cxr, testdata
+from factory import sample_file, save, synthetic_cxr
 from netutil import storescu
 from peers import Orthanc, free_port, start_orthanc, stop, wait_for_port, wait_until
 from srutil import codes, dciodvfy_errors, dsrdump_ok, graphics, numbers
@@ -95,8 +95,8 @@ def _check_report(sr: pydicom.Dataset, source: pydicom.Dataset, tmp_path: Path) 
 def test_orthanc_sends_a_real_radiograph_and_gets_the_report_back(
     deployment: Deployment, name: str, tmp_path: Path
 ) -> None:
-    source = pydicom.dcmread(testdata(name))
-    answer = deployment.orthanc.upload(testdata(name))
+    source = pydicom.dcmread(sample_file(name))
+    answer = deployment.orthanc.upload(sample_file(name))
     study_id = answer["ParentStudy"]
     assert deployment.orthanc.reports(study_id) == []
     deployment.orthanc.send_to("nidaan", study_id)
@@ -135,7 +135,7 @@ def test_metrics_count_instances_and_logs_carry_no_phi(deployment: Deployment) -
     with urllib.request.urlopen(f"http://127.0.0.1:{deployment.http_port}/metrics") as r:
         metrics = r.read().decode()
     assert 'nidaan_instances_received_total{status="0x0000"}' in metrics
-    source = pydicom.dcmread(testdata("RG1_UNCR.dcm"), stop_before_pixels=True)
+    source = pydicom.dcmread(sample_file("RG1_UNCR.dcm"), stop_before_pixels=True)
     log = deployment.log.read_text()
     assert "listening as NIDAAN" in log
     for phi in (str(source.PatientName), str(source.PatientID), str(source.StudyInstanceUID)):

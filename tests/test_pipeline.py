@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 
 from nidaan.server.inference import OnnxRuntimeBackend
 from nidaan.server.pipeline import Pipeline
 
-from factory import synthetic_cxr, testdata
+from factory import sample_file, synthetic_cxr
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +60,7 @@ def test_images_of_one_study_are_batched_and_non_matching_ones_skipped(
 
     a, _ = synthetic_cxr(401, nodule=True)
     b, _ = synthetic_cxr(402)
-    ct = pydicom.dcmread(testdata("CT_small.dcm"))  # no model accepts CT
+    ct = pydicom.dcmread(sample_file("CT_small.dcm"))  # no model accepts CT
     results = pipeline.analyse([a, ct, b])
     assert [r.source.SOPInstanceUID for r in results] == [a.SOPInstanceUID, b.SOPInstanceUID]
     single = pipeline.analyse([b])[0]
@@ -73,7 +75,7 @@ def test_images_of_one_study_are_batched_and_non_matching_ones_skipped(
 def test_inspected_images_are_not_decoded_again(pipeline: Pipeline) -> None:
     ds, _ = synthetic_cxr(501, nodule=True)
     assert pipeline.inspect(ds) is True
-    header = ds.copy()
+    header = copy.deepcopy(ds)
     del header.PixelData  # the worker passes headers; pixels are read only when not cached
     loads: list[str] = []
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pydicom
@@ -11,7 +12,7 @@ from pydicom.uid import generate_uid
 from nidaan.pacs_bridge.reports import build_report, report_uids
 from nidaan.server.findings import AlgorithmInfo, BoundingBox, CodedValue, Finding, ImageAnalysis
 
-from factory import testdata
+from factory import sample_file
 from srutil import codes, dciodvfy_errors, dsrdump_ok, graphics, numbers, texts
 
 ALGO = AlgorithmInfo("Demo CXR screen", "0.1.0", "Nidaan project", trained_on_synthetic_data=True)
@@ -21,7 +22,7 @@ TB = CodedValue("154283005", "SCT", "Pulmonary tuberculosis")
 
 @pytest.fixture
 def source() -> pydicom.Dataset:
-    return pydicom.dcmread(testdata("RG1_UNCR.dcm"), stop_before_pixels=True)
+    return pydicom.dcmread(sample_file("RG1_UNCR.dcm"), stop_before_pixels=True)
 
 
 def _report(source: pydicom.Dataset, algo: AlgorithmInfo = ALGO):  # type: ignore[no-untyped-def]
@@ -85,7 +86,7 @@ def test_inconsistent_input_is_refused(source: pydicom.Dataset) -> None:
             sop_instance_uid="2.25.2",
             device_observer_uid="2.25.3",
         )
-    other = source.copy()
+    other = copy.deepcopy(source)
     other.StudyInstanceUID = generate_uid()
     other.SOPInstanceUID = generate_uid()
     with pytest.raises(ValueError, match="2 studies"):

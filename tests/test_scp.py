@@ -13,7 +13,7 @@ from pydicom.uid import JPEG2000Lossless, generate_uid
 from nidaan.server.config import Peer
 
 from conftest import make_config
-from factory import save, synthetic_cxr, testdata
+from factory import sample_file, save, synthetic_cxr
 from netutil import c_store, storescu
 from peers import DCMTK_ENV, free_port, need, stop, wait_for_port, wait_until
 
@@ -60,7 +60,7 @@ def test_undecodable_image_fails_is_quarantined_and_server_keeps_serving(
             tmp_path, peers=[Peer("PACS", "127.0.0.1", pacs_port)], destinations=["PACS"]
         )
         server = start_server(cfg)
-        broken = pydicom.dcmread(testdata("RG1_J2KR.dcm"))
+        broken = pydicom.dcmread(sample_file("RG1_J2KR.dcm"))
         broken.SOPInstanceUID = broken.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         broken.StudyInstanceUID = generate_uid()
         # A JPEG 2000 codestream that starts right and then is garbage.
@@ -92,7 +92,7 @@ def test_non_image_objects_are_accepted_and_not_analysed(
     start_server,  # type: ignore[no-untyped-def]
 ) -> None:
     server = start_server(make_config(tmp_path))
-    sr = pydicom.dcmread(testdata("test-SR.dcm"))
+    sr = pydicom.dcmread(sample_file("test-SR.dcm"))
     (status,) = c_store(server.scp.port, [sr])
     assert status.Status == 0x0000
     wait_until(
