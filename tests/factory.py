@@ -72,6 +72,7 @@ def synthetic_cxr(
         if kw in ds:
             delattr(ds, kw)
     ds.PixelData = stored.tobytes()
+    ds["PixelData"].VR = "OW"
     return ds, masks
 
 

@@ -31,6 +31,7 @@ def eight_bit(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
     ds.WindowCenter, ds.WindowWidth = 128, 256
     ds.PixelData = pixels.tobytes()
+    ds["PixelData"].VR = "OB"
     return save(ds, tmp_path_factory.mktemp("dec") / "u8.dcm")
 
 
@@ -53,7 +54,9 @@ def test_compressed_8_bit_decodes_like_the_original(
     if lossless:
         np.testing.assert_array_equal(pixels, original)
     else:
-        assert np.abs(pixels.astype(int) - original).mean() < 2.0
+        # Lossy at dcmcjpeg's default quality on a noisy image: close, not equal.
+        assert np.abs(pixels.astype(int) - original).mean() < 0.03 * 255
+        assert np.corrcoef(pixels.ravel(), original.ravel())[0, 1] > 0.98
 
 
 def test_jpeg_lossless_12_bit(tmp_path: Path) -> None:
