@@ -101,7 +101,9 @@ class NidaanServer:
         )
 
     def stop(self) -> None:
-        """Stop accepting, finish the study in progress, stop delivering."""
+        """Stop accepting, finish the study in progress, stop delivering (idempotent)."""
+        if self._stop.is_set():
+            return
         self.scp.stop()
         self._stop.set()
         self._queue.put(None)

@@ -171,3 +171,30 @@ def test_study_on_one_association_is_analysed_on_release(
         assert refs == {a.SOPInstanceUID, b.SOPInstanceUID}  # one report for the whole study
     finally:
         stop(pacs)
+
+
+def test_queued_report_is_delivered_after_a_restart(
+    tmp_path: Path,
+    start_server,  # type: ignore[no-untyped-def]
+) -> None:
+    pacs_port = free_port()
+    cfg = make_config(
+        tmp_path, peers=[Peer("PACS", "127.0.0.1", pacs_port)], destinations=["PACS"]
+    )
+    first = start_server(cfg)
+    ds, _ = synthetic_cxr(12)
+    assert storescu(first.scp.port, [save(ds, tmp_path / "in.dcm")]).returncode == 0
+    wait_until(lambda: first.state.outbox("queued"), 60, "the report to be queued")
+    first.stop()  # the PACS was down all along: the report is only in the outbox
+    pacs = _storescp(pacs_port, tmp_path / "pacs")
+    try:
+        second = start_server(cfg)
+        files = wait_until(lambda: list((tmp_path / "pacs").glob("SR*")), 60, "delivery")
+        assert pydicom.dcmread(files[0]).StudyInstanceUID == ds.StudyInstanceUID
+        wait_until(
+            lambda: second.state.study(ds.StudyInstanceUID)[0] == "delivered",  # type: ignore[index]
+            10,
+            "the study to be delivered",
+        )
+    finally:
+        stop(pacs)

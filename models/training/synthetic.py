@@ -18,8 +18,9 @@ def _grid(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     return y[:, None], x[None, :]
 
 
-def _ellipse(y: np.ndarray, x: np.ndarray, cy: float, cx: float, ry: float, rx: float,
-             soft: float) -> np.ndarray:
+def _ellipse(
+    y: np.ndarray, x: np.ndarray, cy: float, cx: float, ry: float, rx: float, soft: float
+) -> np.ndarray:
     d = np.sqrt(((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2)
     return np.clip((1.0 - d) / soft, 0.0, 1.0)
 
@@ -38,7 +39,7 @@ def _smooth_noise(rng: np.random.Generator, height: int, width: int, cells: int)
     b = g[y0][:, x0 + 1]
     c = g[y0 + 1][:, x0]
     d = g[y0 + 1][:, x0 + 1]
-    return (a * (1 - fy) * (1 - fx) + b * (1 - fy) * fx + c * fy * (1 - fx) + d * fy * fx)
+    return a * (1 - fy) * (1 - fx) + b * (1 - fy) * fx + c * fy * (1 - fx) + d * fy * fx
 
 
 def _lungs(y: np.ndarray, x: np.ndarray, anatomy: dict[str, float]) -> tuple[np.ndarray, ...]:
@@ -120,17 +121,41 @@ def synthesize_radiograph(
                 k = int(rng.integers(len(ys)))
                 cy, cx = (ys[k] + 0.5) / height, (xs[k] + 0.5) / width
                 rr = rng.uniform(0.025, 0.06)
-                patch = np.maximum(patch, _ellipse(y, x, cy, cx, rr * max(height, width) / height,
-                                                   rr * max(height, width) / width, 0.8))
+                patch = np.maximum(
+                    patch,
+                    _ellipse(
+                        y,
+                        x,
+                        cy,
+                        cx,
+                        rr * max(height, width) / height,
+                        rr * max(height, width) / width,
+                        0.8,
+                    ),
+                )
             patch = patch * (0.6 + 0.4 * np.clip(_smooth_noise(rng, height, width, 20), -1, 1))
             if rng.random() < 0.4:  # a cavity: a dark hole with a bright rim
                 k = int(rng.integers(len(ys)))
                 cy, cx = (ys[k] + 0.5) / height, (xs[k] + 0.5) / width
                 rr = rng.uniform(0.015, 0.03)
-                ring = _ellipse(y, x, cy, cx, rr * 1.6 * max(height, width) / height,
-                                rr * 1.6 * max(height, width) / width, 0.4)
-                hole = _ellipse(y, x, cy, cx, rr * max(height, width) / height,
-                                rr * max(height, width) / width, 0.4)
+                ring = _ellipse(
+                    y,
+                    x,
+                    cy,
+                    cx,
+                    rr * 1.6 * max(height, width) / height,
+                    rr * 1.6 * max(height, width) / width,
+                    0.4,
+                )
+                hole = _ellipse(
+                    y,
+                    x,
+                    cy,
+                    cx,
+                    rr * max(height, width) / height,
+                    rr * max(height, width) / width,
+                    0.4,
+                )
                 patch = np.maximum(patch, ring) - 0.8 * hole
         img = img + rng.uniform(0.10, 0.18) * np.clip(patch, -1, 1)
         masks["tb"] = patch > 0.15
