@@ -212,6 +212,18 @@ class NidaanServer:
             self.metrics.studies.labels("skipped").inc()
             return
         self.state.set_study_state(study_uid, "analysed")
+        log.info(
+            "study %s analysed: %s",
+            ref(study_uid),
+            "; ".join(
+                f"{a.algorithm.name}: "
+                + ", ".join(
+                    f"{f.label} {'present' if f.present else 'absent'} ({f.probability:.2f})"
+                    for f in a.findings
+                )
+                for a in analyses
+            ),
+        )
         # The report UIDs derive from the study, the models' versions and the analysed
         # instances, so a re-sent report is the same object and never duplicates in the PACS.
         key = "|".join(

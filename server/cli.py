@@ -259,7 +259,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # Third-party INFO logs name UIDs of the objects they handle; Nidaan's own logs use digests.
+    for noisy in ("pynetdicom", "highdicom"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return int(args.func(args))
     except NidaanError as exc:

@@ -81,3 +81,14 @@ def save(ds: Dataset, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def with_new_uids(path: Path, out: Path) -> Path:
+    """A copy of a real file as a new study (new Study/Series/SOP UIDs; pixel data untouched).
+
+    pydicom-data's RG1 files share one study: tests that send both need them apart.
+    """
+    ds = pydicom.dcmread(path)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    return save(ds, out)

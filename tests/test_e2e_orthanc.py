@@ -10,14 +10,14 @@ import subprocess
 import sys
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
 import pytest
 
 from conftest import MODELS
-from factory import sample_file, save, synthetic_cxr
+from factory import sample_file, save, synthetic_cxr, with_new_uids
 from netutil import storescu
 from peers import Orthanc, free_port, start_orthanc, stop, wait_for_port, wait_until
 from srutil import codes, dciodvfy_errors, dsrdump_ok, graphics, numbers
@@ -32,6 +32,7 @@ class Deployment:
     nidaan_port: int
     http_port: int
     log: Path
+    sent: list[pydicom.Dataset] = field(default_factory=list)
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +96,10 @@ def _check_report(sr: pydicom.Dataset, source: pydicom.Dataset, tmp_path: Path) 
 def test_orthanc_sends_a_real_radiograph_and_gets_the_report_back(
     deployment: Deployment, name: str, tmp_path: Path
 ) -> None:
-    source = pydicom.dcmread(sample_file(name))
-    answer = deployment.orthanc.upload(sample_file(name))
+    path = with_new_uids(sample_file(name), tmp_path / name)
+    source = pydicom.dcmread(path)
+    deployment.sent.append(source)
+    answer = deployment.orthanc.upload(path)
     study_id = answer["ParentStudy"]
     assert deployment.orthanc.reports(study_id) == []
     deployment.orthanc.send_to("nidaan", study_id)
@@ -111,6 +114,7 @@ def test_storescu_sender_nodule_found_where_it_was_planted(
 ) -> None:
     ds, masks = synthetic_cxr(3, nodule=True, rows=1200, columns=1000)
     path = save(ds, tmp_path / "nodule.dcm")
+    deployment.sent.append(ds)
     run = storescu(deployment.nidaan_port, [path])
     assert run.returncode == 0, run.stderr
     study_id = wait_until(
@@ -132,12 +136,30 @@ def test_storescu_sender_nodule_found_where_it_was_planted(
 
 
 def test_metrics_count_instances_and_logs_carry_no_phi(deployment: Deployment) -> None:
-    with urllib.request.urlopen(f"http://127.0.0.1:{deployment.http_port}/metrics") as r:
-        metrics = r.read().decode()
-    assert 'nidaan_instances_received_total{status="0x0000"}' in metrics
-    source = pydicom.dcmread(sample_file("RG1_UNCR.dcm"), stop_before_pixels=True)
+    def metrics() -> str:
+        url = f"http://127.0.0.1:{deployment.http_port}/metrics"
+        with urllib.request.urlopen(url) as r:
+            return r.read().decode()
+
+    # Orthanc has the last report a moment before Nidaan records its delivery.
+    text = wait_until(
+        lambda: (m := metrics()) if 'nidaan_studies_total{state="delivered"} 3.0' in m else None,
+        10,
+        "three delivered studies in the metrics",
+    )
+    assert 'nidaan_instances_received_total{status="0x0000"} 3.0' in text
     log = deployment.log.read_text()
     assert "listening as NIDAAN" in log
-    for phi in (str(source.PatientName), str(source.PatientID), str(source.StudyInstanceUID)):
-        if phi:
+    assert "analysed" in log and "delivered" in log
+    assert len(deployment.sent) == 3
+    for ds in deployment.sent:
+        identifiers = (
+            ds.PatientName,
+            ds.PatientID,
+            ds.PatientBirthDate,
+            ds.StudyInstanceUID,
+            ds.SOPInstanceUID,
+        )
+        for phi in map(str, identifiers):
+            assert phi
             assert phi not in log

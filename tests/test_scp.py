@@ -178,9 +178,7 @@ def test_queued_report_is_delivered_after_a_restart(
     start_server,  # type: ignore[no-untyped-def]
 ) -> None:
     pacs_port = free_port()
-    cfg = make_config(
-        tmp_path, peers=[Peer("PACS", "127.0.0.1", pacs_port)], destinations=["PACS"]
-    )
+    cfg = make_config(tmp_path, peers=[Peer("PACS", "127.0.0.1", pacs_port)], destinations=["PACS"])
     first = start_server(cfg)
     ds, _ = synthetic_cxr(12)
     assert storescu(first.scp.port, [save(ds, tmp_path / "in.dcm")]).returncode == 0
