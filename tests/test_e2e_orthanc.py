@@ -142,11 +142,11 @@ def test_metrics_count_instances_and_logs_carry_no_phi(deployment: Deployment) -
             return r.read().decode()
 
     # Orthanc has the last report a moment before Nidaan records its delivery.
-    text = wait_until(
-        lambda: (m := metrics()) if 'nidaan_studies_total{state="delivered"} 3.0' in m else None,
-        10,
-        "three delivered studies in the metrics",
-    )
+    def delivered_three() -> str | None:
+        text = metrics()
+        return text if 'nidaan_studies_total{state="delivered"} 3.0' in text else None
+
+    text = wait_until(delivered_three, 10, "three delivered studies in the metrics")
     assert 'nidaan_instances_received_total{status="0x0000"} 3.0' in text
     log = deployment.log.read_text()
     assert "listening as NIDAAN" in log
