@@ -82,7 +82,11 @@ def test_undecodable_image_fails_is_quarantined_and_server_keeps_serving(
         done = storescu(server.scp.port, [save(good, tmp_path / "good.dcm")])
         assert done.returncode == 0, done.stderr
         wait_until(lambda: list((tmp_path / "pacs").glob("SR*")), 60, "the report at the PACS")
-        assert server.state.study(good.StudyInstanceUID)[0] == "delivered"  # type: ignore[index]
+        wait_until(
+            lambda: server.state.study(good.StudyInstanceUID)[0] == "delivered",  # type: ignore[index]
+            10,
+            "the study to be marked delivered",
+        )
     finally:
         stop(pacs)
 
