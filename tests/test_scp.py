@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
+import pytest
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless, generate_uid
 
-from nidaan.server.config import Peer
+from nidaan.server.app import NidaanServer
+from nidaan.server.config import Config, Peer
 
 from conftest import make_config
 from factory import sample_file, save, synthetic_cxr
@@ -18,16 +22,53 @@ from netutil import c_store, storescu
 from peers import DCMTK_ENV, free_port, need, stop, wait_for_port, wait_until
 
 
-def _storescp(port: int, out: Path, aet: str = "PACS") -> subprocess.Popen:
-    out.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(
-        [need("storescp"), "-aet", aet, "-od", str(out), "+xa", str(port)],
-        env=DCMTK_ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+@dataclass
+class Pacs:
+    """dcmtk's storescp as the PACS reports go to; not listening until ``start()``."""
+
+    port: int
+    folder: Path
+    process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [need("storescp"), "-aet", "PACS", "-od", str(self.folder), "+xa", str(self.port)],
+            env=DCMTK_ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for_port(self.port, proc=self.process)
+
+    def wait_reports(self, n: int = 1) -> list[Path]:
+        return wait_until(
+            lambda: f if len(f := sorted(self.folder.glob("SR*"))) >= n else None,
+            60,
+            f"{n} report(s) at the PACS",
+        )
+
+    def config(self, tmp_path: Path, **kwargs: float) -> Config:
+        """A Nidaan config that sends reports here."""
+        return make_config(
+            tmp_path, peers=[Peer("PACS", "127.0.0.1", self.port)], destinations=["PACS"], **kwargs
+        )
+
+
+@pytest.fixture
+def pacs(tmp_path: Path) -> Iterator[Pacs]:
+    p = Pacs(free_port(), tmp_path / "pacs")
+    yield p
+    if p.process is not None:
+        stop(p.process)
+
+
+def wait_state(server: NidaanServer, study_uid: str, state: str, timeout: float = 30) -> None:
+    """Wait for a study's state (the PACS may hold a report a moment before it is recorded)."""
+    wait_until(
+        lambda: (server.state.study(study_uid) or ("",))[0] == state,
+        timeout,
+        f"the study to be {state}",
     )
-    wait_for_port(port, proc=proc)
-    return proc
 
 
 def test_c_echo_and_called_ae_check(tmp_path: Path, start_server) -> None:  # type: ignore[no-untyped-def]
@@ -51,44 +92,35 @@ def test_c_echo_and_called_ae_check(tmp_path: Path, start_server) -> None:  # ty
 
 def test_undecodable_image_fails_is_quarantined_and_server_keeps_serving(
     tmp_path: Path,
+    pacs: Pacs,
     start_server,  # type: ignore[no-untyped-def]
 ) -> None:
-    pacs_port = free_port()
-    pacs = _storescp(pacs_port, tmp_path / "pacs")
-    try:
-        cfg = make_config(
-            tmp_path, peers=[Peer("PACS", "127.0.0.1", pacs_port)], destinations=["PACS"]
-        )
-        server = start_server(cfg)
-        broken = pydicom.dcmread(sample_file("RG1_J2KR.dcm"))
-        broken.SOPInstanceUID = broken.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        broken.StudyInstanceUID = generate_uid()
-        # A JPEG 2000 codestream that starts right and then is garbage.
-        broken.PixelData = encapsulate([b"\xff\x4f\xff\x51" + bytes(range(256)) * 8])
-        assert broken.file_meta.TransferSyntaxUID == JPEG2000Lossless
-        (status,) = c_store(server.scp.port, [broken])
-        assert 0xC000 <= status.Status <= 0xCFFF, f"status 0x{status.Status:04X}"
-        assert "cannot be decoded" in status.ErrorComment
-        quarantined = sorted((cfg.storage.data_dir / "quarantine").glob("*.json"))
-        assert len(quarantined) == 1
-        info = json.loads(quarantined[0].read_text())
-        assert "cannot be decoded" in info["reason"] and info["status"].startswith("0xC")
-        kept = pydicom.dcmread(quarantined[0].with_suffix(".dcm"))
-        assert kept.SOPInstanceUID == broken.SOPInstanceUID  # the bytes as sent, not lost
-        assert server.state.study(broken.StudyInstanceUID) is None  # never acknowledged
+    pacs.start()
+    cfg = pacs.config(tmp_path)
+    server = start_server(cfg)
+    broken = pydicom.dcmread(sample_file("RG1_J2KR.dcm"))
+    broken.SOPInstanceUID = broken.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    broken.StudyInstanceUID = generate_uid()
+    # A JPEG 2000 codestream that starts right and then is garbage.
+    broken.PixelData = encapsulate([b"\xff\x4f\xff\x51" + bytes(range(256)) * 8])
+    assert broken.file_meta.TransferSyntaxUID == JPEG2000Lossless
+    (status,) = c_store(server.scp.port, [broken])
+    assert 0xC000 <= status.Status <= 0xCFFF, f"status 0x{status.Status:04X}"
+    assert "cannot be decoded" in status.ErrorComment
+    quarantined = sorted((cfg.storage.data_dir / "quarantine").glob("*.json"))
+    assert len(quarantined) == 1
+    info = json.loads(quarantined[0].read_text())
+    assert "cannot be decoded" in info["reason"] and info["status"].startswith("0xC")
+    kept = pydicom.dcmread(quarantined[0].with_suffix(".dcm"))
+    assert kept.SOPInstanceUID == broken.SOPInstanceUID  # the bytes as sent, not lost
+    assert server.state.study(broken.StudyInstanceUID) is None  # never acknowledged
 
-        # The next study is served as usual, end to end.
-        good, _ = synthetic_cxr(7, nodule=True)
-        done = storescu(server.scp.port, [save(good, tmp_path / "good.dcm")])
-        assert done.returncode == 0, done.stderr
-        wait_until(lambda: list((tmp_path / "pacs").glob("SR*")), 60, "the report at the PACS")
-        wait_until(
-            lambda: server.state.study(good.StudyInstanceUID)[0] == "delivered",  # type: ignore[index]
-            10,
-            "the study to be marked delivered",
-        )
-    finally:
-        stop(pacs)
+    # The next study is served as usual, end to end.
+    good, _ = synthetic_cxr(7, nodule=True)
+    done = storescu(server.scp.port, [save(good, tmp_path / "good.dcm")])
+    assert done.returncode == 0, done.stderr
+    pacs.wait_reports()
+    wait_state(server, good.StudyInstanceUID, "delivered")
 
 
 def test_non_image_objects_are_accepted_and_not_analysed(
@@ -99,26 +131,15 @@ def test_non_image_objects_are_accepted_and_not_analysed(
     sr = pydicom.dcmread(sample_file("test-SR.dcm"))
     (status,) = c_store(server.scp.port, [sr])
     assert status.Status == 0x0000
-    wait_until(
-        lambda: server.state.study(sr.StudyInstanceUID)[0] == "skipped",
-        30,  # type: ignore[index]
-        "the SR's study to be skipped",
-    )
+    wait_state(server, sr.StudyInstanceUID, "skipped")
 
 
 def test_report_waits_while_destination_is_down_then_arrives(
     tmp_path: Path,
+    pacs: Pacs,
     start_server,  # type: ignore[no-untyped-def]
 ) -> None:
-    pacs_port = free_port()
-    cfg = make_config(
-        tmp_path,
-        peers=[Peer("PACS", "127.0.0.1", pacs_port)],
-        destinations=["PACS"],
-        retry_initial_s=0.2,
-        retry_max_s=0.5,
-    )
-    server = start_server(cfg)
+    server = start_server(pacs.config(tmp_path, retry_initial_s=0.2, retry_max_s=0.5))
     ds, _ = synthetic_cxr(11)
     assert storescu(server.scp.port, [save(ds, tmp_path / "in.dcm")]).returncode == 0
     # Nothing listens at the PACS: the report stays queued and is retried.
@@ -129,74 +150,48 @@ def test_report_waits_while_destination_is_down_then_arrives(
     )[0]
     assert "not accepted" in item.last_error or "refused" in item.last_error.lower()
     assert server.state.study(ds.StudyInstanceUID)[0] == "reported"  # type: ignore[index]
-    pacs = _storescp(pacs_port, tmp_path / "pacs")
-    try:
-        files = wait_until(lambda: list((tmp_path / "pacs").glob("SR*")), 60, "late delivery")
-        report = pydicom.dcmread(files[0])
-        assert report.StudyInstanceUID == ds.StudyInstanceUID
-        assert report.SOPInstanceUID == item.sop_instance_uid
-        wait_until(
-            lambda: server.state.study(ds.StudyInstanceUID)[0] == "delivered",
-            10,  # type: ignore[index]
-            "the study to be marked delivered",
-        )
-    finally:
-        stop(pacs)
+    pacs.start()
+    report = pydicom.dcmread(pacs.wait_reports()[0])
+    assert report.StudyInstanceUID == ds.StudyInstanceUID
+    assert report.SOPInstanceUID == item.sop_instance_uid
+    wait_state(server, ds.StudyInstanceUID, "delivered")
 
 
 def test_study_on_one_association_is_analysed_on_release(
     tmp_path: Path,
+    pacs: Pacs,
     start_server,  # type: ignore[no-untyped-def]
 ) -> None:
-    pacs_port = free_port()
-    pacs = _storescp(pacs_port, tmp_path / "pacs")
-    try:
-        cfg = make_config(
-            tmp_path,
-            peers=[Peer("PACS", "127.0.0.1", pacs_port)],
-            destinations=["PACS"],
-            idle_timeout_s=600,
-        )
-        server = start_server(cfg)
-        study = generate_uid()
-        a, _ = synthetic_cxr(1, study_uid=study)
-        b, _ = synthetic_cxr(2, nodule=True, study_uid=study, rows=800, columns=1000)
-        files = [save(a, tmp_path / "a.dcm"), save(b, tmp_path / "b.dcm")]
-        assert storescu(server.scp.port, files).returncode == 0
-        # The idle timeout is 10 minutes: only the association's release can complete it.
-        reports = wait_until(lambda: list((tmp_path / "pacs").glob("SR*")), 60, "the report")
-        sr = pydicom.dcmread(reports[0])
-        refs = {
-            item.ReferencedSOPInstanceUID
-            for study_ref in sr.CurrentRequestedProcedureEvidenceSequence
-            for series in study_ref.ReferencedSeriesSequence
-            for item in series.ReferencedSOPSequence
-        }
-        assert refs == {a.SOPInstanceUID, b.SOPInstanceUID}  # one report for the whole study
-    finally:
-        stop(pacs)
+    pacs.start()
+    server = start_server(pacs.config(tmp_path, idle_timeout_s=600))
+    study = generate_uid()
+    a, _ = synthetic_cxr(1, study_uid=study)
+    b, _ = synthetic_cxr(2, nodule=True, study_uid=study, rows=800, columns=1000)
+    files = [save(a, tmp_path / "a.dcm"), save(b, tmp_path / "b.dcm")]
+    assert storescu(server.scp.port, files).returncode == 0
+    # The idle timeout is 10 minutes: only the association's release can complete it.
+    sr = pydicom.dcmread(pacs.wait_reports()[0])
+    refs = {
+        item.ReferencedSOPInstanceUID
+        for study_ref in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study_ref.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    }
+    assert refs == {a.SOPInstanceUID, b.SOPInstanceUID}  # one report for the whole study
 
 
 def test_queued_report_is_delivered_after_a_restart(
     tmp_path: Path,
+    pacs: Pacs,
     start_server,  # type: ignore[no-untyped-def]
 ) -> None:
-    pacs_port = free_port()
-    cfg = make_config(tmp_path, peers=[Peer("PACS", "127.0.0.1", pacs_port)], destinations=["PACS"])
+    cfg = pacs.config(tmp_path)
     first = start_server(cfg)
     ds, _ = synthetic_cxr(12)
     assert storescu(first.scp.port, [save(ds, tmp_path / "in.dcm")]).returncode == 0
     wait_until(lambda: first.state.outbox("queued"), 60, "the report to be queued")
     first.stop()  # the PACS was down all along: the report is only in the outbox
-    pacs = _storescp(pacs_port, tmp_path / "pacs")
-    try:
-        second = start_server(cfg)
-        files = wait_until(lambda: list((tmp_path / "pacs").glob("SR*")), 60, "delivery")
-        assert pydicom.dcmread(files[0]).StudyInstanceUID == ds.StudyInstanceUID
-        wait_until(
-            lambda: second.state.study(ds.StudyInstanceUID)[0] == "delivered",  # type: ignore[index]
-            10,
-            "the study to be delivered",
-        )
-    finally:
-        stop(pacs)
+    pacs.start()
+    second = start_server(cfg)
+    assert pydicom.dcmread(pacs.wait_reports()[0]).StudyInstanceUID == ds.StudyInstanceUID
+    wait_state(second, ds.StudyInstanceUID, "delivered")
