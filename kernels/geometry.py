@@ -8,10 +8,12 @@ The taps are computed once per image on the host and read by every backend's ker
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit
 
 
 @dataclass(frozen=True)
@@ -74,40 +76,57 @@ class Placement:
         return (min(max(sx, 0.0), float(self.src_width)), min(max(sy, 0.0), float(self.src_height)))
 
 
+@functools.lru_cache(maxsize=64)
 def taps(n_src: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Resampling taps for one axis: (start, count, weights[n_out, max_taps]), weights sum to 1."""
+    """Resampling taps for one axis: (start, count, weights[n_out, max_taps]), weights sum to 1.
+
+    Cached: a stream of same-sized images reuses its taps (treat the arrays as read-only).
+    """
+    if n_src < 1 or n_out < 1:
+        raise ValueError(f"cannot resample {n_src} pixels to {n_out}")
+    out = _taps(n_src, n_out)
+    for arr in out:
+        arr.flags.writeable = False
+    return out
+
+
+@njit(cache=True)
+def _taps(n_src: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     scale = n_src / n_out
     start = np.zeros(n_out, dtype=np.int64)
     count = np.zeros(n_out, dtype=np.int64)
     if scale > 1.0:
         # Area averaging: output pixel o covers source interval [o*scale, (o+1)*scale).
-        max_taps = math.ceil(scale) + 1
+        max_taps = int(math.ceil(scale)) + 1
         weights = np.zeros((n_out, max_taps), dtype=np.float64)
         for o in range(n_out):
-            lo, hi = o * scale, min((o + 1) * scale, n_src)
-            first = math.floor(lo)
-            last = min(math.ceil(hi), n_src)
+            lo, hi = o * scale, min((o + 1) * scale, float(n_src))
+            first = int(math.floor(lo))
+            last = min(int(math.ceil(hi)), n_src)
             k = 0
             for s in range(first, last):
-                w = min(hi, s + 1) - max(lo, s)
+                w = min(hi, s + 1.0) - max(lo, float(s))
                 if w > 1e-12:
                     if k == 0:
                         start[o] = s
-                    weights[o, k] = w / scale
+                    weights[o, k] = w
                     k += 1
             count[o] = k
-            weights[o, :k] /= weights[o, :k].sum()
+            total = weights[o, :k].sum()
+            for q in range(k):
+                weights[o, q] /= total
         return start, count, weights
     # Bilinear: output pixel centre o + 0.5 maps to source position (o + 0.5) * scale - 0.5.
     weights = np.zeros((n_out, 2), dtype=np.float64)
     for o in range(n_out):
         pos = min(max((o + 0.5) * scale - 0.5, 0.0), n_src - 1.0)
-        s0 = min(math.floor(pos), n_src - 1)
+        s0 = min(int(math.floor(pos)), n_src - 1)
         frac = pos - s0
         start[o] = s0
         if frac > 1e-12 and s0 + 1 < n_src:
             count[o] = 2
-            weights[o, 0], weights[o, 1] = 1.0 - frac, frac
+            weights[o, 0] = 1.0 - frac
+            weights[o, 1] = frac
         else:
             count[o] = 1
             weights[o, 0] = 1.0

@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from . import cpu
 from .geometry import Placement, taps
+from .pixel_math import window_coefficients
 from .transform import PixelTransform
+
+BACKENDS = ("auto", "cpu", "cuda")
 
 
 @dataclass(frozen=True)
 class InputLayout:
-    """The model input a batch is made for."""
+    """The model input a batch is made for.
+
+    ``windows`` makes one channel per (centre, width) VOI window, e.g. lung, mediastinum and bone
+    for CT; empty means one channel with the image's own VOI (header window or LUT).
+    """
 
     height: int
     width: int
@@ -23,27 +32,162 @@ class InputLayout:
     pad_value: float = 0.0
     mean: float = 0.0
     std: float = 1.0
+    windows: tuple[tuple[float, float], ...] = field(default_factory=tuple)
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.height < 1 or self.width < 1:
+            raise ValueError(f"model input {self.height}x{self.width} is empty")
+        if self.std <= 0:
+            raise ValueError("std must be positive")
+        if self.dtype not in ("float32", "float16"):
+            raise ValueError(f"output dtype {self.dtype!r} is neither float32 nor float16")
+        for c, w in self.windows:
+            if w <= 0:
+                raise ValueError(f"window ({c}, {w}) has no width")
+
+    @property
+    def channels(self) -> int:
+        return max(1, len(self.windows))
+
+    def shape(self, n: int) -> tuple[int, int, int, int]:
+        """NCHW shape of a batch of ``n`` images."""
+        return (n, self.channels, self.height, self.width)
+
+
+def cuda_available() -> bool:
+    """Whether a CUDA GPU can run the CUDA kernels (CuPy and Numba both see a device)."""
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        return False
+    try:
+        from numba import cuda
+
+        return bool(cuda.is_available())
+    except Exception:  # numba-cuda missing or no driver: no GPU path
+        return False
 
 
 def resolve_backend(backend: str = "auto") -> str:
-    """``auto`` is ``cuda`` when a CUDA GPU is usable, else ``cpu``.
-
-    Only the CPU backend exists yet; asking for ``cuda`` explicitly is an error rather than a
-    silent fallback, so a deployment that expects a GPU notices.
-    """
-    if backend in ("auto", "cpu"):
+    """``auto`` is ``cuda`` when a CUDA GPU is usable, else ``cpu``; ``cuda`` without one fails."""
+    if backend not in BACKENDS:
+        raise ValueError(f"kernel backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend == "cpu":
         return "cpu"
-    raise ValueError(f"kernel backend {backend!r} is not available on this build")
+    if cuda_available():
+        return "cuda"
+    if backend == "cuda":
+        raise ValueError("kernel backend 'cuda' was asked for but no CUDA GPU is usable")
+    return "cpu"
 
 
-def window_for(src: np.ndarray, t: PixelTransform) -> tuple[float, float]:
-    """The (centre, width) VOI window to apply: the header's, or the image's own value range."""
-    if t.window_centre is not None and t.window_width is not None:
-        return t.window_centre, t.window_width
-    lo, hi = cpu.min_max(src)
-    a, b = lo * t.slope + t.intercept, hi * t.slope + t.intercept
-    lo_m, hi_m = min(a, b), max(a, b)
-    return (lo_m + hi_m) / 2.0 + 0.5, max(hi_m - lo_m + 1.0, 1.0)
+@dataclass(frozen=True)
+class ImagePlan:
+    """Everything a kernel needs for one image, prepared on the host (small arrays only)."""
+
+    placement: Placement
+    ytaps: tuple[np.ndarray, np.ndarray, np.ndarray]
+    xtaps: tuple[np.ndarray, np.ndarray]
+    coeffs: np.ndarray  # (C, 2) float32: folded (a, b) per channel
+    sigmoid: bool
+    table: np.ndarray  # (C, n) float32 display table, or (1, 1) unused
+    use_table: bool
+    vmin: int
+    mask: int
+    sign_bit: int
+    pad_lo: int
+    pad_hi: int
+
+
+@functools.lru_cache(maxsize=64)
+def _taps32(n_src: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    start, count, weights = taps(n_src, n_out)
+    return start, count, weights.astype(np.float32)
+
+
+@functools.lru_cache(maxsize=64)
+def fixed_taps(n_src: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """Horizontal taps as (start, weights[tap, out]) with one tap count for every output.
+
+    Outputs with fewer taps get zero weights; the kernels read past the row's last pixel only
+    with those, into zeroed scratch.
+    """
+    start, _, weights = taps(n_src, n_out)
+    return start, np.ascontiguousarray(weights.T.astype(np.float32))
+
+
+def _table(t: PixelTransform, centre: float, width: float) -> np.ndarray:
+    if (t.bits_stored or 16) > 16:
+        raise ValueError("LUT Sequences with more than 16 Bits Stored are not supported")
+    vmin, vmax = t.value_range
+    m, v = t.modality_lut, t.voi_lut
+    empty = np.zeros(1, np.float32)
+    return cpu.build_table(
+        vmin,
+        vmax,
+        t.slope,
+        t.intercept,
+        empty if m is None else m.data.astype(np.float32),
+        0 if m is None else m.first_mapped,
+        m is not None,
+        centre,
+        width,
+        t.voi_code,
+        empty if v is None else v.data.astype(np.float32),
+        0 if v is None else v.first_mapped,
+        1.0 if v is None else 1.0 / ((1 << v.bits) - 1),
+        v is not None,
+        t.invert,
+    )
+
+
+def plan_image(src: np.ndarray, t: PixelTransform, layout: InputLayout) -> ImagePlan:
+    """Geometry, taps and the folded pixel transform of one image."""
+    if src.ndim != 2:
+        raise ValueError(f"image has shape {src.shape}; expected one 2-D frame")
+    if src.dtype.kind not in "iu" or src.dtype.itemsize > 4:
+        raise ValueError(f"pixel type {src.dtype} is not an integer type of at most 32 bits")
+    p = Placement.fit(src.shape[0], src.shape[1], layout.height, layout.width, layout.resize)
+    t = t.for_array(src.dtype)
+    windows = list(layout.windows)
+    if not windows:
+        if t.window_centre is not None and t.window_width is not None:
+            windows = [(t.window_centre, t.window_width)]
+        elif t.voi_lut is None:
+            lo, hi = cpu.min_max(src, t.mask, t.sign_bit)
+            a, b = lo * t.slope + t.intercept, hi * t.slope + t.intercept
+            lo_m, hi_m = min(a, b), max(a, b)
+            windows = [((lo_m + hi_m) / 2.0 + 0.5, max(hi_m - lo_m + 1.0, 1.0))]
+        else:
+            windows = [(0.0, 1.0)]  # unused: the VOI LUT Sequence decides
+    use_table = t.needs_table
+    coeffs = np.zeros((len(windows), 2), np.float32)
+    sigmoid = False
+    if use_table:
+        vmin = t.value_range[0]
+        table = np.stack(
+            [_table(t if not layout.windows else t.with_window(c, w), c, w) for c, w in windows]
+        )
+    else:
+        vmin = 0
+        table = np.zeros((1, 1), np.float32)
+        for k, (c, w) in enumerate(windows):
+            a, b, sigmoid = window_coefficients(t.slope, t.intercept, c, w, t.voi_code, t.invert)
+            coeffs[k] = (a, b)
+    pad_lo, pad_hi = t.padding if t.padding is not None else (1, 0)
+    return ImagePlan(
+        p,
+        _taps32(p.src_height, p.height),
+        fixed_taps(p.src_width, p.width),
+        coeffs,
+        bool(sigmoid),
+        table,
+        use_table,
+        vmin,
+        t.mask,
+        t.sign_bit,
+        pad_lo,
+        pad_hi,
+    )
 
 
 def preprocess(
@@ -51,50 +195,66 @@ def preprocess(
     transforms: Sequence[PixelTransform],
     layout: InputLayout,
     *,
-    out: np.ndarray | None = None,
+    out: Any = None,
     backend: str = "auto",
-) -> tuple[np.ndarray, list[Placement]]:
-    """Turn 2-D stored-value images into a float32 NCHW batch (C = 1) and where each landed.
+) -> tuple[Any, list[Placement]]:
+    """Turn 2-D stored-value images into an NCHW batch and say where each image landed.
 
-    Each image is read once: modality LUT, VOI window, MONOCHROME1 inversion, resampling
-    (area average when shrinking, bilinear when enlarging), padding and normalisation are fused.
-    ``out`` may be a preallocated ``(N, 1, H, W)`` float32 array to fill.
+    Each image is read once: Bits Stored masking and sign, Pixel Padding, Modality LUT, VOI
+    window(s) or LUT, MONOCHROME1 inversion, resampling (area average when shrinking, bilinear when
+    enlarging), letterbox padding and normalisation are fused. ``out`` may be a preallocated
+    batch to fill (``layout.shape(n)`` and dtype). The CPU backend returns NumPy arrays; the CUDA
+    backend returns CuPy arrays on the GPU.
     """
-    resolve_backend(backend)
     if len(images) != len(transforms):
         raise ValueError(f"{len(images)} images but {len(transforms)} transforms")
-    shape = (len(images), 1, layout.height, layout.width)
+    which = resolve_backend(backend)
+    plans = [
+        plan_image(np.asarray(src), t, layout) for src, t in zip(images, transforms, strict=True)
+    ]
+    if which == "cuda":
+        from .cuda import CudaPreprocessor
+
+        return CudaPreprocessor.shared().run(images, plans, layout, out=out), [
+            p.placement for p in plans
+        ]
+    shape = layout.shape(len(images))
+    dtype = np.dtype(layout.dtype)
     if out is None:
-        out = np.empty(shape, dtype=np.float32)
-    elif out.shape[0] < len(images) or out.shape[1:] != shape[1:] or out.dtype != np.float32:
-        raise ValueError(f"output buffer {out.shape}/{out.dtype} does not fit {shape}/float32")
-    placements = []
-    for n, (src, t) in enumerate(zip(images, transforms, strict=True)):
-        if src.ndim != 2:
-            raise ValueError(f"image {n} has shape {src.shape}; expected one 2-D frame")
+        out = np.empty(shape, dtype=dtype)
+    elif out.shape[0] < len(images) or out.shape[1:] != shape[1:] or out.dtype != dtype:
+        raise ValueError(f"output buffer {out.shape}/{out.dtype} does not fit {shape}/{dtype}")
+    # Numba cannot store float16 on the CPU: float16 batches go through a float32 scratch image.
+    scratch = None if dtype == np.float32 else np.empty(shape[1:], np.float32)
+    inv_std = np.float32(1.0 / layout.std)
+    for n, (src, plan) in enumerate(zip(images, plans, strict=True)):
+        src = np.asarray(src)
         if not src.dtype.isnative:
             src = src.astype(src.dtype.newbyteorder("="))
-        p = Placement.fit(src.shape[0], src.shape[1], layout.height, layout.width, layout.resize)
-        centre, width = window_for(src, t)
-        cpu.resample_normalise(
+        target = out[n] if scratch is None else scratch
+        cpu.resample(
             np.ascontiguousarray(src),
-            out[n, 0],
-            taps(p.src_height, p.height),
-            taps(p.src_width, p.width),
-            p.offset_y,
-            p.offset_x,
-            t.slope,
-            t.intercept,
-            centre,
-            width,
-            t.voi_code,
-            t.invert,
-            layout.pad_value,
-            layout.mean,
-            layout.std,
+            target,
+            *plan.ytaps,
+            *plan.xtaps,
+            plan.placement.offset_y,
+            plan.placement.offset_x,
+            plan.mask,
+            plan.sign_bit,
+            plan.coeffs,
+            plan.sigmoid,
+            plan.use_table,
+            plan.table,
+            plan.vmin,
+            plan.pad_lo,
+            plan.pad_hi,
+            np.float32(layout.pad_value),
+            np.float32(layout.mean),
+            inv_std,
         )
-        placements.append(p)
-    return out, placements
+        if scratch is not None:
+            out[n] = scratch
+    return out, [p.placement for p in plans]
 
 
 def configure_cache(cache_dir: str) -> None:
