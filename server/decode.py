@@ -14,6 +14,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 from nidaan.kernels import PixelTransform
+from nidaan.kernels.transform import LookupTable
 
 from .errors import DecodeError, UnsupportedError
 
@@ -47,11 +48,36 @@ def _first(value: object) -> float:
     return float(value)  # type: ignore[arg-type]
 
 
+def _lookup_table(item: Dataset, what: str, signed: bool) -> LookupTable:
+    """A LUT Sequence item (PS3.3 C.11.1.1.1, C.11.2.1.1) as the kernels' LookupTable."""
+    try:
+        entries, first, bits = (int(v) for v in item.LUTDescriptor)
+        raw = item.LUTData
+        data = np.asarray(raw if isinstance(raw, list | MultiValue) else [raw], dtype=np.float64)
+        if isinstance(raw, bytes):
+            data = np.frombuffer(raw, dtype="<u2" if bits > 8 else "u1").astype(np.float64)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise UnsupportedError(f"{what} LUT Sequence is malformed: {exc}") from exc
+    entries = entries or 65536  # 0 means 2**16 entries (C.11.1.1.1)
+    if signed and first >= 32768:  # US or SS by Pixel Representation (C.11.1.1.1)
+        first -= 65536
+    if data.size < entries:
+        raise UnsupportedError(f"{what} LUT has {data.size} of its {entries} entries")
+    try:
+        return LookupTable(first, data[:entries], bits)
+    except ValueError as exc:
+        raise UnsupportedError(f"{what} LUT: {exc}") from exc
+
+
 def pixel_transform(ds: Dataset) -> PixelTransform:
-    """Read the Modality LUT (rescale) and VOI window from the header (PS3.3 C.11.1, C.11.2)."""
+    """Read Bits Stored, padding, the Modality LUT and the VOI LUT from the header (PS3.3 C.11)."""
     try:
         slope = _first(ds.get("RescaleSlope", 1.0) or 1.0)
         intercept = _first(ds.get("RescaleIntercept", 0.0) or 0.0)
+        signed = int(ds.get("PixelRepresentation", 0)) == 1
+        modality_lut = None
+        if ds.get("ModalityLUTSequence"):
+            modality_lut = _lookup_table(ds.ModalityLUTSequence[0], "Modality", signed)
         centre = width = None
         if ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
             centre, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
@@ -60,13 +86,29 @@ def pixel_transform(ds: Dataset) -> PixelTransform:
         function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
         if width is not None and width < 1 and function == "LINEAR":
             centre = width = None
+        voi_lut = None
+        if centre is None and ds.get("VOILUTSequence"):
+            voi_lut = _lookup_table(ds.VOILUTSequence[0], "VOI", signed)
+        bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)))
+        padding = None
+        if ds.get("PixelPaddingValue") is not None:
+            lo = int(ds.PixelPaddingValue)
+            hi = int(ds.get("PixelPaddingRangeLimit", lo))
+            padding = (min(lo, hi), max(lo, hi))
         return PixelTransform(
             slope=slope,
             intercept=intercept,
             window_centre=centre,
             window_width=width,
-            voi_function=function,
+            voi_function=function
+            if function in ("LINEAR", "LINEAR_EXACT", "SIGMOID")
+            else "LINEAR",
             invert=ds.PhotometricInterpretation == "MONOCHROME1",
+            bits_stored=bits,
+            signed=signed,
+            padding=padding,
+            modality_lut=modality_lut,
+            voi_lut=voi_lut,
         )
     except (TypeError, ValueError) as exc:
         raise UnsupportedError(f"cannot interpret the pixel transform attributes: {exc}") from exc

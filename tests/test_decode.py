@@ -103,3 +103,33 @@ def test_corrupt_and_unsupported_pixel_data_raise_clear_errors() -> None:
     sr = pydicom.dcmread(sample_file("test-SR.dcm"))
     with pytest.raises(UnsupportedError, match="no pixel data"):
         decode(sr)
+
+
+def _identity_layout(ds: pydicom.Dataset, **kw: object) -> InputLayout:
+    return InputLayout(int(ds.Rows), int(ds.Columns), "stretch", 0.0, 0.0, 1.0, **kw)  # type: ignore[arg-type]
+
+
+def test_voi_lut_sequence_agrees_with_pydicom() -> None:
+    from pydicom.pixels import apply_voi_lut
+
+    ds = pydicom.dcmread(sample_file("vlut_04.dcm"))
+    image = decode(ds)
+    assert image.transform.voi_lut is not None
+    batch, _ = preprocess([image.pixels], [image.transform], _identity_layout(ds))
+    bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+    expected = apply_voi_lut(ds.pixel_array, ds, index=0, prefer_lut=True) / (2**bits - 1)
+    np.testing.assert_allclose(batch[0, 0], expected, atol=1e-6)
+
+
+def test_modality_lut_sequence_agrees_with_pydicom() -> None:
+    from pydicom.pixels import apply_modality_lut
+
+    ds = pydicom.dcmread(sample_file("mlut_18.dcm"))
+    image = decode(ds)
+    assert image.transform.modality_lut is not None
+    centre, width = 30000.0, 40000.0
+    layout = _identity_layout(ds, windows=((centre, width),))
+    batch, _ = preprocess([image.pixels], [image.transform], layout)
+    m = apply_modality_lut(ds.pixel_array, ds).astype(np.float64)
+    expected = np.clip((m - (centre - 0.5)) / (width - 1) + 0.5, 0, 1)
+    np.testing.assert_allclose(batch[0, 0], expected, atol=1e-5)
