@@ -9,7 +9,7 @@ Public API::
 
 from .geometry import Placement
 from .postprocess import peak_region
-from .preprocess import InputLayout, configure_cache, preprocess, resolve_backend
+from .preprocess import InputLayout, configure_cache, preprocess, resolve_backend, to_host
 from .transform import PixelTransform
 
 __all__ = [
@@ -20,4 +20,5 @@ __all__ = [
     "peak_region",
     "preprocess",
     "resolve_backend",
+    "to_host",
 ]

@@ -257,6 +257,13 @@ def preprocess(
     return out, [p.placement for p in plans]
 
 
+def to_host(batch: Any) -> np.ndarray:
+    """A batch as a NumPy array (a copy from the GPU for the CUDA backend's CuPy arrays)."""
+    if isinstance(batch, np.ndarray):
+        return batch
+    return batch.get()  # CuPy
+
+
 def configure_cache(cache_dir: str) -> None:
     """Point Numba's kernel cache at ``cache_dir`` (must run before the kernels first compile)."""
     if cache_dir:

@@ -50,6 +50,13 @@ class InputSpec:
     pad_value: float
     mean: float
     std: float
+    #: One channel per (centre, width) VOI window; empty = one channel, the image's own VOI.
+    windows: tuple[tuple[float, float], ...] = ()
+    dtype: str = "float32"
+
+    @property
+    def channels(self) -> int:
+        return max(1, len(self.windows))
 
 
 @dataclass(frozen=True)
@@ -177,7 +184,13 @@ def load_model(directory: Path, *, check_onnx: bool = True) -> ModelSpec:
         pad_value=float(inp.get("pad_value", 0.0)),
         mean=float(inp.get("mean", 0.0)),
         std=float(inp.get("std", 1.0)),
+        windows=tuple((float(c), float(w)) for c, w in inp.get("windows", [])),
+        dtype=str(inp.get("dtype", "float32")),
     )
+    if input_spec.dtype not in ("float32", "float16"):
+        raise _fail(model, f"input.dtype is {input_spec.dtype!r}; use float32 or float16")
+    if any(w <= 0 for _, w in input_spec.windows):
+        raise _fail(model, "input.windows has a window without width")
     if input_spec.resize not in ("letterbox", "stretch"):
         raise _fail(model, f"input.resize is {input_spec.resize!r}; use letterbox or stretch")
     if input_spec.std <= 0:
@@ -187,7 +200,7 @@ def load_model(directory: Path, *, check_onnx: bool = True) -> ModelSpec:
     cfg_inputs = {i.name: list(i.dims) for i in config.input}
     if input_spec.name not in cfg_inputs:
         raise _fail(model, f"config.pbtxt has no input named {input_spec.name!r}")
-    expected_dims = [1, input_spec.height, input_spec.width]
+    expected_dims = [input_spec.channels, input_spec.height, input_spec.width]
     if cfg_inputs[input_spec.name] != expected_dims:
         raise _fail(
             model,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from pydicom.dataset import Dataset
 
-from nidaan.kernels import InputLayout, Placement, peak_region, preprocess
+from nidaan.kernels import InputLayout, Placement, peak_region, preprocess, to_host
 
 from .decode import decode, is_image
 from .findings import BoundingBox, Finding, ImageAnalysis
@@ -37,7 +37,7 @@ class Prepared:
 def layout_of(model: ModelSpec) -> InputLayout:
     """The kernels' view of a model's input spec."""
     i = model.input
-    return InputLayout(i.height, i.width, i.resize, i.pad_value, i.mean, i.std)
+    return InputLayout(i.height, i.width, i.resize, i.pad_value, i.mean, i.std, i.windows, i.dtype)
 
 
 def _text(ds: Dataset, keyword: str) -> str:
@@ -88,7 +88,9 @@ class Pipeline:
             batch, placements = preprocess(
                 [image.pixels], [image.transform], layout_of(m), backend=self.kernel_backend
             )
-            prepared[m.name] = Prepared(batch[0], placements[0])
+            # On the host: the embedded backend's CPU provider reads NumPy arrays (to_host copies
+            # from the GPU, where the CUDA backend reuses its batch buffer on the next call).
+            prepared[m.name] = Prepared(to_host(batch)[0], placements[0])
         return prepared
 
     def inspect(self, ds: Dataset) -> bool:
