@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nidaan.kernels import InputLayout, PixelTransform, Placement, peak_region, preprocess
+from nidaan.kernels import InputLayout, PixelTransform, Placement, peak_region, preprocess, regions
 from nidaan.kernels.geometry import taps
 from nidaan.kernels.reference import display, preprocess_one
 from nidaan.kernels.transform import LookupTable
@@ -206,3 +206,21 @@ def test_batch_of_different_sizes_fills_a_preallocated_buffer() -> None:
     assert out is buffer and np.isnan(buffer[3]).all() and not np.isnan(buffer[:3]).any()
     for n, (img, p) in enumerate(zip(images, placements, strict=True)):
         np.testing.assert_allclose(buffer[n], preprocess_one(img, t, p, 0.0, 0.5, 0.25), atol=ATOL)
+
+
+def test_regions_are_connected_components_above_threshold_in_source_pixels() -> None:
+    p = Placement.fit(1000, 1000, 256, 256, "stretch")  # 32 x 32 cells of 31.25 source pixels
+    heat = np.zeros((32, 32))
+    heat[2:4, 2:5] = 0.8  # a 2 x 3 blob
+    heat[20, 20] = 0.95  # a single strong cell
+    heat[20, 22] = 0.6  # not 4-connected to it
+    heat[30, 30] = 0.3  # below threshold
+    found = regions(heat, p, threshold=0.5)
+    assert [r.cells for r in found] == [1, 6, 1]
+    strong, blob, _ = found
+    assert strong.peak == 0.95
+    cell = 1000 / 32
+    assert blob.box == pytest.approx((2 * cell, 2 * cell, 5 * cell, 4 * cell))
+    xs = [x for x, _ in blob.outline]
+    assert blob.outline[0] == blob.outline[-1] and min(xs) == pytest.approx(2 * cell)
+    assert regions(heat, p, threshold=0.99) == []
