@@ -31,6 +31,7 @@ def resample(  # noqa: PLR0913 - a kernel takes its parameters flat
     yw,
     xstart,
     xw_t,
+    xfactor,
     off_y,
     off_x,
     mask,
@@ -49,14 +50,14 @@ def resample(  # noqa: PLR0913 - a kernel takes its parameters flat
     """Fill ``out[C, H, W]`` (float32) from ``src[h, w]`` stored values, one channel per coeffs.
 
     Vertical taps: ``ystart``, ``ycount``, ``yw[out_row, tap]``. Horizontal taps: ``xstart`` and
-    ``xw_t[tap, out_col]``, every column with the same tap count (see ``fixed_taps``).
+    ``xw_t[tap, out_col]``, every column with the same tap count (see ``fixed_taps``); ``xfactor``
+    is the whole-number shrink factor (2, 4 or 8) when the columns shrink by one, else 0.
     """
     n_ch, out_h, out_w = out.shape
     nh = ystart.shape[0]
     nw = xstart.shape[0]
     src_w = src.shape[1]
     pad_norm = (pad_display - mean) * inv_std
-    plain = sign_bit == 0 and pad_lo > pad_hi and not sigmoid and not use_table
     for r in prange(out_h):
         i = r - off_y
         if i < 0 or i >= nh:
@@ -73,11 +74,7 @@ def resample(  # noqa: PLR0913 - a kernel takes its parameters flat
             for k in range(ycount[i]):
                 row = src[ystart[i] + k]
                 wy = yw[i, k]
-                # The common case first: unsigned pixels, no padding, a LINEAR window.
-                if plain:
-                    for x in range(src_w):
-                        acc[x] += wy * linear_display(np.int32(row[x]) & mask, a, b)
-                elif use_table:
+                if use_table:
                     for x in range(src_w):
                         v = stored_value(row[x], mask, sign_bit)
                         d = table[c, v - vmin]
@@ -91,20 +88,93 @@ def resample(  # noqa: PLR0913 - a kernel takes its parameters flat
                         if is_padding(v, pad_lo, pad_hi):
                             d = pad_display
                         acc[x] += wy * d
-            # Horizontal taps, tap-major: each pass over j is a fused multiply-add over
-            # contiguous weights (zero weights pad every output to the same tap count).
-            o = out[c, r]
-            for j in range(out_w):
-                o[j] = np.float32(0.0)
-            for k in range(xw_t.shape[0]):
-                wk = xw_t[k]
-                for j in range(nw):
-                    o[off_x + j] += wk[j] * acc[xstart[j] + k]
-            for j in range(out_w):
-                if j < off_x or j >= off_x + nw:
-                    o[j] = pad_norm
-                else:
-                    o[j] = (o[j] - mean) * inv_std
+            _store_row(acc, out[c, r], xstart, xw_t, xfactor, off_x, nw, pad_norm, mean, inv_std)
+
+
+@njit(parallel=True, cache=True)
+def resample_plain(
+    src,
+    out,
+    ystart,
+    ycount,
+    yw,
+    xstart,
+    xw_t,
+    xfactor,
+    off_y,
+    off_x,
+    mask,
+    coeffs,
+    pad_display,
+    mean,
+    inv_std,
+):
+    """``resample`` for the common case: unsigned pixels, no padding, LINEAR windows, no table.
+
+    A kernel of its own so that LLVM sees nothing but the vectorisable loop.
+    """
+    n_ch, out_h, out_w = out.shape
+    nh = ystart.shape[0]
+    nw = xstart.shape[0]
+    src_w = src.shape[1]
+    pad_norm = (pad_display - mean) * inv_std
+    for r in prange(out_h):
+        i = r - off_y
+        if i < 0 or i >= nh:
+            for c in range(n_ch):
+                for j in range(out_w):
+                    out[c, r, j] = pad_norm
+            continue
+        acc = np.empty(src_w + xw_t.shape[0], dtype=np.float32)
+        for c in range(n_ch):
+            a = coeffs[c, 0]
+            b = coeffs[c, 1]
+            acc[:] = np.float32(0.0)
+            for k in range(ycount[i]):
+                row = src[ystart[i] + k]
+                wy = yw[i, k]
+                for x in range(src_w):
+                    acc[x] += wy * linear_display(np.int32(row[x]) & mask, a, b)
+            _store_row(acc, out[c, r], xstart, xw_t, xfactor, off_x, nw, pad_norm, mean, inv_std)
+
+
+@njit(inline="always", cache=True)
+def _store_row(acc, o, xstart, xw_t, xfactor, off_x, nw, pad_norm, mean, inv_std):
+    """Horizontal pass of one output row, normalised as stored; letterbox columns get the pad."""
+    out_w = o.shape[0]
+    for j in range(off_x):
+        o[j] = pad_norm
+    for j in range(off_x + nw, out_w):
+        o[j] = pad_norm
+    if xfactor == 4:
+        # Whole-number shrink factors (2048 -> 512 and the like): each output column
+        # averages f adjacent columns; a literal stride lets LLVM vectorise the loads.
+        q4 = np.float32(0.25) * inv_std
+        for j in range(nw):
+            s4 = acc[4 * j] + acc[4 * j + 1] + acc[4 * j + 2] + acc[4 * j + 3]
+            o[off_x + j] = s4 * q4 - mean * inv_std
+    elif xfactor == 2:
+        q2 = np.float32(0.5) * inv_std
+        for j in range(nw):
+            o[off_x + j] = (acc[2 * j] + acc[2 * j + 1]) * q2 - mean * inv_std
+    elif xfactor == 8:
+        q8 = np.float32(0.125) * inv_std
+        for j in range(nw):
+            s8 = np.float32(0.0)
+            for t in range(8):
+                s8 += acc[8 * j + t]
+            o[off_x + j] = s8 * q8 - mean * inv_std
+    else:
+        # General taps, tap-major: each pass over j is a multiply-add over contiguous
+        # weights (zero weights pad every output to the same tap count).
+        for j in range(nw):
+            o[off_x + j] = np.float32(0.0)
+        for k in range(xw_t.shape[0]):
+            wk = xw_t[k]
+            for j in range(nw):
+                o[off_x + j] += wk[j] * acc[xstart[j] + k]
+        for j in range(nw):
+            o[off_x + j] = (o[off_x + j] - mean) * inv_std
 
 
 @njit(parallel=True, cache=True)

@@ -87,6 +87,7 @@ class ImagePlan:
     placement: Placement
     ytaps: tuple[np.ndarray, np.ndarray, np.ndarray]
     xtaps: tuple[np.ndarray, np.ndarray]
+    xfactor: int  # whole-number horizontal shrink factor (2, 4 or 8), else 0
     coeffs: np.ndarray  # (C, 2) float32: folded (a, b) per channel
     sigmoid: bool
     table: np.ndarray  # (C, n) float32 display table, or (1, 1) unused
@@ -96,6 +97,16 @@ class ImagePlan:
     sign_bit: int
     pad_lo: int
     pad_hi: int
+
+    @property
+    def plain(self) -> bool:
+        """Unsigned, unpadded, LINEAR windows, no table: the CPU backend's fastest kernel."""
+        return (
+            self.sign_bit == 0
+            and self.pad_lo > self.pad_hi
+            and not self.sigmoid
+            and not self.use_table
+        )
 
 
 @functools.lru_cache(maxsize=64)
@@ -140,6 +151,12 @@ def _table(t: PixelTransform, centre: float, width: float) -> np.ndarray:
     )
 
 
+def _whole_factor(n_src: int, n_out: int) -> int:
+    """The shrink factor when it is exactly 2, 4 or 8 (the CPU kernel's fast cases), else 0."""
+    f, rest = divmod(n_src, n_out)
+    return f if rest == 0 and f in (2, 4, 8) else 0
+
+
 def plan_image(src: np.ndarray, t: PixelTransform, layout: InputLayout) -> ImagePlan:
     """Geometry, taps and the folded pixel transform of one image."""
     if src.ndim != 2:
@@ -178,6 +195,7 @@ def plan_image(src: np.ndarray, t: PixelTransform, layout: InputLayout) -> Image
         p,
         _taps32(p.src_height, p.height),
         fixed_taps(p.src_width, p.width),
+        _whole_factor(p.src_width, p.width),
         coeffs,
         bool(sigmoid),
         table,
@@ -232,26 +250,43 @@ def preprocess(
         if not src.dtype.isnative:
             src = src.astype(src.dtype.newbyteorder("="))
         target = out[n] if scratch is None else scratch
-        cpu.resample(
-            np.ascontiguousarray(src),
-            target,
-            *plan.ytaps,
-            *plan.xtaps,
-            plan.placement.offset_y,
-            plan.placement.offset_x,
-            plan.mask,
-            plan.sign_bit,
-            plan.coeffs,
-            plan.sigmoid,
-            plan.use_table,
-            plan.table,
-            plan.vmin,
-            plan.pad_lo,
-            plan.pad_hi,
-            np.float32(layout.pad_value),
-            np.float32(layout.mean),
-            inv_std,
-        )
+        if plan.plain:
+            cpu.resample_plain(
+                np.ascontiguousarray(src),
+                target,
+                *plan.ytaps,
+                *plan.xtaps,
+                plan.xfactor,
+                plan.placement.offset_y,
+                plan.placement.offset_x,
+                plan.mask,
+                plan.coeffs,
+                np.float32(layout.pad_value),
+                np.float32(layout.mean),
+                inv_std,
+            )
+        else:
+            cpu.resample(
+                np.ascontiguousarray(src),
+                target,
+                *plan.ytaps,
+                *plan.xtaps,
+                plan.xfactor,
+                plan.placement.offset_y,
+                plan.placement.offset_x,
+                plan.mask,
+                plan.sign_bit,
+                plan.coeffs,
+                plan.sigmoid,
+                plan.use_table,
+                plan.table,
+                plan.vmin,
+                plan.pad_lo,
+                plan.pad_hi,
+                np.float32(layout.pad_value),
+                np.float32(layout.mean),
+                inv_std,
+            )
         if scratch is not None:
             out[n] = scratch
     return out, [p.placement for p in plans]
