@@ -81,7 +81,21 @@ class Outbox:
             )
         except (DeliveryError, OSError) as exc:
             wait = backoff(item.attempts + 1, cfg.reports.retry_initial_s, cfg.reports.retry_max_s)
-            self.state.retry_later(item.id, time.time() + wait, str(exc))
+            dead = self.state.retry_later(
+                item.id, time.time() + wait, str(exc), cfg.reports.max_attempts
+            )
+            self._on_attempt(False)
+            if dead:
+                log.error(
+                    "report %s to %s is a dead letter after %d attempts (%s); "
+                    "re-send it with: nidaan outbox --resend %d",
+                    ref(item.sop_instance_uid),
+                    item.destination,
+                    item.attempts + 1,
+                    exc,
+                    item.id,
+                )
+                return
             log.warning(
                 "report %s to %s failed (attempt %d), retry in %.0f s: %s",
                 ref(item.sop_instance_uid),
@@ -90,7 +104,6 @@ class Outbox:
                 wait,
                 exc,
             )
-            self._on_attempt(False)
             return
         self._on_attempt(True)
         log.info("report %s delivered to %s", ref(item.sop_instance_uid), item.destination)

@@ -229,10 +229,34 @@ class StateStore:
             ).fetchone()
         return study_uid if left == 0 else ""
 
-    def retry_later(self, item_id: int, when: float, error: str) -> None:
+    def retry_later(self, item_id: int, when: float, error: str, max_attempts: int = 0) -> bool:
+        """Count a failed attempt; past ``max_attempts`` (if > 0) the item becomes a dead letter.
+
+        Returns True when it did.
+        """
         with self._tx() as db:
             db.execute(
                 "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?,"
                 " last_error = ? WHERE id = ?",
                 (when, error[:500], item_id),
             )
+            if max_attempts > 0:
+                cur = db.execute(
+                    "UPDATE outbox SET state = 'dead' WHERE id = ? AND attempts >= ?",
+                    (item_id, max_attempts),
+                )
+                return cur.rowcount == 1
+        return False
+
+    def resend(self, item_ids: list[int] | None = None) -> int:
+        """Queue dead letters again (all, or those ids) with a fresh attempt count."""
+        query = (
+            "UPDATE outbox SET state = 'queued', attempts = 0, next_attempt_at = ?"
+            " WHERE state = 'dead'"
+        )
+        args: list[object] = [time.time()]
+        if item_ids:
+            query += f" AND id IN ({','.join('?' * len(item_ids))})"
+            args.extend(item_ids)
+        with self._tx() as db:
+            return db.execute(query, args).rowcount

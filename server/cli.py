@@ -158,6 +158,40 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_outbox(args: argparse.Namespace) -> int:
+    """Show report deliveries; re-send dead letters (works while ``nidaan serve`` runs)."""
+    import time
+
+    from nidaan.pacs_bridge.state import StateStore
+    from nidaan.pacs_bridge.uids import ref
+
+    cfg = _config(args)
+    path = Path(cfg.storage.data_dir) / "state.sqlite3"
+    if not path.exists():
+        print(f"no state database at {path}", file=sys.stderr)
+        return 1
+    state = StateStore(path)
+    try:
+        if args.resend is not None:
+            n = state.resend([int(i) for i in args.resend] or None)
+            print(f"{n} dead letter(s) queued again")
+            return 0
+        states = () if args.state == "all" else (args.state,)
+        items = state.outbox(*states)
+        for i in items:
+            wait = max(0.0, i.next_attempt_at - time.time()) if i.state == "queued" else 0.0
+            print(
+                f"{i.id:6d} {i.state:9s} to {i.destination:16s} report {ref(i.sop_instance_uid)}"
+                f"  attempts {i.attempts}"
+                + (f", next in {wait:.0f} s" if wait else "")
+                + (f"  last error: {i.last_error}" if i.last_error else "")
+            )
+        print(f"{len(items)} item(s)")
+    finally:
+        state.close()
+    return 0
+
+
 def _port_free(host: str, port: int) -> bool:
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -248,6 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_analyze)
     p = sub.add_parser("models", help="list and validate the model repository")
     p.set_defaults(func=cmd_models)
+    p = sub.add_parser("outbox", help="report deliveries; re-send dead letters")
+    p.add_argument("--state", default="all", choices=["all", "queued", "delivered", "dead"])
+    p.add_argument(
+        "--resend", nargs="*", metavar="ID", help="queue dead letters again (all, or these ids)"
+    )
+    p.set_defaults(func=cmd_outbox)
     p = sub.add_parser("doctor", help="check this machine and config")
     p.set_defaults(func=cmd_doctor)
     return parser

@@ -158,12 +158,17 @@ class ReportsConfig:
     destinations: list[str] = field(default_factory=lambda: [SOURCE])
     retry_initial_s: float = 1.0
     retry_max_s: float = 300.0
+    #: After this many failed attempts a report becomes a dead letter: kept, visible in
+    #: ``nidaan outbox``, re-sent by ``nidaan outbox --resend``; 0 = retry for ever.
+    max_attempts: int = 100
     series_number: int = 9901
     institution_name: str = ""
 
     def validate(self) -> None:
         if self.retry_initial_s <= 0 or self.retry_max_s < self.retry_initial_s:
             raise ConfigError("reports: need 0 < retry_initial_s <= retry_max_s")
+        if self.max_attempts < 0:
+            raise ConfigError("reports.max_attempts must be 0 (for ever) or more")
 
 
 @dataclass

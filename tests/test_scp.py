@@ -195,3 +195,31 @@ def test_queued_report_is_delivered_after_a_restart(
     second = start_server(cfg)
     assert pydicom.dcmread(pacs.wait_reports()[0]).StudyInstanceUID == ds.StudyInstanceUID
     wait_state(second, ds.StudyInstanceUID, "delivered")
+
+
+def test_dead_letter_is_visible_and_resent_from_the_cli(
+    tmp_path: Path,
+    pacs: Pacs,
+    start_server,  # type: ignore[no-untyped-def]
+) -> None:
+    import sys
+
+    cfg = pacs.config(tmp_path, retry_initial_s=0.1, retry_max_s=0.1)
+    cfg.reports.max_attempts = 2
+    server = start_server(cfg)
+    ds, _ = synthetic_cxr(13)
+    assert storescu(server.scp.port, [save(ds, tmp_path / "in.dcm")]).returncode == 0
+    (dead,) = wait_until(lambda: server.state.outbox("dead"), 60, "a dead letter")
+    assert dead.attempts == 2 and dead.last_error
+    assert server.state.outbox("queued") == []  # no longer retried by itself
+    conf = tmp_path / "c.toml"
+    conf.write_text(f'[storage]\ndata_dir = "{cfg.storage.data_dir}"\n')
+    nidaan = [str(Path(sys.executable).parent / "nidaan"), "--config", str(conf), "outbox"]
+    listing = subprocess.run([*nidaan, "--state", "dead"], capture_output=True, text=True)
+    assert listing.returncode == 0 and "dead" in listing.stdout and "PACS" in listing.stdout
+    assert ds.StudyInstanceUID not in listing.stdout  # digests, not UIDs
+    pacs.start()
+    resend = subprocess.run([*nidaan, "--resend"], capture_output=True, text=True)
+    assert "1 dead letter(s) queued again" in resend.stdout, resend.stderr
+    assert pydicom.dcmread(pacs.wait_reports()[0]).StudyInstanceUID == ds.StudyInstanceUID
+    wait_state(server, ds.StudyInstanceUID, "delivered")
