@@ -41,6 +41,18 @@ CANNOT_UNDERSTAND = 0xC000
 
 
 @dataclass(frozen=True)
+class Limits:
+    """What the SCP accepts (see ``[dicom]`` in docs/configuration.md)."""
+
+    #: AE title -> allowed host addresses; None accepts any caller.
+    known_callers: dict[str, set[str]] | None = None
+    max_associations: int = 16
+    max_instance_bytes: int = 2_147_483_648
+    max_pixels: int = 250_000_000
+    max_instances_per_study: int = 10_000
+
+
+@dataclass(frozen=True)
 class StoreOutcome:
     """What the SCP did with one C-STORE request (for metrics and tests)."""
 
@@ -75,7 +87,9 @@ class StorageSCP:
         on_association_end: Callable[[int], None],
         on_outcome: Callable[[StoreOutcome], None] = lambda o: None,
         max_pdu: int = 4_194_304,
+        limits: Limits | None = None,
     ) -> None:
+        self.limits = limits or Limits()
         self.spool = spool
         self.state = state
         self._inspect = inspect
@@ -85,6 +99,7 @@ class StorageSCP:
         self.ae = AE(ae_title=ae_title)
         self.ae.maximum_pdu_size = max_pdu
         self.ae.require_called_aet = True
+        self.ae.maximum_associations = self.limits.max_associations
         self.ae.add_supported_context(Verification)
         for cx in StoragePresentationContexts:
             if cx.abstract_syntax is not None:
@@ -99,6 +114,7 @@ class StorageSCP:
         handlers: list[Any] = [
             (evt.EVT_C_ECHO, lambda event: SUCCESS),
             (evt.EVT_C_STORE, self._handle_store),
+            (evt.EVT_REQUESTED, self._handle_requested),
             (evt.EVT_CONN_CLOSE, self._handle_close),
         ]
         self._server = self.ae.start_server((bind, port), block=False, evt_handlers=handlers)
@@ -120,6 +136,25 @@ class StorageSCP:
                 self._next_id += 1
                 self._assoc_ids[key] = self._next_id
             return self._assoc_ids[key]
+
+    def _handle_requested(self, event: Any) -> None:
+        """Admission: with known callers configured, only they, from their hosts, may associate.
+
+        A stranger gets A-ASSOCIATE-RJ rejected-permanent, service-user, "calling AE title not
+        recognized" (PS3.8 9.3.4), whether its title or its host is wrong, so a probe learns
+        nothing about which.
+        """
+        known = self.limits.known_callers
+        if known is None:
+            return
+        # At this point only the A-ASSOCIATE-RQ primitive carries the calling AE title.
+        calling = str(event.assoc.requestor.primitive.calling_ae_title).strip()
+        host = str(event.assoc.requestor.address)
+        if host not in known.get(calling, set()):
+            log.warning(
+                "rejected an association from %s calling as %r: not a known peer", host, calling
+            )
+            event.assoc.acse.send_reject(0x01, 0x01, 0x03)
 
     def _handle_close(self, event: Any) -> None:
         with self._ids_lock:
@@ -160,6 +195,20 @@ class StorageSCP:
             return self._refuse(chunks, CANNOT_UNDERSTAND, f"cannot decode data set: {exc}")
         if not (is_valid_uid(study_uid) and is_valid_uid(sop_uid)):
             return self._refuse(chunks, DOES_NOT_MATCH_SOP_CLASS, "malformed Study/SOP UID")
+        size = len(chunks[0])
+        if size > self.limits.max_instance_bytes:
+            return self._refuse(
+                None, OUT_OF_RESOURCES, f"instance of {size} bytes exceeds the size limit"
+            )
+        try:
+            frames = int(ds.get("NumberOfFrames", 1) or 1)
+            pixels = int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0) * frames
+        except (TypeError, ValueError):
+            return self._refuse(chunks, CANNOT_UNDERSTAND, "malformed Rows/Columns/Frames")
+        if pixels > self.limits.max_pixels:
+            return self._refuse(chunks, CANNOT_UNDERSTAND, f"{pixels} pixels exceed the limit")
+        if self.state.instance_count(study_uid) >= self.limits.max_instances_per_study:
+            return self._refuse(None, OUT_OF_RESOURCES, "study has the maximum number of instances")
         if sop_uid != str(event.request.AffectedSOPInstanceUID):
             return self._refuse(
                 chunks,

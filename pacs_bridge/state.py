@@ -150,6 +150,14 @@ class StateStore:
             ).fetchall()
         return [InstanceRecord(r[0], r[1], r[2], r[3], Path(r[4]), bool(r[5])) for r in rows]
 
+    def instance_count(self, study_uid: str) -> int:
+        """How many instances of the study are stored."""
+        with self._lock:
+            (n,) = self._db.execute(
+                "SELECT COUNT(*) FROM instances WHERE study_uid = ?", (study_uid,)
+            ).fetchone()
+        return int(n)
+
     def set_study_state(self, study_uid: str, state: str, reason: str = "") -> None:
         if state not in STUDY_STATES:
             raise ValueError(f"unknown study state {state!r}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import socket
 import threading
 import time
 from pathlib import Path
@@ -22,19 +23,41 @@ from nidaan.kernels import configure_cache
 from nidaan.pacs_bridge.assembly import StudyAssembler
 from nidaan.pacs_bridge.outbox import Outbox
 from nidaan.pacs_bridge.reports import build_report, report_uids
-from nidaan.pacs_bridge.scp import StorageSCP, StoreOutcome
+from nidaan.pacs_bridge.scp import Limits, StorageSCP, StoreOutcome
 from nidaan.pacs_bridge.spool import Spool, atomic_write
 from nidaan.pacs_bridge.state import StateStore
 from nidaan.pacs_bridge.uids import derived_uid, ref
 
 from .config import SOURCE, Config
-from .errors import NidaanError
+from .errors import ConfigError, NidaanError
 from .inference import create_backend
 from .metrics import Metrics
 from .model_repository import load_repository
 from .pipeline import Pipeline
 
 log = logging.getLogger("nidaan.server")
+
+
+def scp_limits(config: Config) -> Limits:
+    """The SCP's admission rules and size limits from the config.
+
+    Known callers' hosts are resolved to addresses once, at start.
+    """
+    d = config.dicom
+    known = None
+    if d.require_known_callers:
+        known = {}
+        for peer in config.peers:
+            try:
+                addresses = {info[4][0] for info in socket.getaddrinfo(peer.host, None)}
+            except OSError as exc:
+                raise ConfigError(
+                    f"peer {peer.ae_title}: cannot resolve {peer.host}: {exc}"
+                ) from exc
+            known[peer.ae_title] = addresses
+    return Limits(
+        known, d.max_associations, d.max_instance_bytes, d.max_pixels, d.max_instances_per_study
+    )
 
 
 class NidaanServer:
@@ -63,6 +86,7 @@ class NidaanServer:
             on_association_end=self.assembler.association_ended,
             on_outcome=self._count_store,
             max_pdu=config.dicom.max_pdu,
+            limits=scp_limits(config),
         )
         self.outbox = Outbox(
             config,

@@ -49,12 +49,28 @@ class DicomConfig:
     max_pdu: int = 4_194_304
     #: Time-outs for our own associations (the SCU that delivers reports).
     network_timeout_s: float = 30.0
+    #: Accept associations only from configured peers (calling AE title and host must match).
+    require_known_callers: bool = False
+    #: At most this many associations at once; more are rejected (transient, local limit).
+    max_associations: int = 16
+    #: Limits on what one instance or study may be; beyond them the C-STORE is refused.
+    max_instance_bytes: int = 2_147_483_648
+    max_pixels: int = 250_000_000  # Rows x Columns x Number of Frames
+    max_instances_per_study: int = 10_000
 
     def validate(self) -> None:
         self.ae_title = _check_ae_title(self.ae_title, "dicom.ae_title")
         _check_port(self.port, "dicom.port")
         if self.study_idle_timeout_s <= 0:
             raise ConfigError("dicom.study_idle_timeout_s must be positive")
+        for key in (
+            "max_associations",
+            "max_instance_bytes",
+            "max_pixels",
+            "max_instances_per_study",
+        ):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"dicom.{key} must be at least 1")
 
 
 @dataclass
