@@ -65,6 +65,42 @@ class StoreOutcome:
 Inspector = Callable[[Dataset], bool]
 
 
+#: Sequences nested deeper than this are refused: real objects stay within a handful of levels
+#: (TID 1500 SRs within about ten), and deep nesting exhausts recursive parsers downstream.
+MAX_SEQUENCE_DEPTH = 32
+
+
+def too_deep(ds: Dataset, limit: int = MAX_SEQUENCE_DEPTH) -> bool:
+    """Whether ``ds`` nests sequences deeper than ``limit`` (checked without recursion)."""
+    stack = [(ds, 0)]
+    try:
+        while stack:
+            current, depth = stack.pop()
+            for elem in current:
+                if elem.VR == "SQ":
+                    if depth + 1 > limit:
+                        return True
+                    stack.extend((item, depth + 1) for item in elem.value)
+    except RecursionError:  # the parser itself gave up: far too deep
+        return True
+    return False
+
+
+def overrun_element(ds: Dataset) -> str:
+    """The first top-level element whose declared length runs past the data, or ''.
+
+    pydicom reads what is there and does not complain (PS3.5 7.1 makes the length binding), so
+    the check compares each still-raw element's declared length with the bytes it got.
+    """
+    for tag in ds.keys():  # noqa: SIM118 - iterating a Dataset would convert its elements
+        raw = ds.get_item(tag)
+        length = getattr(raw, "length", None)
+        value = getattr(raw, "value", None)
+        if isinstance(value, bytes) and length not in (None, 0xFFFFFFFF) and len(value) < length:
+            return f"element {tag} declares {length} bytes but {len(value)} follow"
+    return ""
+
+
 def _status(code: int, comment: str = "") -> Dataset:
     ds = Dataset()
     ds.Status = code
@@ -193,6 +229,15 @@ class StorageSCP:
             return self._refuse(chunks, DOES_NOT_MATCH_SOP_CLASS, f"missing UID: {exc}"[:64])
         except Exception as exc:  # pydicom raises many types for corrupt encodings
             return self._refuse(chunks, CANNOT_UNDERSTAND, f"cannot decode data set: {exc}")
+        overrun = overrun_element(ds)
+        if overrun:
+            return self._refuse(chunks, CANNOT_UNDERSTAND, overrun)
+        if too_deep(ds):
+            return self._refuse(
+                chunks,
+                CANNOT_UNDERSTAND,
+                f"sequences nested deeper than {MAX_SEQUENCE_DEPTH} levels",
+            )
         if not (is_valid_uid(study_uid) and is_valid_uid(sop_uid)):
             return self._refuse(chunks, DOES_NOT_MATCH_SOP_CLASS, "malformed Study/SOP UID")
         size = len(chunks[0])
