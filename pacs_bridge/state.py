@@ -150,6 +150,14 @@ class StateStore:
             ).fetchall()
         return [InstanceRecord(r[0], r[1], r[2], r[3], Path(r[4]), bool(r[5])) for r in rows]
 
+    def study_of(self, sop_instance_uid: str) -> str | None:
+        """The study an instance was stored under, or None if it was never stored."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT study_uid FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)
+            ).fetchone()
+        return None if row is None else str(row[0])
+
     def instance_count(self, study_uid: str) -> int:
         """How many instances of the study are stored."""
         with self._lock:
