@@ -16,6 +16,7 @@ from nidaan.server.errors import DeliveryError
 
 from .scu import send_file
 from .state import OutboxItem, StateStore
+from .tls import client_context
 from .uids import ref
 
 log = logging.getLogger("nidaan.outbox")
@@ -78,6 +79,7 @@ class Outbox:
                 host=peer.host,
                 port=peer.port,
                 timeout_s=cfg.dicom.network_timeout_s,
+                ssl_context=client_context(cfg.dicom) if peer.tls else None,
             )
         except (DeliveryError, OSError) as exc:
             wait = backoff(item.attempts + 1, cfg.reports.retry_initial_s, cfg.reports.retry_max_s)

@@ -145,7 +145,7 @@ class StorageSCP:
         self._next_id = 0
         self._ids_lock = threading.Lock()
 
-    def start(self, bind: str, port: int) -> None:
+    def start(self, bind: str, port: int, ssl_context: Any = None) -> None:
         """Start listening in background threads."""
         handlers: list[Any] = [
             (evt.EVT_C_ECHO, lambda event: SUCCESS),
@@ -153,7 +153,9 @@ class StorageSCP:
             (evt.EVT_REQUESTED, self._handle_requested),
             (evt.EVT_CONN_CLOSE, self._handle_close),
         ]
-        self._server = self.ae.start_server((bind, port), block=False, evt_handlers=handlers)
+        self._server = self.ae.start_server(
+            (bind, port), block=False, evt_handlers=handlers, ssl_context=ssl_context
+        )
 
     @property
     def port(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 
 from pydicom import dcmread
@@ -11,7 +12,14 @@ from nidaan.server.errors import DeliveryError
 
 
 def send_file(
-    path: Path, *, calling_ae: str, peer_ae: str, host: str, port: int, timeout_s: float = 30.0
+    path: Path,
+    *,
+    calling_ae: str,
+    peer_ae: str,
+    host: str,
+    port: int,
+    timeout_s: float = 30.0,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> None:
     """C-STORE ``path`` to the peer; raise :class:`DeliveryError` unless it answers Success.
 
@@ -21,7 +29,11 @@ def send_file(
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
     ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-    assoc = ae.associate(host, port, ae_title=peer_ae)
+    tls_args = None if ssl_context is None else (ssl_context, host)
+    try:
+        assoc = ae.associate(host, port, ae_title=peer_ae, tls_args=tls_args)
+    except (OSError, ssl.SSLError) as exc:
+        raise DeliveryError(f"TLS with {peer_ae} at {host}:{port} failed: {exc}") from exc
     if not assoc.is_established:
         raise DeliveryError(f"association with {peer_ae} at {host}:{port} was not accepted")
     try:

@@ -10,6 +10,7 @@ need_pkgs=()
 command -v Orthanc >/dev/null || need_pkgs+=(orthanc)
 command -v storescu >/dev/null || need_pkgs+=(dcmtk)
 command -v dciodvfy >/dev/null || need_pkgs+=(dicom3tools)
+command -v openssl >/dev/null || need_pkgs+=(openssl)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -q

@@ -26,6 +26,7 @@ from nidaan.pacs_bridge.reports import build_report, report_uids
 from nidaan.pacs_bridge.scp import Limits, StorageSCP, StoreOutcome
 from nidaan.pacs_bridge.spool import Spool, atomic_write
 from nidaan.pacs_bridge.state import StateStore
+from nidaan.pacs_bridge.tls import server_context
 from nidaan.pacs_bridge.uids import derived_uid, ref
 
 from .config import SOURCE, Config
@@ -111,7 +112,9 @@ class NidaanServer:
         for t in self._threads:
             t.start()
         self.outbox.start()
-        self.scp.start(self.config.dicom.bind, self.config.dicom.port)
+        self.scp.start(
+            self.config.dicom.bind, self.config.dicom.port, server_context(self.config.dicom)
+        )
         if http:
             self._http = start_http_server(
                 self.config.http.port, addr=self.config.http.bind, registry=self.metrics.registry

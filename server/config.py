@@ -57,9 +57,21 @@ class DicomConfig:
     max_instance_bytes: int = 2_147_483_648
     max_pixels: int = 250_000_000  # Rows x Columns x Number of Frames
     max_instances_per_study: int = 10_000
+    #: DICOM TLS (PS3.15 B.9, BCP 195: TLS 1.2 or newer): our certificate and key (PEM) turn TLS
+    #: on for receiving; ``tls_ca`` (PEM bundle) verifies peers' certificates, ours to them and
+    #: theirs to us (a caller must then present one).
+    tls_certificate: str = ""
+    tls_private_key: str = ""
+    tls_ca: str = ""
 
     def validate(self) -> None:
         self.ae_title = _check_ae_title(self.ae_title, "dicom.ae_title")
+        if bool(self.tls_certificate) != bool(self.tls_private_key):
+            raise ConfigError("dicom.tls_certificate and dicom.tls_private_key go together")
+        for key in ("tls_certificate", "tls_private_key", "tls_ca"):
+            path = getattr(self, key)
+            if path and not os.path.isfile(path):
+                raise ConfigError(f"dicom.{key}: {path} is not a file")
         _check_port(self.port, "dicom.port")
         if self.study_idle_timeout_s <= 0:
             raise ConfigError("dicom.study_idle_timeout_s must be positive")
@@ -154,6 +166,8 @@ class Peer:
     ae_title: str
     host: str
     port: int
+    #: Send to this peer over DICOM TLS (verified against ``dicom.tls_ca``).
+    tls: bool = False
 
     def validate(self, where: str) -> None:
         self.ae_title = _check_ae_title(self.ae_title, f"{where}.ae_title")
@@ -213,6 +227,8 @@ class Config:
             if peer.ae_title in seen:
                 raise ConfigError(f"peers: AE title {peer.ae_title!r} is listed twice")
             seen.add(peer.ae_title)
+        if any(p.tls for p in self.peers) and not self.dicom.tls_ca:
+            raise ConfigError("a peer has tls = true but dicom.tls_ca is not set to verify it")
         for dest in self.reports.destinations:
             if dest != SOURCE and dest not in seen:
                 raise ConfigError(

@@ -27,6 +27,7 @@ PACKAGES = {
     "dcmcjpeg": "dcmtk",
     "dcmcrle": "dcmtk",
     "dciodvfy": "dicom3tools",
+    "openssl": "openssl",
 }
 
 #: dcmtk stalls about 40 ms per file on loopback without TCP_NODELAY (see shared/design.md).

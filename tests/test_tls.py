@@ -1,0 +1,205 @@
+"""DICOM TLS (PS3.15 B.9, BCP 195) with real peers: dcmtk's echoscu and storescp over TLS, with
+certificates made by openssl for the test."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from nidaan.server.config import Peer
+
+from conftest import make_config
+from factory import save, synthetic_cxr
+from netutil import storescu
+from peers import DCMTK_ENV, free_port, need, stop, wait_for_port, wait_until
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    run = subprocess.run([need("openssl"), *args], cwd=cwd, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CA, a certificate for Nidaan and one for the peer (127.0.0.1), and a stranger's."""
+    d = tmp_path_factory.mktemp("pki")
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=Nidaan test CA",
+        cwd=d,
+    )
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for name in ("nidaan", "peer"):
+        _openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            f"/CN={name}",
+            cwd=d,
+        )
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+            cwd=d,
+        )
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "stranger.key",
+        "-out",
+        "stranger.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=stranger",
+        cwd=d,
+    )
+    return d
+
+
+def _tls_config(tmp_path: Path, pki: Path, peers: list[Peer] | None = None, **kw: object):  # type: ignore[no-untyped-def]
+    plain = [Peer(p.ae_title, p.host, p.port) for p in peers or []]
+    cfg = make_config(tmp_path, peers=plain, **kw)  # type: ignore[arg-type]
+    cfg.peers = list(peers or [])
+    cfg.dicom.tls_certificate = str(pki / "nidaan.crt")
+    cfg.dicom.tls_private_key = str(pki / "nidaan.key")
+    cfg.dicom.tls_ca = str(pki / "ca.crt")
+    cfg.validate()
+    return cfg
+
+
+def _echo(port: int, *tls: str) -> int:
+    run = subprocess.run(
+        [need("echoscu"), *tls, "-aec", "NIDAAN", "127.0.0.1", str(port)],
+        env=DCMTK_ENV,
+        capture_output=True,
+        timeout=30,
+    )
+    return run.returncode
+
+
+def test_tls_scp_accepts_certified_peers_only(
+    tmp_path: Path,
+    pki: Path,
+    start_server,  # type: ignore[no-untyped-def]
+) -> None:
+    server = start_server(_tls_config(tmp_path, pki))
+    port = server.scp.port
+    assert (
+        _echo(
+            port, "+tls", str(pki / "peer.key"), str(pki / "peer.crt"), "+cf", str(pki / "ca.crt")
+        )
+        == 0
+    )
+    assert _echo(port) != 0  # plain TCP to a TLS port
+    assert (
+        _echo(
+            port,
+            "+tls",
+            str(pki / "stranger.key"),
+            str(pki / "stranger.crt"),
+            "+cf",
+            str(pki / "ca.crt"),
+        )
+        != 0
+    )  # a certificate our CA did not sign
+    ds, _ = synthetic_cxr(61)
+    sent = storescu(
+        port,
+        [save(ds, tmp_path / "x.dcm")],
+        extra=("+tls", str(pki / "peer.key"), str(pki / "peer.crt"), "+cf", str(pki / "ca.crt")),
+    )
+    assert sent.returncode == 0, sent.stderr
+    wait_until(lambda: server.state.study(ds.StudyInstanceUID), 30, "the study stored over TLS")
+
+
+def test_reports_are_delivered_over_tls(
+    tmp_path: Path,
+    pki: Path,
+    start_server,  # type: ignore[no-untyped-def]
+) -> None:
+    pacs_port = free_port()
+    out = tmp_path / "pacs"
+    out.mkdir()
+    pacs = subprocess.Popen(
+        [
+            need("storescp"),
+            "+tls",
+            str(pki / "peer.key"),
+            str(pki / "peer.crt"),
+            "+cf",
+            str(pki / "ca.crt"),
+            "-aet",
+            "PACS",
+            "-od",
+            str(out),
+            "+xa",
+            str(pacs_port),
+        ],
+        env=DCMTK_ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(pacs_port, proc=pacs)
+        cfg = _tls_config(
+            tmp_path,
+            pki,
+            peers=[Peer("PACS", "127.0.0.1", pacs_port, tls=True)],
+            destinations=["PACS"],
+        )
+        server = start_server(cfg)
+        ds, _ = synthetic_cxr(62)
+        sent = storescu(
+            server.scp.port,
+            [save(ds, tmp_path / "x.dcm")],
+            extra=(
+                "+tls",
+                str(pki / "peer.key"),
+                str(pki / "peer.crt"),
+                "+cf",
+                str(pki / "ca.crt"),
+            ),
+        )
+        assert sent.returncode == 0, sent.stderr
+        files = wait_until(lambda: list(out.glob("SR*")), 60, "the report at the TLS PACS")
+        assert pydicom.dcmread(files[0]).StudyInstanceUID == ds.StudyInstanceUID
+    finally:
+        stop(pacs)
