@@ -35,7 +35,7 @@ class Outbox:
         config: Config,
         state: StateStore,
         on_delivered: Callable[[str], None] = lambda study_uid: None,
-        on_attempt: Callable[[bool], None] = lambda ok: None,
+        on_attempt: Callable[[OutboxItem, bool, str], None] = lambda item, ok, error: None,
     ) -> None:
         self.config = config
         self.state = state
@@ -86,7 +86,7 @@ class Outbox:
             dead = self.state.retry_later(
                 item.id, time.time() + wait, str(exc), cfg.reports.max_attempts
             )
-            self._on_attempt(False)
+            self._on_attempt(item, False, str(exc))
             if dead:
                 log.error(
                     "report %s to %s is a dead letter after %d attempts (%s); "
@@ -107,7 +107,7 @@ class Outbox:
                 exc,
             )
             return
-        self._on_attempt(True)
+        self._on_attempt(item, True, "")
         log.info("report %s delivered to %s", ref(item.sop_instance_uid), item.destination)
         study = self.state.delivered(item.id)
         if study:

@@ -16,6 +16,7 @@ Error Comment (0000,0902) carries a short reason that names the problem and no p
 from __future__ import annotations
 
 import logging
+import shutil
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -50,6 +51,8 @@ class Limits:
     max_instance_bytes: int = 2_147_483_648
     max_pixels: int = 250_000_000
     max_instances_per_study: int = 10_000
+    #: Refuse (0xA700) rather than fill the disk: keep this much free after the write.
+    min_free_bytes: int = 1_073_741_824
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,10 @@ class StoreOutcome:
 
     status: int
     reason: str = ""
+    calling_ae: str = ""
+    host: str = ""
+    study_uid: str = ""
+    sop_instance_uid: str = ""
 
 
 #: Called for each instance before Success is sent: returns whether it is an image to analyse,
@@ -200,17 +207,30 @@ class StorageSCP:
         if assoc_id is not None:
             self._on_association_end(assoc_id)
 
-    def _refuse(self, chunks: list[bytes] | None, status: int, reason: str) -> Dataset:
+    def _outcome(self, event: Any, status: int, reason: str = "", study_uid: str = "") -> None:
+        """Report a C-STORE outcome (metrics, audit) with who sent what."""
+        requestor = event.assoc.requestor
+        self._on_outcome(
+            StoreOutcome(
+                status,
+                reason,
+                str(requestor.ae_title).strip(),
+                str(requestor.address),
+                study_uid,
+                str(getattr(event.request, "AffectedSOPInstanceUID", "") or ""),
+            )
+        )
+
+    def _refuse(self, event: Any, chunks: list[bytes] | None, status: int, reason: str) -> Dataset:
         where = ""
         if chunks is not None:
             try:
-                where = (
-                    f" (quarantined as {self.spool.quarantine(chunks, reason, status=status).name})"
-                )
+                name = self.spool.quarantine(chunks, reason, status=status).name
+                where = f" (quarantined as {name})"
             except OSError as exc:
                 where = f" (could not quarantine: {exc.strerror})"
         log.warning("refused an instance with 0x%04X: %s%s", status, reason, where)
-        self._on_outcome(StoreOutcome(status, reason))
+        self._outcome(event, status, reason)
         return _status(status, reason)
 
     def _handle_store(self, event: Any) -> Dataset:
@@ -218,7 +238,7 @@ class StorageSCP:
             chunks = [event.encoded_dataset(include_meta=True)]
         except Exception as exc:  # the request itself is unusable
             return self._refuse(
-                None, CANNOT_UNDERSTAND, f"unreadable request: {type(exc).__name__}"
+                event, None, CANNOT_UNDERSTAND, f"unreadable request: {type(exc).__name__}"
             )
         try:
             ds = event.dataset
@@ -228,36 +248,42 @@ class StorageSCP:
             series_uid = str(ds.get("SeriesInstanceUID", ""))
             sop_class = str(ds.get("SOPClassUID", ""))
         except AttributeError as exc:
-            return self._refuse(chunks, DOES_NOT_MATCH_SOP_CLASS, f"missing UID: {exc}"[:64])
+            return self._refuse(event, chunks, DOES_NOT_MATCH_SOP_CLASS, f"missing UID: {exc}"[:64])
         except Exception as exc:  # pydicom raises many types for corrupt encodings
-            return self._refuse(chunks, CANNOT_UNDERSTAND, f"cannot decode data set: {exc}")
+            return self._refuse(event, chunks, CANNOT_UNDERSTAND, f"cannot decode data set: {exc}")
         overrun = overrun_element(ds)
         if overrun:
-            return self._refuse(chunks, CANNOT_UNDERSTAND, overrun)
+            return self._refuse(event, chunks, CANNOT_UNDERSTAND, overrun)
         if too_deep(ds):
             return self._refuse(
+                event,
                 chunks,
                 CANNOT_UNDERSTAND,
                 f"sequences nested deeper than {MAX_SEQUENCE_DEPTH} levels",
             )
         if not (is_valid_uid(study_uid) and is_valid_uid(sop_uid)):
-            return self._refuse(chunks, DOES_NOT_MATCH_SOP_CLASS, "malformed Study/SOP UID")
+            return self._refuse(event, chunks, DOES_NOT_MATCH_SOP_CLASS, "malformed Study/SOP UID")
         size = len(chunks[0])
         if size > self.limits.max_instance_bytes:
             return self._refuse(
-                None, OUT_OF_RESOURCES, f"instance of {size} bytes exceeds the size limit"
+                event, None, OUT_OF_RESOURCES, f"instance of {size} bytes exceeds the size limit"
             )
         try:
             frames = int(ds.get("NumberOfFrames", 1) or 1)
             pixels = int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0) * frames
         except (TypeError, ValueError):
-            return self._refuse(chunks, CANNOT_UNDERSTAND, "malformed Rows/Columns/Frames")
+            return self._refuse(event, chunks, CANNOT_UNDERSTAND, "malformed Rows/Columns/Frames")
         if pixels > self.limits.max_pixels:
-            return self._refuse(chunks, CANNOT_UNDERSTAND, f"{pixels} pixels exceed the limit")
+            return self._refuse(
+                event, chunks, CANNOT_UNDERSTAND, f"{pixels} pixels exceed the limit"
+            )
         if self.state.instance_count(study_uid) >= self.limits.max_instances_per_study:
-            return self._refuse(None, OUT_OF_RESOURCES, "study has the maximum number of instances")
+            return self._refuse(
+                event, None, OUT_OF_RESOURCES, "study has the maximum number of instances"
+            )
         if sop_uid != str(event.request.AffectedSOPInstanceUID):
             return self._refuse(
+                event,
                 chunks,
                 DOES_NOT_MATCH_SOP_CLASS,
                 "SOP Instance UID differs from the request's Affected SOP Instance UID",
@@ -265,10 +291,17 @@ class StorageSCP:
         try:
             is_image = self._inspect(ds)
         except InputError as exc:
-            return self._refuse(chunks, exc.status, str(exc))
+            return self._refuse(event, chunks, exc.status, str(exc))
         except Exception as exc:  # a bug must not break the association; the file is kept
             log.exception("inspecting an instance failed")
-            return self._refuse(chunks, CANNOT_UNDERSTAND, f"internal error: {type(exc).__name__}")
+            return self._refuse(
+                event, chunks, CANNOT_UNDERSTAND, f"internal error: {type(exc).__name__}"
+            )
+        free = shutil.disk_usage(self.spool.root).free
+        if free - size < self.limits.min_free_bytes:
+            log.error("refusing an instance: %d bytes free on the spool's disk", free)
+            self._outcome(event, OUT_OF_RESOURCES, "disk nearly full", study_uid)
+            return _status(OUT_OF_RESOURCES, "the receiver's disk is nearly full")
         try:
             path = self.spool.store(study_uid, sop_uid, chunks)
             self.state.add_instance(
@@ -277,8 +310,8 @@ class StorageSCP:
             )
         except (OSError, sqlite3.Error) as exc:
             log.error("could not store instance %s: %s", ref(sop_uid), exc)
-            self._on_outcome(StoreOutcome(OUT_OF_RESOURCES, "storage failed"))
+            self._outcome(event, OUT_OF_RESOURCES, "storage failed", study_uid)
             return _status(OUT_OF_RESOURCES, "could not store the instance")
         self._on_instance(self._assoc_id(event.assoc), study_uid)
-        self._on_outcome(StoreOutcome(SUCCESS))
+        self._outcome(event, SUCCESS, "", study_uid)
         return _status(SUCCESS)

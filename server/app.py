@@ -21,11 +21,12 @@ from pydicom.dataset import Dataset
 
 from nidaan.kernels import configure_cache
 from nidaan.pacs_bridge.assembly import StudyAssembler
+from nidaan.pacs_bridge.audit import AuditLog
 from nidaan.pacs_bridge.outbox import Outbox
 from nidaan.pacs_bridge.reports import build_report, report_uids
 from nidaan.pacs_bridge.scp import Limits, StorageSCP, StoreOutcome
 from nidaan.pacs_bridge.spool import Spool, atomic_write
-from nidaan.pacs_bridge.state import StateStore
+from nidaan.pacs_bridge.state import OutboxItem, StateStore
 from nidaan.pacs_bridge.tls import server_context
 from nidaan.pacs_bridge.uids import derived_uid, ref
 
@@ -57,7 +58,12 @@ def scp_limits(config: Config) -> Limits:
                 ) from exc
             known[peer.ae_title] = addresses
     return Limits(
-        known, d.max_associations, d.max_instance_bytes, d.max_pixels, d.max_instances_per_study
+        known,
+        d.max_associations,
+        d.max_instance_bytes,
+        d.max_pixels,
+        d.max_instances_per_study,
+        d.min_free_bytes,
     )
 
 
@@ -73,6 +79,7 @@ class NidaanServer:
         data = Path(config.storage.data_dir)
         self.spool = Spool(data)
         self.state = StateStore(data / "state.sqlite3")
+        self.audit = AuditLog(data / "audit.jsonl")
         self.metrics = Metrics()
         self.device_uid = derived_uid("device", config.dicom.ae_title)
         self._queue: queue.Queue[str | None] = queue.Queue()
@@ -93,9 +100,7 @@ class NidaanServer:
             config,
             self.state,
             on_delivered=self._study_delivered,
-            on_attempt=lambda ok: self.metrics.deliveries.labels(
-                "delivered" if ok else "failed"
-            ).inc(),
+            on_attempt=self._delivery_attempt,
         )
         self._threads = [
             threading.Thread(target=self._work, name="nidaan-worker", daemon=True),
@@ -143,6 +148,7 @@ class NidaanServer:
             thread.join(timeout=5)
         self.backend.close()
         self.state.close()
+        self.audit.close()
 
     def _warm_up(self) -> None:
         """Compile the kernels and load each model once, so the first study is not slow."""
@@ -171,6 +177,27 @@ class NidaanServer:
 
     def _count_store(self, outcome: StoreOutcome) -> None:
         self.metrics.instances.labels(f"0x{outcome.status:04X}").inc()
+        self.audit.record(
+            "instance",
+            status=f"0x{outcome.status:04X}",
+            reason=outcome.reason,
+            calling_ae=outcome.calling_ae,
+            host=outcome.host,
+            study=outcome.study_uid,
+            sop_instance=outcome.sop_instance_uid,
+        )
+
+    def _delivery_attempt(self, item: OutboxItem, ok: bool, error: str) -> None:
+        self.metrics.deliveries.labels("delivered" if ok else "failed").inc()
+        self.audit.record(
+            "report_delivery",
+            ok=ok,
+            error=error,
+            destination=item.destination,
+            study=item.study_uid,
+            report=item.sop_instance_uid,
+            attempt=item.attempts + 1,
+        )
 
     def _study_complete(self, study_uid: str) -> None:
         self.state.set_study_state(study_uid, "complete")

@@ -57,6 +57,8 @@ class DicomConfig:
     max_instance_bytes: int = 2_147_483_648
     max_pixels: int = 250_000_000  # Rows x Columns x Number of Frames
     max_instances_per_study: int = 10_000
+    #: Refuse instances (0xA700) when the spool's disk would have less than this free.
+    min_free_bytes: int = 1_073_741_824
     #: DICOM TLS (PS3.15 B.9, BCP 195: TLS 1.2 or newer): our certificate and key (PEM) turn TLS
     #: on for receiving; ``tls_ca`` (PEM bundle) verifies peers' certificates, ours to them and
     #: theirs to us (a caller must then present one).
@@ -80,6 +82,7 @@ class DicomConfig:
             "max_instance_bytes",
             "max_pixels",
             "max_instances_per_study",
+            "min_free_bytes",
         ):
             if getattr(self, key) < 1:
                 raise ConfigError(f"dicom.{key} must be at least 1")

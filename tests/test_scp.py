@@ -223,3 +223,27 @@ def test_dead_letter_is_visible_and_resent_from_the_cli(
     assert "1 dead letter(s) queued again" in resend.stdout, resend.stderr
     assert pydicom.dcmread(pacs.wait_reports()[0]).StudyInstanceUID == ds.StudyInstanceUID
     wait_state(server, ds.StudyInstanceUID, "delivered")
+
+
+def test_audit_log_says_who_sent_what_and_where_reports_went(
+    tmp_path: Path,
+    pacs: Pacs,
+    start_server,  # type: ignore[no-untyped-def]
+) -> None:
+    pacs.start()
+    cfg = pacs.config(tmp_path)
+    server = start_server(cfg)
+    ds, _ = synthetic_cxr(14)
+    assert storescu(server.scp.port, [save(ds, tmp_path / "in.dcm")]).returncode == 0
+    pacs.wait_reports()
+    wait_state(server, ds.StudyInstanceUID, "delivered")
+    events = [json.loads(line) for line in (cfg.storage.data_dir / "audit.jsonl").open()]
+    received = [e for e in events if e["event"] == "instance"]
+    assert received and received[0]["calling_ae"] == "MODALITY"
+    assert received[0]["host"] == "127.0.0.1" and received[0]["status"] == "0x0000"
+    assert received[0]["study"] == ds.StudyInstanceUID
+    assert received[0]["sop_instance"] == ds.SOPInstanceUID
+    sent = [e for e in events if e["event"] == "report_delivery" and e["ok"]]
+    assert sent and sent[0]["destination"] == "PACS" and sent[0]["study"] == ds.StudyInstanceUID
+    text = (cfg.storage.data_dir / "audit.jsonl").read_text()
+    assert str(ds.PatientName) not in text and str(ds.PatientID) not in text

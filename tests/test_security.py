@@ -77,3 +77,17 @@ def test_overflowing_dimensions_are_refused_before_decoding(
     good, _ = synthetic_cxr(34)
     (ok,) = c_store(server.scp.port, [good])
     assert ok.Status == 0x0000
+
+
+def test_nearly_full_disk_refuses_with_out_of_resources_and_keeps_nothing(
+    tmp_path: Path,
+    start_server,  # type: ignore[no-untyped-def]
+) -> None:
+    cfg = make_config(tmp_path)
+    cfg.dicom.min_free_bytes = 10**18  # more than any disk has
+    server = start_server(cfg)
+    ds, _ = synthetic_cxr(35)
+    (status,) = c_store(server.scp.port, [ds])
+    assert status.Status == 0xA700 and "disk" in status.ErrorComment
+    assert [p for p in (cfg.storage.data_dir / "spool").rglob("*") if p.is_file()] == []
+    assert server.state.study(ds.StudyInstanceUID) is None

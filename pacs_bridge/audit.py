@@ -1,0 +1,40 @@
+"""The audit log: who sent what, when, and where results went (one JSON object per line).
+
+Separate from the operational log, which carries no identifiers: an audit trail needs to name
+the objects (Study and SOP Instance UIDs, as IHE ATNA audit messages do), so it lives in its own
+file under the data dir, to be protected and retained like the studies themselves. It never
+holds patient names, IDs or birth dates.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+
+class AuditLog:
+    """Append-only JSON lines in ``<data dir>/audit.jsonl``, flushed and fsync'd per event."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.Lock()
+        self._fh = open(path, "a", encoding="utf-8")  # noqa: SIM115 - held for the process's life
+
+    def record(self, event: str, **fields: Any) -> None:
+        """Append one event, e.g. ``record("received", calling_ae=..., study=..., status=...)``."""
+        line = json.dumps(
+            {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "event": event, **fields}, sort_keys=True
+        )
+        with self._lock:
+            self._fh.write(line + "\n")
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        with self._lock:
+            self._fh.close()
