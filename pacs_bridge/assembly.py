@@ -6,7 +6,9 @@ DICOM has no "end of study" message, so completeness is inferred (IHE and most P
 * a study seen on more than one association (in parallel, or a later association adding to a
   study already complete) is complete ``idle_timeout`` seconds after its last instance, once no
   open association is carrying it;
-* a study idle for ``idle_timeout`` on an association that stays open is complete too.
+* a study idle for ``idle_timeout`` on an association that stays open is complete too;
+* a study whose instances carry Number of Study Related Instances (0020,1208) is complete as soon
+  as that many distinct instances have arrived.
 
 A study that receives instances after completion reopens, and is analysed again when it
 completes again.
@@ -26,6 +28,8 @@ class _Study:
     seen_on: set[int] = field(default_factory=set)
     last_at: float = 0.0
     complete: bool = False
+    instances: set[str] = field(default_factory=set)
+    expected: int | None = None
 
 
 class StudyAssembler:
@@ -44,8 +48,14 @@ class StudyAssembler:
         self._studies: dict[str, _Study] = {}
         self._by_assoc: dict[int, set[str]] = {}
 
-    def instance_received(self, assoc_id: int, study_uid: str) -> None:
-        """Note that ``assoc_id`` delivered an instance of ``study_uid``."""
+    def instance_received(
+        self, assoc_id: int, study_uid: str, sop_instance_uid: str = "", expected: int | None = None
+    ) -> None:
+        """Note that ``assoc_id`` delivered an instance of ``study_uid``.
+
+        ``expected`` is the sender's Number of Study Related Instances (0020,1208), when it
+        says: the study is complete as soon as that many distinct instances have arrived.
+        """
         with self._lock:
             st = self._studies.setdefault(study_uid, _Study())
             if st.complete:  # a late instance reopens the study; it now spans associations
@@ -54,7 +64,16 @@ class StudyAssembler:
             st.open_on.add(assoc_id)
             st.seen_on.add(assoc_id)
             st.last_at = self._clock()
+            if sop_instance_uid:
+                st.instances.add(sop_instance_uid)
+            if expected:
+                st.expected = expected
             self._by_assoc.setdefault(assoc_id, set()).add(study_uid)
+            done = st.expected is not None and len(st.instances) >= st.expected
+            if done:
+                st.complete = True
+        if done:
+            self._on_complete(study_uid)
 
     def association_ended(self, assoc_id: int) -> None:
         """An association was released or aborted: complete the studies only it carried."""

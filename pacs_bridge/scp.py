@@ -126,7 +126,7 @@ class StorageSCP:
         state: StateStore,
         *,
         inspect: Inspector,
-        on_instance: Callable[[int, str], None],
+        on_instance: Callable[[int, str, str, int | None], None],
         on_association_end: Callable[[int], None],
         on_outcome: Callable[[StoreOutcome], None] = lambda o: None,
         max_pdu: int = 4_194_304,
@@ -312,6 +312,10 @@ class StorageSCP:
             log.error("could not store instance %s: %s", ref(sop_uid), exc)
             self._outcome(event, OUT_OF_RESOURCES, "storage failed", study_uid)
             return _status(OUT_OF_RESOURCES, "could not store the instance")
-        self._on_instance(self._assoc_id(event.assoc), study_uid)
+        try:
+            expected = int(ds.get("NumberOfStudyRelatedInstances") or 0) or None
+        except (TypeError, ValueError):
+            expected = None
+        self._on_instance(self._assoc_id(event.assoc), study_uid, sop_uid, expected)
         self._outcome(event, SUCCESS, "", study_uid)
         return _status(SUCCESS)

@@ -68,3 +68,17 @@ def test_study_idle_on_an_open_association_completes() -> None:
     assert done == ["1.2.3"]
     a.association_ended(1)
     assert done == ["1.2.3"]
+
+
+def test_expected_instance_count_completes_without_waiting() -> None:
+    a, done, _ = _assembler(600.0)
+    a.instance_received(1, "1.2.3", "1.2.3.1", expected=3)
+    a.instance_received(2, "1.2.3", "1.2.3.2", expected=3)
+    a.instance_received(2, "1.2.3", "1.2.3.2", expected=3)  # a re-send does not count twice
+    assert done == []
+    a.instance_received(3, "1.2.3", "1.2.3.3", expected=3)
+    assert done == ["1.2.3"]  # three associations, no idle wait
+    a.association_ended(1)
+    a.association_ended(2)
+    a.association_ended(3)
+    assert done == ["1.2.3"]
