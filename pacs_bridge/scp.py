@@ -69,7 +69,7 @@ class StoreOutcome:
 
 #: Called for each instance before Success is sent: returns whether it is an image to analyse,
 #: raises InputError if it is one that cannot be used.
-Inspector = Callable[[Dataset], bool]
+Inspector = Callable[[Dataset, str], bool]
 
 
 #: Sequences nested deeper than this are refused: real objects stay within a handful of levels
@@ -289,7 +289,7 @@ class StorageSCP:
                 "SOP Instance UID differs from the request's Affected SOP Instance UID",
             )
         try:
-            is_image = self._inspect(ds)
+            is_image = self._inspect(ds, str(event.assoc.requestor.ae_title).strip())
         except InputError as exc:
             return self._refuse(event, chunks, exc.status, str(exc))
         except Exception as exc:  # a bug must not break the association; the file is kept

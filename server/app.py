@@ -12,6 +12,7 @@ import queue
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from nidaan.pacs_bridge.assembly import StudyAssembler
 from nidaan.pacs_bridge.audit import AuditLog
 from nidaan.pacs_bridge.outbox import Outbox
 from nidaan.pacs_bridge.reports import build_report, report_uids
+from nidaan.pacs_bridge.routing import Router
 from nidaan.pacs_bridge.scp import Limits, StorageSCP, StoreOutcome
 from nidaan.pacs_bridge.spool import Spool, atomic_write
 from nidaan.pacs_bridge.state import OutboxItem, StateStore
@@ -76,6 +78,7 @@ class NidaanServer:
         self.models = load_repository(config.models.repository)
         self.backend = create_backend(config.inference)
         self.pipeline = Pipeline(self.models, self.backend, kernel_backend=config.kernels.backend)
+        self.router = Router(config, {m.name for m in self.models})
         data = Path(config.storage.data_dir)
         self.spool = Spool(data)
         self.state = StateStore(data / "state.sqlite3")
@@ -89,7 +92,7 @@ class NidaanServer:
             config.dicom.ae_title,
             self.spool,
             self.state,
-            inspect=self.pipeline.inspect,
+            inspect=self._inspect,
             on_instance=self.assembler.instance_received,
             on_association_end=self.assembler.association_ended,
             on_outcome=self._count_store,
@@ -199,6 +202,13 @@ class NidaanServer:
             attempt=item.attempts + 1,
         )
 
+    def _inspect(self, ds: Dataset, calling_ae: str) -> bool:
+        """SCP hook: route the instance, then let the pipeline prepare it for its models."""
+        decision = self.router.decide(ds, calling_ae)
+        if decision is None:
+            return False  # no routing rule matches: stored, not analysed
+        return self.pipeline.inspect(ds, decision.models)
+
     def _study_complete(self, study_uid: str) -> None:
         self.state.set_study_state(study_uid, "complete")
         self._queue.put(study_uid)
@@ -234,10 +244,10 @@ class NidaanServer:
 
     # --- the work --------------------------------------------------------------------------------
 
-    def destinations(self, calling_ae: str) -> list[str]:
+    def destinations(self, calling_ae: str, named: Sequence[str] | None = None) -> list[str]:
         """AE titles a study's report goes to (``@source`` = the sender, when it is a peer)."""
         out: list[str] = []
-        for d in self.config.reports.destinations:
+        for d in self.config.reports.destinations if named is None else named:
             ae = calling_ae if d == SOURCE else d
             if self.config.peer(ae) is not None and ae not in out:
                 out.append(ae)
@@ -260,7 +270,14 @@ class NidaanServer:
         def load_pixels(ds: Dataset) -> Dataset:
             return dcmread(paths[str(ds.SOPInstanceUID)])
 
-        analyses = self.pipeline.analyse(headers, load_pixels=load_pixels)
+        decisions = {str(h.SOPInstanceUID): self.router.decide(h, calling_ae) for h in headers}
+        headers = [h for h in headers if decisions[str(h.SOPInstanceUID)] is not None]
+
+        def allowed(ds: Dataset) -> frozenset[str] | None:
+            decision = decisions[str(ds.SOPInstanceUID)]
+            return None if decision is None else decision.models
+
+        analyses = self.pipeline.analyse(headers, load_pixels=load_pixels, allowed=allowed)
         if not analyses:
             self.state.set_study_state(study_uid, "skipped", "no image that a model applies to")
             self.metrics.studies.labels("skipped").inc()
@@ -294,7 +311,8 @@ class NidaanServer:
         )
         path = self.spool.reports_dir / f"{sop_uid}.dcm"
         atomic_write(path, [_encode(report)])
-        destinations = self.destinations(calling_ae)
+        named = [d for dec in decisions.values() if dec is not None for d in dec.destinations]
+        destinations = self.destinations(calling_ae, named)
         if not destinations:
             self.state.set_study_state(
                 study_uid,

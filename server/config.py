@@ -184,6 +184,40 @@ SOURCE = "@source"
 
 
 @dataclass
+class Route:
+    """A routing rule: which instances it matches, which models read them, where reports go.
+
+    Every criterion is optional (absent or empty = any); lists match any of their values, case
+    insensitively; ``series_description`` is a regular expression searched in the Series
+    Description. See ``nidaan.pacs_bridge.routing``.
+    """
+
+    name: str = ""
+    calling_ae: list[str] = field(default_factory=list)
+    modality: list[str] = field(default_factory=list)
+    sop_class: list[str] = field(default_factory=list)
+    body_part: list[str] = field(default_factory=list)
+    series_description: str = ""
+    #: Model names; empty = every model whose sidecar accepts the image.
+    models: list[str] = field(default_factory=list)
+    #: Peer AE titles or ``@source``; empty = ``reports.destinations``.
+    destinations: list[str] = field(default_factory=list)
+
+    def validate(self, where: str) -> None:
+        for key in ("calling_ae", "modality", "sop_class", "body_part", "models", "destinations"):
+            value = getattr(self, key)
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{where}.{key} must be a list of strings")
+        if self.series_description:
+            try:
+                re.compile(self.series_description)
+            except re.error as exc:
+                raise ConfigError(
+                    f"{where}.series_description is not a valid regex: {exc}"
+                ) from exc
+
+
+@dataclass
 class ReportsConfig:
     """Where reports go and how delivery is retried."""
 
@@ -217,6 +251,8 @@ class Config:
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     reports: ReportsConfig = field(default_factory=ReportsConfig)
     peers: list[Peer] = field(default_factory=list)
+    #: Routing rules, first match wins; none configured = every image to every accepting model.
+    routes: list[Route] = field(default_factory=list)
 
     def validate(self) -> None:
         """Check every section; raise :class:`ConfigError` naming the first bad key."""
@@ -237,6 +273,13 @@ class Config:
                 raise ConfigError(
                     f"reports.destinations names {dest!r}, which is not a configured peer"
                 )
+        for i, route in enumerate(self.routes):
+            route.validate(f"routes[{i}]")
+            for dest in route.destinations:
+                if dest != SOURCE and dest not in seen:
+                    raise ConfigError(
+                        f"routes[{i}].destinations names {dest!r}, which is not a configured peer"
+                    )
 
     def peer(self, ae_title: str) -> Peer | None:
         """The configured peer with this AE title, if any."""
@@ -290,7 +333,11 @@ def _apply(section: Any, values: Mapping[str, Any], where: str) -> None:
 
 
 def _sections(cfg: Config) -> dict[str, Any]:
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "peers"}
+    return {
+        f.name: getattr(cfg, f.name)
+        for f in dataclasses.fields(cfg)
+        if f.name not in ("peers", "routes")
+    }
 
 
 def load_config(
@@ -319,6 +366,15 @@ def load_config(
                         raise ConfigError(f"peers[{i}]: {exc}") from exc
                     peer.port = _coerce(peer.port, int, f"peers[{i}].port")
                     cfg.peers.append(peer)
+            elif name == "routes":
+                if not isinstance(values, list):
+                    raise ConfigError("routes must be an array of tables ([[routes]])")
+                cfg.routes = []
+                for i, item in enumerate(values):
+                    try:
+                        cfg.routes.append(Route(**item))
+                    except TypeError as exc:
+                        raise ConfigError(f"routes[{i}]: {exc}") from exc
             elif name in sections:
                 if not isinstance(values, dict):
                     raise ConfigError(f"[{name}] must be a table")

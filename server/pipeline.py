@@ -66,20 +66,25 @@ class Pipeline:
 
     # --- routing ---------------------------------------------------------------------------------
 
-    def models_for(self, ds: Dataset) -> list[ModelSpec]:
-        """Models whose sidecar accepts this image (by modality, body part and view)."""
+    def models_for(self, ds: Dataset, allowed: frozenset[str] | None = None) -> list[ModelSpec]:
+        """Models whose sidecar accepts this image (modality, body part, view), among
+        ``allowed`` (model names a routing rule chose; None = any)."""
         if not is_image(ds):
             return []
         modality = _text(ds, "Modality")
         body_part = _text(ds, "BodyPartExamined")
         view = _text(ds, "ViewPosition")
-        return [m for m in self.models if m.accepts_image(modality, body_part, view)]
+        return [
+            m
+            for m in self.models
+            if (allowed is None or m.name in allowed) and m.accepts_image(modality, body_part, view)
+        ]
 
     # --- preparation -----------------------------------------------------------------------------
 
-    def prepare(self, ds: Dataset) -> dict[str, Prepared]:
+    def prepare(self, ds: Dataset, allowed: frozenset[str] | None = None) -> dict[str, Prepared]:
         """Decode and preprocess ``ds`` for each model that applies; InputError if it can't."""
-        models = self.models_for(ds)
+        models = self.models_for(ds, allowed)
         if not models:
             return {}
         image = decode(ds)
@@ -93,12 +98,12 @@ class Pipeline:
             prepared[m.name] = Prepared(to_host(batch)[0], placements[0])
         return prepared
 
-    def inspect(self, ds: Dataset) -> bool:
+    def inspect(self, ds: Dataset, allowed: frozenset[str] | None = None) -> bool:
         """SCP hook: prepare an arriving instance and keep the tensors for its study's analysis.
 
         Returns whether the instance is an image some model will analyse.
         """
-        prepared = self.prepare(ds)
+        prepared = self.prepare(ds, allowed)
         if prepared:
             self._remember(str(ds.SOPInstanceUID), prepared)
         return bool(prepared)
@@ -129,17 +134,22 @@ class Pipeline:
         datasets: Sequence[Dataset],
         *,
         load_pixels: Callable[[Dataset], Dataset] | None = None,
+        allowed: Callable[[Dataset], frozenset[str] | None] | None = None,
     ) -> list[ImageAnalysis]:
         """Analyse the images of one study with every applicable model, batched per model.
 
         ``datasets`` may be headers only (no pixel data) when ``load_pixels(ds)`` can return the
-        full dataset for an image whose tensors are no longer cached.
+        full dataset for an image whose tensors are no longer cached; ``allowed(ds)`` gives the
+        model names a routing rule chose for it (None = any).
         """
         jobs: dict[str, list[tuple[Dataset, Prepared]]] = {}
         for ds in datasets:
             prepared = self._take(str(ds.SOPInstanceUID))
             if prepared is None:
-                prepared = self.prepare(ds if load_pixels is None else load_pixels(ds))
+                prepared = self.prepare(
+                    ds if load_pixels is None else load_pixels(ds),
+                    None if allowed is None else allowed(ds),
+                )
             for name, p in prepared.items():
                 jobs.setdefault(name, []).append((ds, p))
         results = []

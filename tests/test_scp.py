@@ -247,3 +247,70 @@ def test_audit_log_says_who_sent_what_and_where_reports_went(
     assert sent and sent[0]["destination"] == "PACS" and sent[0]["study"] == ds.StudyInstanceUID
     text = (cfg.storage.data_dir / "audit.jsonl").read_text()
     assert str(ds.PatientName) not in text and str(ds.PatientID) not in text
+
+
+def test_routing_rules_choose_models_and_destinations(
+    tmp_path: Path,
+    start_server,  # type: ignore[no-untyped-def]
+) -> None:
+    from nidaan.server.config import Route
+
+    ward = Pacs(free_port(), tmp_path / "archive")
+    radiology = Pacs(free_port(), tmp_path / "pacs")
+    ward.start()
+    radiology.start()
+    try:
+        cfg = make_config(
+            tmp_path,
+            peers=[
+                Peer("PACS", "127.0.0.1", radiology.port),
+                Peer("ARCHIVE", "127.0.0.1", ward.port),
+            ],
+        )
+        cfg.routes = [
+            Route(name="ward", calling_ae=["WARD"], destinations=["ARCHIVE"]),
+            Route(
+                name="radiology",
+                modality=["CR", "DX"],
+                series_description=r"\bPA\b",
+                models=["cxr_screen"],
+                destinations=["PACS"],
+            ),
+        ]
+        cfg.validate()
+        server = start_server(cfg)
+        sent = {}
+        for name, calling, description in (
+            ("ward", "WARD", "lateral"),
+            ("radiology", "MODALITY", "CHEST PA"),
+            ("unrouted", "MODALITY", "CHEST LATERAL"),
+        ):
+            ds, _ = synthetic_cxr(70 + len(sent))
+            ds.SeriesDescription = description
+            run = storescu(server.scp.port, [save(ds, tmp_path / f"{name}.dcm")], calling=calling)
+            assert run.returncode == 0, run.stderr
+            sent[name] = ds.StudyInstanceUID
+        wait_state(server, sent["ward"], "delivered")
+        wait_state(server, sent["radiology"], "delivered")
+        wait_state(server, sent["unrouted"], "skipped")
+        at_archive = {pydicom.dcmread(f).StudyInstanceUID for f in ward.wait_reports()}
+        at_pacs = {pydicom.dcmread(f).StudyInstanceUID for f in radiology.wait_reports()}
+        assert at_archive == {sent["ward"]} and at_pacs == {sent["radiology"]}
+    finally:
+        for p in (ward, radiology):
+            if p.process is not None:
+                stop(p.process)
+
+
+def test_routes_naming_unknown_models_or_bad_patterns_are_refused(tmp_path: Path) -> None:
+    from nidaan.server.app import NidaanServer
+    from nidaan.server.config import Route
+    from nidaan.server.errors import ConfigError
+
+    cfg = make_config(tmp_path)
+    cfg.routes = [Route(name="ct", models=["no_such_model"])]
+    with pytest.raises(ConfigError, match="unknown model"):
+        NidaanServer(cfg)
+    cfg.routes = [Route(name="bad", series_description="(unclosed")]
+    with pytest.raises(ConfigError, match="not a valid regex"):
+        cfg.validate()
