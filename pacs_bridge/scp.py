@@ -302,6 +302,8 @@ class StorageSCP:
             log.error("refusing an instance: %d bytes free on the spool's disk", free)
             self._outcome(event, OUT_OF_RESOURCES, "disk nearly full", study_uid)
             return _status(OUT_OF_RESOURCES, "the receiver's disk is nearly full")
+        existed = self.spool.instance_path(study_uid, sop_uid).exists()
+        path = None
         try:
             path = self.spool.store(study_uid, sop_uid, chunks)
             self.state.add_instance(
@@ -310,6 +312,8 @@ class StorageSCP:
             )
         except (OSError, sqlite3.Error) as exc:
             log.error("could not store instance %s: %s", ref(sop_uid), exc)
+            if path is not None and not existed:
+                path.unlink(missing_ok=True)  # not recorded, so not acknowledged: leave nothing
             self._outcome(event, OUT_OF_RESOURCES, "storage failed", study_uid)
             return _status(OUT_OF_RESOURCES, "could not store the instance")
         try:

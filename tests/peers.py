@@ -26,6 +26,7 @@ PACKAGES = {
     "dsrdump": "dcmtk",
     "dcmcjpeg": "dcmtk",
     "dcmcrle": "dcmtk",
+    "dcmconv": "dcmtk",
     "dciodvfy": "dicom3tools",
     "openssl": "openssl",
 }

@@ -314,3 +314,69 @@ def test_routes_naming_unknown_models_or_bad_patterns_are_refused(tmp_path: Path
     cfg.routes = [Route(name="bad", series_description="(unclosed")]
     with pytest.raises(ConfigError, match="not a valid regex"):
         cfg.validate()
+
+
+def test_storescu_with_several_transfer_syntaxes_in_one_study(
+    tmp_path: Path,
+    pacs: Pacs,
+    start_server,  # type: ignore[no-untyped-def]
+) -> None:
+    pacs.start()
+    server = start_server(pacs.config(tmp_path))
+    study = generate_uid()
+    files = []
+    # name: (tool that makes the file, storescu's option to propose its syntax first)
+    tools: dict[str, tuple[tuple[str, ...] | None, str]] = {
+        "explicit-le": (None, "-xe"),
+        "implicit-le": (("dcmconv", "+ti"), "-xi"),
+        "big-endian": (("dcmconv", "+tb"), "-xb"),
+        "jpeg-lossless": (("dcmcjpeg", "+e1"), "-xs"),
+        "rle": (("dcmcrle",), ""),  # storescu cannot propose RLE: pynetdicom sends this one
+    }
+    options = []
+    for i, (name, (tool, option)) in enumerate(tools.items()):
+        options.append(option)
+        ds, _ = synthetic_cxr(80 + i, study_uid=study, rows=512, columns=480)
+        src = save(ds, tmp_path / f"{name}-src.dcm")
+        if tool is None:
+            files.append(src)
+            continue
+        dst = tmp_path / f"{name}.dcm"
+        run = subprocess.run([need(tool[0]), *tool[1:], str(src), str(dst)], capture_output=True)
+        assert run.returncode == 0, run.stderr
+        files.append(dst)
+    j2k = pydicom.dcmread(sample_file("RG1_J2KR.dcm"))
+    j2k.StudyInstanceUID = study
+    j2k.SOPInstanceUID = j2k.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    files.append(save(j2k, tmp_path / "j2k.dcm"))
+    options.append("-xv")
+    syntaxes = {
+        str(pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID) for f in files
+    }
+    assert len(syntaxes) == 6
+    for f, option in zip(files, options, strict=True):  # each in its own transfer syntax
+        if not option:
+            (status,) = c_store(server.scp.port, [pydicom.dcmread(f)])
+            assert status.Status == 0x0000
+            continue
+        run = storescu(server.scp.port, [f], extra=(option,))
+        assert run.returncode == 0, run.stderr
+        assert "Converting transfer syntax" not in run.stdout + run.stderr
+    # Six associations: the first release completes the study, later ones reopen it, and once
+    # idle it is analysed again: the last report covers every instance.
+
+    def refs(path: Path) -> set[str]:
+        sr = pydicom.dcmread(path)
+        return {
+            i.ReferencedSOPInstanceUID
+            for s in sr.CurrentRequestedProcedureEvidenceSequence
+            for se in s.ReferencedSeriesSequence
+            for i in se.ReferencedSOPSequence
+        }
+
+    full = wait_until(
+        lambda: [f for f in pacs.folder.glob("SR*") if len(refs(f)) == 6],
+        60,
+        "a report covering all six encodings",
+    )
+    assert len(full) == 1  # every encoding decoded and analysed into one report

@@ -6,6 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pydicom
+import pytest
 from pydicom.uid import generate_uid
 
 from nidaan.server.config import Peer
@@ -91,3 +92,59 @@ def test_nearly_full_disk_refuses_with_out_of_resources_and_keeps_nothing(
     assert status.Status == 0xA700 and "disk" in status.ErrorComment
     assert [p for p in (cfg.storage.data_dir / "spool").rglob("*") if p.is_file()] == []
     assert server.state.study(ds.StudyInstanceUID) is None
+
+
+def test_database_error_answers_out_of_resources_and_leaves_no_file(
+    tmp_path: Path,
+    start_server,  # type: ignore[no-untyped-def]
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sqlite3
+
+    server = start_server(make_config(tmp_path))
+
+    def broken(*args: object, **kwargs: object) -> bool:
+        # Fault injection: SQLite failing (disk I/O error, lock) cannot be provoked reliably as
+        # root on a healthy disk, so the state store's write is made to fail instead.
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(server.state, "add_instance", broken)
+    ds, _ = synthetic_cxr(36)
+    (status,) = c_store(server.scp.port, [ds])
+    assert status.Status == 0xA700
+    spool = server.spool.root
+    assert [p for p in spool.rglob("*") if p.is_file()] == []
+
+
+def test_association_limit_rejects_the_one_too_many(
+    tmp_path: Path,
+    start_server,  # type: ignore[no-untyped-def]
+) -> None:
+    from pynetdicom import AE
+
+    cfg = make_config(tmp_path)
+    cfg.dicom.max_associations = 1
+    server = start_server(cfg)
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    first = ae.associate("127.0.0.1", server.scp.port, ae_title="NIDAAN")
+    try:
+        assert first.is_established
+        second = ae.associate("127.0.0.1", server.scp.port, ae_title="NIDAAN")
+        assert not second.is_established and second.is_rejected
+    finally:
+        first.release()
+
+
+def test_rows_encoded_as_ul_with_an_impossible_value_is_refused(
+    tmp_path: Path,
+    start_server,  # type: ignore[no-untyped-def]
+) -> None:
+    cfg = make_config(tmp_path)
+    server = start_server(cfg)
+    ds, _ = synthetic_cxr(37, rows=256, columns=256)
+    ds.Rows = 4_000_000_000  # US cannot hold it: written as UL, as a hostile sender could
+    ds["Rows"].VR = "UL"
+    (status,) = c_store(server.scp.port, [ds])
+    assert status.Status != 0x0000 and status.Status >> 12 in (0xA, 0xC)
+    assert list((cfg.storage.data_dir / "quarantine").glob("*.json"))
