@@ -19,12 +19,14 @@ import logging
 import shutil
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from nidaan.server.errors import InputError
@@ -72,6 +74,9 @@ class StoreOutcome:
 Inspector = Callable[[Dataset, str], bool]
 
 
+#: Element values larger than this are left in the received file until read.
+DEFER_BYTES = 1 << 20
+
 #: Sequences nested deeper than this are refused: real objects stay within a handful of levels
 #: (TID 1500 SRs within about ten), and deep nesting exhausts recursive parsers downstream.
 MAX_SEQUENCE_DEPTH = 32
@@ -93,19 +98,38 @@ def too_deep(ds: Dataset, limit: int = MAX_SEQUENCE_DEPTH) -> bool:
     return False
 
 
-def overrun_element(ds: Dataset) -> str:
+def overrun_element(ds: Dataset, file_size: int) -> str:
     """The first top-level element whose declared length runs past the data, or ''.
 
     pydicom reads what is there and does not complain (PS3.5 7.1 makes the length binding), so
-    the check compares each still-raw element's declared length with the bytes it got.
+    the check compares each still-raw element's declared length with the bytes it got, or, for a
+    value left on disk (deferred), with where the file ends.
     """
     for tag in ds.keys():  # noqa: SIM118 - iterating a Dataset would convert its elements
-        raw = ds.get_item(tag)
+        raw = ds.get_item(tag, keep_deferred=True)
         length = getattr(raw, "length", None)
+        if length in (None, 0xFFFFFFFF):
+            continue
         value = getattr(raw, "value", None)
-        if isinstance(value, bytes) and length not in (None, 0xFFFFFFFF) and len(value) < length:
+        if isinstance(value, bytes) and len(value) < length:
             return f"element {tag} declares {length} bytes but {len(value)} follow"
+        start = getattr(raw, "value_tell", None)
+        if value is None and start is not None and start + length > file_size:
+            return f"element {tag} declares {length} bytes, past the end of the data"
     return ""
+
+
+class FileChunks:
+    """The bytes of a file in 1 MiB chunks; iterable again and again (store, quarantine)."""
+
+    def __init__(self, path: Path, chunk: int = 1 << 20) -> None:
+        self.path = path
+        self.chunk = chunk
+
+    def __iter__(self) -> Iterator[bytes]:
+        with open(self.path, "rb") as fh:
+            while block := fh.read(self.chunk):
+                yield block
 
 
 def _status(code: int, comment: str = "") -> Dataset:
@@ -139,6 +163,8 @@ class StorageSCP:
         self._on_instance = on_instance
         self._on_association_end = on_association_end
         self._on_outcome = on_outcome
+        # Receive data sets into temporary files rather than memory (a process-wide setting).
+        _config.STORE_RECV_CHUNKED_DATASET = True
         self.ae = AE(ae_title=ae_title)
         self.ae.maximum_pdu_size = max_pdu
         self.ae.require_called_aet = True
@@ -221,7 +247,9 @@ class StorageSCP:
             )
         )
 
-    def _refuse(self, event: Any, chunks: list[bytes] | None, status: int, reason: str) -> Dataset:
+    def _refuse(
+        self, event: Any, chunks: Iterable[bytes] | None, status: int, reason: str
+    ) -> Dataset:
         where = ""
         if chunks is not None:
             try:
@@ -234,15 +262,23 @@ class StorageSCP:
         return _status(status, reason)
 
     def _handle_store(self, event: Any) -> Dataset:
+        # pynetdicom's chunked receive (set in __init__) has written the data set, as received,
+        # to a temporary Part 10 file: memory holds at most a few chunks of it, whatever its size.
         try:
-            chunks = [event.encoded_dataset(include_meta=True)]
-        except Exception as exc:  # the request itself is unusable
+            received = Path(event.dataset_path)
+            size = received.stat().st_size
+        except (AttributeError, OSError) as exc:  # the request itself is unusable
             return self._refuse(
                 event, None, CANNOT_UNDERSTAND, f"unreadable request: {type(exc).__name__}"
             )
+        if size > self.limits.max_instance_bytes:
+            return self._refuse(
+                event, None, OUT_OF_RESOURCES, f"instance of {size} bytes exceeds the size limit"
+            )
+        chunks = FileChunks(received)
         try:
-            ds = event.dataset
-            ds.file_meta = event.file_meta
+            # Values over DEFER_BYTES stay on disk until something reads them (the decoder).
+            ds = dcmread(received, defer_size=DEFER_BYTES)
             study_uid = str(ds.StudyInstanceUID)
             sop_uid = str(ds.SOPInstanceUID)
             series_uid = str(ds.get("SeriesInstanceUID", ""))
@@ -251,7 +287,7 @@ class StorageSCP:
             return self._refuse(event, chunks, DOES_NOT_MATCH_SOP_CLASS, f"missing UID: {exc}"[:64])
         except Exception as exc:  # pydicom raises many types for corrupt encodings
             return self._refuse(event, chunks, CANNOT_UNDERSTAND, f"cannot decode data set: {exc}")
-        overrun = overrun_element(ds)
+        overrun = overrun_element(ds, size)
         if overrun:
             return self._refuse(event, chunks, CANNOT_UNDERSTAND, overrun)
         if too_deep(ds):
@@ -263,11 +299,6 @@ class StorageSCP:
             )
         if not (is_valid_uid(study_uid) and is_valid_uid(sop_uid)):
             return self._refuse(event, chunks, DOES_NOT_MATCH_SOP_CLASS, "malformed Study/SOP UID")
-        size = len(chunks[0])
-        if size > self.limits.max_instance_bytes:
-            return self._refuse(
-                event, None, OUT_OF_RESOURCES, f"instance of {size} bytes exceeds the size limit"
-            )
         try:
             frames = int(ds.get("NumberOfFrames", 1) or 1)
             pixels = int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0) * frames

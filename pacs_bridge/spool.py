@@ -65,7 +65,7 @@ class Spool:
         atomic_write(path, chunks)
         return path
 
-    def quarantine(self, chunks: list[bytes], reason: str, *, status: int) -> Path:
+    def quarantine(self, chunks: Iterable[bytes], reason: str, *, status: int) -> Path:
         """Keep a refused object with a JSON sidecar saying why; returns the object's path.
 
         Quarantined files are named by time, not by their (untrusted) UIDs.

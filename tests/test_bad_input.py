@@ -59,6 +59,14 @@ def _length_beyond_end(tmp: Path) -> Path:
     return _file_with_body(tmp / "l.dcm", bytes(body))
 
 
+def _length_just_beyond_end(tmp: Path) -> Path:
+    body = bytearray(_dataset_bytes(_good()))
+    at = body.rfind(b"\xe0\x7f\x10\x00OW\x00\x00")
+    declared = struct.unpack("<I", body[at + 8 : at + 12])[0]
+    body[at + 8 : at + 12] = struct.pack("<I", declared + 4096)  # small: read, not deferred
+    return _file_with_body(tmp / "j.dcm", bytes(body))
+
+
 def _deeply_nested(tmp: Path) -> Path:
     # Written as bytes: pydicom itself cannot write (or print) 2000 levels. Undefined-length
     # sequences and items (PS3.5 7.5.2), in a private SQ element after Pixel Data.
@@ -97,7 +105,8 @@ def _uid_escape(tmp: Path) -> Path:
 
 CASES: dict[str, Callable[[Path], Path]] = {
     "truncated data set": _truncated,
-    "element length beyond the end": _length_beyond_end,
+    "element length far beyond the end": _length_beyond_end,
+    "element length just beyond the end": _length_just_beyond_end,
     "2000 nested sequences": _deeply_nested,
     "bytes that are not DICOM": _not_dicom,
     "palette colour, LUT index out of range": _palette_out_of_range,
