@@ -77,3 +77,94 @@ def test_every_acknowledged_study_is_reported_after_kill_9(tmp_path: Path) -> No
         stop(server)
         if pacs is not None:
             stop(pacs)
+
+
+def test_kill_9_in_the_middle_of_an_association_keeps_every_acknowledged_instance(
+    tmp_path: Path,
+) -> None:
+    nidaan_port, pacs_port = free_port(), free_port()
+    config = tmp_path / "nidaan.toml"
+    config.write_text(
+        f'[dicom]\nbind = "127.0.0.1"\nport = {nidaan_port}\n'
+        f'[storage]\ndata_dir = "{tmp_path / "data"}"\n[models]\nrepository = "{MODELS}"\n'
+        '[reports]\ndestinations = ["PACS"]\n'
+        f'[[peers]]\nae_title = "PACS"\nhost = "127.0.0.1"\nport = {pacs_port}\n'
+    )
+    from pydicom.uid import generate_uid
+
+    study = generate_uid()
+    files, uids = [], {}
+    for i in range(60):
+        ds, _ = synthetic_cxr(700 + i, study_uid=study, rows=400, columns=350)
+        files.append(save(ds, tmp_path / f"{i:02d}.dcm"))
+        uids[str(files[-1])] = ds.SOPInstanceUID
+    log = tmp_path / "nidaan.log"
+    server = _serve(config, log)
+    pacs = None
+    try:
+        wait_for_port(nidaan_port, timeout=120, proc=server)
+        sender = subprocess.Popen(
+            [
+                need("storescu"),
+                "-v",
+                "-aec",
+                "NIDAAN",
+                "127.0.0.1",
+                str(nidaan_port),
+                *map(str, files),
+            ],
+            env=DCMTK_ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        audit = tmp_path / "data" / "audit.jsonl"
+        wait_until(
+            lambda: audit.exists() and audit.read_text().count('"0x0000"') >= 10,
+            60,
+            "ten acknowledged instances",
+            interval=0.01,
+        )
+        os.kill(server.pid, signal.SIGKILL)  # mid-association, mid-study
+        server.wait()
+        out, _ = sender.communicate(timeout=60)
+        acknowledged, current = set(), None
+        for line in out.splitlines():
+            if "Sending file:" in line:
+                current = line.split("Sending file:")[1].strip()
+            elif "Received Store Response (Success)" in line and current:
+                acknowledged.add(uids[current])
+        assert 10 <= len(acknowledged) < len(files), "the kill should land mid-association"
+        pacs_dir = tmp_path / "pacs"
+        pacs_dir.mkdir()
+        pacs = subprocess.Popen(
+            [need("storescp"), "-aet", "PACS", "-od", str(pacs_dir), "+xa", str(pacs_port)],
+            env=DCMTK_ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for_port(pacs_port, proc=pacs)
+        server = _serve(config, log)
+        wait_for_port(nidaan_port, timeout=120, proc=server)
+
+        def reported() -> set[str]:
+            seen: set[str] = set()
+            for f in pacs_dir.glob("SR*"):
+                sr = pydicom.dcmread(f)
+                seen |= {
+                    i.ReferencedSOPInstanceUID
+                    for s in sr.CurrentRequestedProcedureEvidenceSequence
+                    for se in s.ReferencedSeriesSequence
+                    for i in se.ReferencedSOPSequence
+                }
+            return seen
+
+        wait_until(
+            lambda: acknowledged <= reported(),
+            120,
+            "every acknowledged instance in a delivered report",
+        )
+    finally:
+        stop(server)
+        if pacs is not None:
+            stop(pacs)
