@@ -4,6 +4,7 @@ findings comes back into the same study in Orthanc."""
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
@@ -163,3 +164,32 @@ def test_metrics_count_instances_and_logs_carry_no_phi(deployment: Deployment) -
         for phi in map(str, identifiers):
             assert phi
             assert phi not in log
+
+
+def test_a_study_sent_twice_leaves_one_report_in_the_pacs(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    path = with_new_uids(sample_file("RG1_UNCR.dcm"), tmp_path / "twice.dcm")
+    deployment.sent.append(pydicom.dcmread(path, stop_before_pixels=True))
+    study_id = deployment.orthanc.upload(path)["ParentStudy"]
+
+    def deliveries() -> float:
+        url = f"http://127.0.0.1:{deployment.http_port}/metrics"
+        with urllib.request.urlopen(url) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith('nidaan_report_deliveries_total{outcome="delivered"}'):
+                    return float(line.split()[-1])
+        return 0.0
+
+    deployment.orthanc.send_to("nidaan", study_id)
+    first = _report_of(deployment.orthanc, study_id)
+    before = deliveries()
+    deployment.orthanc.send_to("nidaan", study_id)  # the PACS sends the same study again
+    wait_until(lambda: deliveries() > before, 60, "the report to be delivered again")
+    (again,) = deployment.orthanc.reports(study_id)  # still exactly one SR in the study
+    assert (
+        pydicom.dcmread(
+            io.BytesIO(deployment.orthanc.get(f"/instances/{again['ID']}/file"))
+        ).SOPInstanceUID
+        == first.SOPInstanceUID
+    )
