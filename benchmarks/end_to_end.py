@@ -22,7 +22,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from factory import save, synthetic_cxr  # noqa: E402
-from peers import DCMTK_ENV, free_port, need, stop, wait_for_port  # noqa: E402
+from peers import (  # noqa: E402
+    DCMTK_ENV,
+    free_port,
+    need,
+    nidaan_config,
+    start_nidaan,
+    stop,
+    wait_for_port,
+)
 
 
 def _send(port: int, path: Path, called: str) -> None:
@@ -63,23 +71,15 @@ def main() -> None:
         env=DCMTK_ENV,
     )
     wait_for_port(pacs_port, proc=pacs)
-    config = work / "nidaan.toml"
-    config.write_text(
-        f'[dicom]\nbind = "127.0.0.1"\nport = {nidaan_port}\n[storage]\ndata_dir = "{work}/data"\n'
-        f'[models]\nrepository = "{ROOT / "models"}"\n[reports]\ndestinations = ["PACS"]\n'
-        f'[[peers]]\nae_title = "PACS"\nhost = "127.0.0.1"\nport = {pacs_port}\n'
+    config = nidaan_config(
+        work / "nidaan.toml",
+        port=nidaan_port,
+        data_dir=work / "data",
+        models=ROOT / "models",
+        extra='[reports]\ndestinations = ["PACS"]\n',
+        peers={"PACS": pacs_port},
     )
-    nidaan = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "nidaan"),
-            "--config",
-            str(config),
-            "serve",
-            "--no-http",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    nidaan = start_nidaan(config)
     try:
         wait_for_port(nidaan_port, timeout=120, proc=nidaan)
         # Baseline: the same transfer straight to the PACS.

@@ -28,7 +28,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from factory import sample_file  # noqa: E402
-from peers import DCMTK_ENV, free_port, need, stop, wait_for_port  # noqa: E402
+from peers import (  # noqa: E402
+    DCMTK_ENV,
+    free_port,
+    need,
+    nidaan_config,
+    start_nidaan,
+    stop,
+    wait_for_port,
+)
 
 
 def ct_series(folder: Path, slices: int) -> list[Path]:
@@ -92,23 +100,10 @@ def main() -> None:
         stop(scp)
 
     port = free_port()
-    config = work / "nidaan.toml"
-    config.write_text(
-        f'[dicom]\nbind = "127.0.0.1"\nport = {port}\n'
-        f'[storage]\ndata_dir = "{work / "data"}"\n'
-        f'[models]\nrepository = "{ROOT / "models"}"\n'
+    config = nidaan_config(
+        work / "nidaan.toml", port=port, data_dir=work / "data", models=ROOT / "models"
     )
-    server = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "nidaan"),
-            "--config",
-            str(config),
-            "serve",
-            "--no-http",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    server = start_nidaan(config)
     try:
         wait_for_port(port, timeout=120, proc=server)
         time.sleep(1.0)

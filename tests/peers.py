@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -166,3 +167,77 @@ def start_orthanc(workdir: Path, modalities: dict[str, tuple[str, str, int]]) ->
     wait_for_port(http_port, proc=proc)
     wait_for_port(dicom_port, proc=proc)
     return Orthanc(http_port, dicom_port, proc)
+
+
+NIDAAN = Path(sys.executable).parent / "nidaan"
+
+
+def nidaan_config(
+    path: Path,
+    *,
+    port: int,
+    data_dir: Path,
+    models: Path,
+    extra: str = "",
+    peers: dict[str, int] | None = None,
+) -> Path:
+    """Write a Nidaan TOML config on loopback; ``peers`` maps AE titles to loopback ports."""
+    text = (
+        f'[dicom]\nbind = "127.0.0.1"\nport = {port}\n'
+        f'[storage]\ndata_dir = "{data_dir}"\n[models]\nrepository = "{models}"\n{extra}'
+    )
+    for ae, peer_port in (peers or {}).items():
+        text += f'[[peers]]\nae_title = "{ae}"\nhost = "127.0.0.1"\nport = {peer_port}\n'
+    path.write_text(text)
+    return path
+
+
+def start_nidaan(config: Path, log: Path | None = None, *, http: bool = False) -> subprocess.Popen:
+    """``nidaan serve`` (the installed command) in its own process, output to ``log``."""
+    args = [str(NIDAAN), "--config", str(config), "serve"] + ([] if http else ["--no-http"])
+    out = open(log, "ab") if log is not None else subprocess.DEVNULL  # noqa: SIM115
+    return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+
+
+class StoreSCP:
+    """dcmtk's storescp as a PACS that reports go to; not listening until ``start()``."""
+
+    def __init__(
+        self, port: int, folder: Path, aet: str = "PACS", extra: tuple[str, ...] = ()
+    ) -> None:
+        self.port, self.folder, self.aet, self.extra = port, folder, aet, extra
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [
+                need("storescp"),
+                *self.extra,
+                "-aet",
+                self.aet,
+                "-od",
+                str(self.folder),
+                "+xa",
+                str(self.port),
+            ],
+            env=DCMTK_ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for_port(self.port, proc=self.process)
+
+    def reports(self) -> list[Path]:
+        return sorted(self.folder.glob("SR*"))
+
+    def wait_reports(self, n: int = 1, timeout: float = 60) -> list[Path]:
+        return wait_until(
+            lambda: r if len(r := self.reports()) >= n else None,
+            timeout,
+            f"{n} report(s) at the PACS",
+        )
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop(self.process)
+            self.process = None

@@ -73,3 +73,13 @@ def _has(program: str) -> bool:
     import shutil
 
     return shutil.which(program) is not None
+
+
+def evidence(sr: Dataset) -> set[str]:
+    """SOP Instance UIDs an SR lists in its Current Requested Procedure Evidence Sequence."""
+    return {
+        item.ReferencedSOPInstanceUID
+        for study in sr.get("CurrentRequestedProcedureEvidenceSequence", [])
+        for series in study.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    }

@@ -5,10 +5,8 @@ findings comes back into the same study in Orthanc."""
 from __future__ import annotations
 
 import io
-import os
 import signal
 import subprocess
-import sys
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,7 +18,16 @@ import pytest
 from conftest import MODELS
 from factory import sample_file, save, synthetic_cxr, with_new_uids
 from netutil import storescu
-from peers import Orthanc, free_port, start_orthanc, stop, wait_for_port, wait_until
+from peers import (
+    Orthanc,
+    free_port,
+    nidaan_config,
+    start_nidaan,
+    start_orthanc,
+    stop,
+    wait_for_port,
+    wait_until,
+)
 from srutil import codes, dciodvfy_errors, dsrdump_ok, graphics, numbers
 
 NODULE, TB = "786838002", "154283005"
@@ -41,24 +48,17 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     work = tmp_path_factory.mktemp("e2e")
     nidaan_port, http_port = free_port(), free_port()
     orthanc = start_orthanc(work / "orthanc", {"nidaan": ("NIDAAN", "127.0.0.1", nidaan_port)})
-    config = work / "nidaan.toml"
-    config.write_text(
-        f'[dicom]\nbind = "127.0.0.1"\nport = {nidaan_port}\n'
-        f'[http]\nbind = "127.0.0.1"\nport = {http_port}\n'
-        f'[storage]\ndata_dir = "{work / "data"}"\n'
-        f'[models]\nrepository = "{MODELS}"\n'
-        '[reports]\ndestinations = ["@source", "ORTHANC"]\n'
-        f'[[peers]]\nae_title = "ORTHANC"\nhost = "127.0.0.1"\nport = {orthanc.dicom_port}\n'
+    config = nidaan_config(
+        work / "nidaan.toml",
+        port=nidaan_port,
+        data_dir=work / "data",
+        models=MODELS,
+        extra=f'[http]\nbind = "127.0.0.1"\nport = {http_port}\n'
+        '[reports]\ndestinations = ["@source", "ORTHANC"]\n',
+        peers={"ORTHANC": orthanc.dicom_port},
     )
     log = work / "nidaan.log"
-    exe = Path(sys.executable).parent / "nidaan"
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(
-            [str(exe), "--config", str(config), "serve"],
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "NIDAAN_DICOM_AE_TITLE": "NIDAAN"},
-        )
+    proc = start_nidaan(config, log, http=True)
     try:
         wait_for_port(nidaan_port, timeout=120, proc=proc)
         yield Deployment(orthanc, proc, nidaan_port, http_port, log)

@@ -1,97 +1,83 @@
-"""Crash safety: a `kill -9` of `nidaan serve` after it acknowledged studies loses none."""
+"""Crash safety: a `kill -9` of `nidaan serve` loses no study it acknowledged."""
 
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pydicom
+from pydicom.uid import generate_uid
 
 from conftest import MODELS
 from factory import save, synthetic_cxr
 from netutil import storescu
-from peers import DCMTK_ENV, free_port, need, stop, wait_for_port, wait_until
+from peers import (
+    DCMTK_ENV,
+    StoreSCP,
+    free_port,
+    need,
+    nidaan_config,
+    start_nidaan,
+    stop,
+    wait_for_port,
+    wait_until,
+)
+from srutil import evidence
 
 
-def _serve(config: Path, log: Path) -> subprocess.Popen:
-    exe = Path(sys.executable).parent / "nidaan"
-    with open(log, "ab") as fh:
-        return subprocess.Popen(
-            [str(exe), "--config", str(config), "serve", "--no-http"],
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-        )
+def _setup(tmp_path: Path) -> tuple[Path, int, StoreSCP]:
+    """A config for nidaan on a free port whose reports go to a (not yet started) PACS."""
+    port = free_port()
+    pacs = StoreSCP(free_port(), tmp_path / "pacs")
+    config = nidaan_config(
+        tmp_path / "nidaan.toml",
+        port=port,
+        data_dir=tmp_path / "data",
+        models=MODELS,
+        extra='[reports]\ndestinations = ["PACS"]\nretry_initial_s = 0.2\nretry_max_s = 0.5\n',
+        peers={"PACS": pacs.port},
+    )
+    return config, port, pacs
+
+
+def _kill_9(server: subprocess.Popen) -> None:
+    os.kill(server.pid, signal.SIGKILL)
+    server.wait()
 
 
 def test_every_acknowledged_study_is_reported_after_kill_9(tmp_path: Path) -> None:
-    nidaan_port, pacs_port = free_port(), free_port()
-    config = tmp_path / "nidaan.toml"
-    config.write_text(
-        f'[dicom]\nbind = "127.0.0.1"\nport = {nidaan_port}\n'
-        f'[storage]\ndata_dir = "{tmp_path / "data"}"\n[models]\nrepository = "{MODELS}"\n'
-        '[reports]\ndestinations = ["PACS"]\nretry_initial_s = 0.2\nretry_max_s = 0.5\n'
-        f'[[peers]]\nae_title = "PACS"\nhost = "127.0.0.1"\nport = {pacs_port}\n'
-    )
+    config, port, pacs = _setup(tmp_path)
     log = tmp_path / "nidaan.log"
-    server = _serve(config, log)
-    pacs = None
+    server = start_nidaan(config, log)
     try:
-        wait_for_port(nidaan_port, timeout=120, proc=server)
+        wait_for_port(port, timeout=120, proc=server)
         sent = []
         for i in range(6):
             ds, _ = synthetic_cxr(600 + i, nodule=i % 2 == 0, rows=700, columns=600)
-            run = storescu(nidaan_port, [save(ds, tmp_path / f"{i}.dcm")])
+            run = storescu(port, [save(ds, tmp_path / f"{i}.dcm")])
             assert run.returncode == 0, run.stderr  # acknowledged: Nidaan now owes a report
             sent.append(ds.StudyInstanceUID)
         # The PACS is down, studies are somewhere between received and queued: crash now.
-        os.kill(server.pid, signal.SIGKILL)
-        server.wait()
-        pacs_dir = tmp_path / "pacs"
-        pacs_dir.mkdir()
-        pacs = subprocess.Popen(
-            [need("storescp"), "-aet", "PACS", "-od", str(pacs_dir), "+xa", str(pacs_port)],
-            env=DCMTK_ENV,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_for_port(pacs_port, proc=pacs)
-        server = _serve(config, log)
-        wait_for_port(nidaan_port, timeout=120, proc=server)
-        reports = wait_until(
-            lambda: f if len(f := list(pacs_dir.glob("SR*"))) >= len(sent) else None,
-            120,
-            "a report for every acknowledged study",
-        )
-        time.sleep(1.0)  # a duplicate would arrive as an extra file with the same UID or a new one
+        _kill_9(server)
+        pacs.start()
+        server = start_nidaan(config, log)
+        wait_for_port(port, timeout=120, proc=server)
+        reports = pacs.wait_reports(len(sent), timeout=120)
         studies = sorted(
-            pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID
-            for f in pacs_dir.glob("SR*")
+            pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID for f in reports
         )
         assert studies == sorted(sent), "each study reported exactly once"
-        assert len(reports) == len(sent)
     finally:
         stop(server)
-        if pacs is not None:
-            stop(pacs)
+        pacs.stop()
 
 
 def test_kill_9_in_the_middle_of_an_association_keeps_every_acknowledged_instance(
     tmp_path: Path,
 ) -> None:
-    nidaan_port, pacs_port = free_port(), free_port()
-    config = tmp_path / "nidaan.toml"
-    config.write_text(
-        f'[dicom]\nbind = "127.0.0.1"\nport = {nidaan_port}\n'
-        f'[storage]\ndata_dir = "{tmp_path / "data"}"\n[models]\nrepository = "{MODELS}"\n'
-        '[reports]\ndestinations = ["PACS"]\n'
-        f'[[peers]]\nae_title = "PACS"\nhost = "127.0.0.1"\nport = {pacs_port}\n'
-    )
-    from pydicom.uid import generate_uid
-
+    config, port, pacs = _setup(tmp_path)
     study = generate_uid()
     files, uids = [], {}
     for i in range(60):
@@ -99,20 +85,11 @@ def test_kill_9_in_the_middle_of_an_association_keeps_every_acknowledged_instanc
         files.append(save(ds, tmp_path / f"{i:02d}.dcm"))
         uids[str(files[-1])] = ds.SOPInstanceUID
     log = tmp_path / "nidaan.log"
-    server = _serve(config, log)
-    pacs = None
+    server = start_nidaan(config, log)
     try:
-        wait_for_port(nidaan_port, timeout=120, proc=server)
+        wait_for_port(port, timeout=120, proc=server)
         sender = subprocess.Popen(
-            [
-                need("storescu"),
-                "-v",
-                "-aec",
-                "NIDAAN",
-                "127.0.0.1",
-                str(nidaan_port),
-                *map(str, files),
-            ],
+            [need("storescu"), "-v", "-aec", "NIDAAN", "127.0.0.1", str(port), *map(str, files)],
             env=DCMTK_ENV,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -125,8 +102,7 @@ def test_kill_9_in_the_middle_of_an_association_keeps_every_acknowledged_instanc
             "ten acknowledged instances",
             interval=0.01,
         )
-        os.kill(server.pid, signal.SIGKILL)  # mid-association, mid-study
-        server.wait()
+        _kill_9(server)  # mid-association, mid-study
         out, _ = sender.communicate(timeout=60)
         acknowledged, current = set(), None
         for line in out.splitlines():
@@ -135,29 +111,12 @@ def test_kill_9_in_the_middle_of_an_association_keeps_every_acknowledged_instanc
             elif "Received Store Response (Success)" in line and current:
                 acknowledged.add(uids[current])
         assert 10 <= len(acknowledged) < len(files), "the kill should land mid-association"
-        pacs_dir = tmp_path / "pacs"
-        pacs_dir.mkdir()
-        pacs = subprocess.Popen(
-            [need("storescp"), "-aet", "PACS", "-od", str(pacs_dir), "+xa", str(pacs_port)],
-            env=DCMTK_ENV,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_for_port(pacs_port, proc=pacs)
-        server = _serve(config, log)
-        wait_for_port(nidaan_port, timeout=120, proc=server)
+        pacs.start()
+        server = start_nidaan(config, log)
+        wait_for_port(port, timeout=120, proc=server)
 
         def reported() -> set[str]:
-            seen: set[str] = set()
-            for f in pacs_dir.glob("SR*"):
-                sr = pydicom.dcmread(f)
-                seen |= {
-                    i.ReferencedSOPInstanceUID
-                    for s in sr.CurrentRequestedProcedureEvidenceSequence
-                    for se in s.ReferencedSeriesSequence
-                    for i in se.ReferencedSOPSequence
-                }
-            return seen
+            return set().union(*(evidence(pydicom.dcmread(f)) for f in pacs.reports()))
 
         wait_until(
             lambda: acknowledged <= reported(),
@@ -166,5 +125,4 @@ def test_kill_9_in_the_middle_of_an_association_keeps_every_acknowledged_instanc
         )
     finally:
         stop(server)
-        if pacs is not None:
-            stop(pacs)
+        pacs.stop()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
@@ -19,33 +18,12 @@ from nidaan.server.config import Config, Peer
 from conftest import make_config
 from factory import sample_file, save, synthetic_cxr
 from netutil import c_store, storescu
-from peers import DCMTK_ENV, free_port, need, stop, wait_for_port, wait_until
+from peers import DCMTK_ENV, StoreSCP, free_port, need, wait_until
+from srutil import evidence
 
 
-@dataclass
-class Pacs:
-    """dcmtk's storescp as the PACS reports go to; not listening until ``start()``."""
-
-    port: int
-    folder: Path
-    process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(
-            [need("storescp"), "-aet", "PACS", "-od", str(self.folder), "+xa", str(self.port)],
-            env=DCMTK_ENV,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_for_port(self.port, proc=self.process)
-
-    def wait_reports(self, n: int = 1) -> list[Path]:
-        return wait_until(
-            lambda: f if len(f := sorted(self.folder.glob("SR*"))) >= n else None,
-            60,
-            f"{n} report(s) at the PACS",
-        )
+class Pacs(StoreSCP):
+    """The PACS reports go to, and a Nidaan config pointing at it."""
 
     def config(self, tmp_path: Path, **kwargs: float) -> Config:
         """A Nidaan config that sends reports here."""
@@ -58,8 +36,7 @@ class Pacs:
 def pacs(tmp_path: Path) -> Iterator[Pacs]:
     p = Pacs(free_port(), tmp_path / "pacs")
     yield p
-    if p.process is not None:
-        stop(p.process)
+    p.stop()
 
 
 def wait_state(server: NidaanServer, study_uid: str, state: str, timeout: float = 30) -> None:
@@ -171,13 +148,7 @@ def test_study_on_one_association_is_analysed_on_release(
     assert storescu(server.scp.port, files).returncode == 0
     # The idle timeout is 10 minutes: only the association's release can complete it.
     sr = pydicom.dcmread(pacs.wait_reports()[0])
-    refs = {
-        item.ReferencedSOPInstanceUID
-        for study_ref in sr.CurrentRequestedProcedureEvidenceSequence
-        for series in study_ref.ReferencedSeriesSequence
-        for item in series.ReferencedSOPSequence
-    }
-    assert refs == {a.SOPInstanceUID, b.SOPInstanceUID}  # one report for the whole study
+    assert evidence(sr) == {a.SOPInstanceUID, b.SOPInstanceUID}  # one report for the whole study
 
 
 def test_queued_report_is_delivered_after_a_restart(
@@ -297,9 +268,8 @@ def test_routing_rules_choose_models_and_destinations(
         at_pacs = {pydicom.dcmread(f).StudyInstanceUID for f in radiology.wait_reports()}
         assert at_archive == {sent["ward"]} and at_pacs == {sent["radiology"]}
     finally:
-        for p in (ward, radiology):
-            if p.process is not None:
-                stop(p.process)
+        ward.stop()
+        radiology.stop()
 
 
 def test_routes_naming_unknown_models_or_bad_patterns_are_refused(tmp_path: Path) -> None:
@@ -365,17 +335,8 @@ def test_storescu_with_several_transfer_syntaxes_in_one_study(
     # Six associations: the first release completes the study, later ones reopen it, and once
     # idle it is analysed again: the last report covers every instance.
 
-    def refs(path: Path) -> set[str]:
-        sr = pydicom.dcmread(path)
-        return {
-            i.ReferencedSOPInstanceUID
-            for s in sr.CurrentRequestedProcedureEvidenceSequence
-            for se in s.ReferencedSeriesSequence
-            for i in se.ReferencedSOPSequence
-        }
-
     full = wait_until(
-        lambda: [f for f in pacs.folder.glob("SR*") if len(refs(f)) == 6],
+        lambda: [f for f in pacs.reports() if len(evidence(pydicom.dcmread(f))) == 6],
         60,
         "a report covering all six encodings",
     )

@@ -14,7 +14,7 @@ from nidaan.server.config import Peer
 from conftest import make_config
 from factory import save, synthetic_cxr
 from netutil import storescu
-from peers import DCMTK_ENV, free_port, need, stop, wait_for_port, wait_until
+from peers import DCMTK_ENV, StoreSCP, free_port, need, wait_until
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -115,6 +115,11 @@ def _echo(port: int, *tls: str) -> int:
     return run.returncode
 
 
+def _tls_args(pki: Path, who: str = "peer") -> tuple[str, ...]:
+    """dcmtk's options to speak TLS as ``who`` (its key and certificate) trusting our CA."""
+    return ("+tls", str(pki / f"{who}.key"), str(pki / f"{who}.crt"), "+cf", str(pki / "ca.crt"))
+
+
 def test_tls_scp_accepts_certified_peers_only(
     tmp_path: Path,
     pki: Path,
@@ -122,30 +127,11 @@ def test_tls_scp_accepts_certified_peers_only(
 ) -> None:
     server = start_server(_tls_config(tmp_path, pki))
     port = server.scp.port
-    assert (
-        _echo(
-            port, "+tls", str(pki / "peer.key"), str(pki / "peer.crt"), "+cf", str(pki / "ca.crt")
-        )
-        == 0
-    )
+    assert _echo(port, *_tls_args(pki)) == 0
     assert _echo(port) != 0  # plain TCP to a TLS port
-    assert (
-        _echo(
-            port,
-            "+tls",
-            str(pki / "stranger.key"),
-            str(pki / "stranger.crt"),
-            "+cf",
-            str(pki / "ca.crt"),
-        )
-        != 0
-    )  # a certificate our CA did not sign
+    assert _echo(port, *_tls_args(pki, "stranger")) != 0  # a certificate our CA did not sign
     ds, _ = synthetic_cxr(61)
-    sent = storescu(
-        port,
-        [save(ds, tmp_path / "x.dcm")],
-        extra=("+tls", str(pki / "peer.key"), str(pki / "peer.crt"), "+cf", str(pki / "ca.crt")),
-    )
+    sent = storescu(port, [save(ds, tmp_path / "x.dcm")], extra=_tls_args(pki))
     assert sent.returncode == 0, sent.stderr
     wait_until(lambda: server.state.study(ds.StudyInstanceUID), 30, "the study stored over TLS")
 
@@ -155,51 +141,20 @@ def test_reports_are_delivered_over_tls(
     pki: Path,
     start_server,  # type: ignore[no-untyped-def]
 ) -> None:
-    pacs_port = free_port()
-    out = tmp_path / "pacs"
-    out.mkdir()
-    pacs = subprocess.Popen(
-        [
-            need("storescp"),
-            "+tls",
-            str(pki / "peer.key"),
-            str(pki / "peer.crt"),
-            "+cf",
-            str(pki / "ca.crt"),
-            "-aet",
-            "PACS",
-            "-od",
-            str(out),
-            "+xa",
-            str(pacs_port),
-        ],
-        env=DCMTK_ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    pacs = StoreSCP(free_port(), tmp_path / "pacs", extra=_tls_args(pki))
+    pacs.start()
     try:
-        wait_for_port(pacs_port, proc=pacs)
         cfg = _tls_config(
             tmp_path,
             pki,
-            peers=[Peer("PACS", "127.0.0.1", pacs_port, tls=True)],
+            peers=[Peer("PACS", "127.0.0.1", pacs.port, tls=True)],
             destinations=["PACS"],
         )
         server = start_server(cfg)
         ds, _ = synthetic_cxr(62)
-        sent = storescu(
-            server.scp.port,
-            [save(ds, tmp_path / "x.dcm")],
-            extra=(
-                "+tls",
-                str(pki / "peer.key"),
-                str(pki / "peer.crt"),
-                "+cf",
-                str(pki / "ca.crt"),
-            ),
-        )
+        sent = storescu(server.scp.port, [save(ds, tmp_path / "x.dcm")], extra=_tls_args(pki))
         assert sent.returncode == 0, sent.stderr
-        files = wait_until(lambda: list(out.glob("SR*")), 60, "the report at the TLS PACS")
-        assert pydicom.dcmread(files[0]).StudyInstanceUID == ds.StudyInstanceUID
+        (report,) = pacs.wait_reports()
+        assert pydicom.dcmread(report).StudyInstanceUID == ds.StudyInstanceUID
     finally:
-        stop(pacs)
+        pacs.stop()
