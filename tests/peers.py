@@ -228,7 +228,18 @@ class StoreSCP:
         wait_for_port(self.port, proc=self.process)
 
     def reports(self) -> list[Path]:
-        return sorted(self.folder.glob("SR*"))
+        """Report files storescp has finished writing (it writes in place, so a file that does
+        not parse yet is still arriving)."""
+        import pydicom
+
+        done = []
+        for path in sorted(self.folder.glob("SR*")):
+            try:
+                pydicom.dcmread(path)
+            except Exception:  # noqa: BLE001 - partial file: look again on the next poll
+                continue
+            done.append(path)
+        return done
 
     def wait_reports(self, n: int = 1, timeout: float = 60) -> list[Path]:
         return wait_until(
