@@ -109,7 +109,8 @@ def resample_plain(
     mean,
     inv_std,
 ):
-    """``resample`` for the common case: unsigned pixels, no padding, LINEAR windows, no table.
+    """``resample`` for the common case: unsigned pixels in an unsigned array, no padding, LINEAR
+    windows, no table.
 
     A kernel of its own so that LLVM sees nothing but the vectorisable loop.
     """
@@ -118,6 +119,7 @@ def resample_plain(
     nw = xstart.shape[0]
     src_w = src.shape[1]
     pad_norm = (pad_display - mean) * inv_std
+    narrow_mask = src.dtype.type(mask)
     for r in prange(out_h):
         i = r - off_y
         if i < 0 or i >= nh:
@@ -134,7 +136,9 @@ def resample_plain(
                 row = src[ystart[i] + k]
                 wy = yw[i, k]
                 for x in range(src_w):
-                    acc[x] += wy * linear_display(np.int32(row[x]) & mask, a, b)
+                    # Masking in the pixels' own unsigned type keeps the vector lanes narrow:
+                    # LLVM then converts 16 pixels at a time (twice the speed of int32 lanes).
+                    acc[x] += wy * linear_display(src.dtype.type(row[x] & narrow_mask), a, b)
             _store_row(acc, out[c, r], xstart, xw_t, xfactor, off_x, nw, pad_norm, mean, inv_std)
 
 

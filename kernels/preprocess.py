@@ -250,7 +250,7 @@ def preprocess(
         if not src.dtype.isnative:
             src = src.astype(src.dtype.newbyteorder("="))
         target = out[n] if scratch is None else scratch
-        if plan.plain:
+        if plan.plain and src.dtype.kind == "u":
             cpu.resample_plain(
                 np.ascontiguousarray(src),
                 target,

@@ -224,3 +224,13 @@ def test_regions_are_connected_components_above_threshold_in_source_pixels() -> 
     xs = [x for x, _ in blob.outline]
     assert blob.outline[0] == blob.outline[-1] and min(xs) == pytest.approx(2 * cell)
     assert regions(heat, p, threshold=0.99) == []
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32])
+def test_fast_unsigned_path_for_every_unsigned_type(dtype: type) -> None:
+    info = np.iinfo(dtype)
+    high = min(int(info.max), 70000)
+    src = np.random.default_rng(12).integers(0, high, (96, 80)).astype(dtype)
+    t = PixelTransform(window_centre=high / 2, window_width=float(high), signed=False)
+    _check(src, t, InputLayout(24, 20, "stretch", 0.0, 0.5, 0.25))  # 4x: the fast horizontal pass
+    _check(src, t, InputLayout(30, 25, "letterbox", 0.0, 0.5, 0.25))  # fractional taps
