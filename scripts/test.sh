@@ -24,6 +24,9 @@ fi
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[test]'
+# A real tritonserver for the Triton tests: the wheel's own Python dependencies pin NumPy < 2,
+# so it is installed alone; the tests use only its tritonserver build and bundled libraries.
+.venv/bin/python -m pip install -q --no-deps 'nvidia-pytriton==0.7.0'
 
 .venv/bin/ruff check .
 .venv/bin/mypy kernels server pacs_bridge

@@ -33,13 +33,16 @@ from nidaan.pacs_bridge.tls import server_context
 from nidaan.pacs_bridge.uids import derived_uid, ref
 
 from .config import SOURCE, Config
-from .errors import ConfigError, NidaanError
+from .errors import ConfigError, InferenceError, NidaanError
 from .inference import create_backend
 from .metrics import Metrics
 from .model_repository import load_repository
 from .pipeline import Pipeline
 
 log = logging.getLogger("nidaan.server")
+
+#: Seconds before a study whose inference failed (backend down) is tried again.
+INFERENCE_RETRY_S = 5.0
 
 
 def scp_limits(config: Config) -> Limits:
@@ -76,7 +79,7 @@ class NidaanServer:
         self.config = config
         configure_cache(config.kernels.cache_dir)
         self.models = load_repository(config.models.repository)
-        self.backend = create_backend(config.inference)
+        self.backend = create_backend(config.inference, self.models)
         self.pipeline = Pipeline(self.models, self.backend, kernel_backend=config.kernels.backend)
         self.router = Router(config, {m.name for m in self.models})
         data = Path(config.storage.data_dir)
@@ -230,6 +233,18 @@ class NidaanServer:
             started = time.monotonic()
             try:
                 self.process_study(study)
+            except InferenceError as exc:
+                # The backend (e.g. a Triton cluster) is down: the study waits, it is not lost.
+                self.state.set_study_state(study, "complete", f"waiting for inference: {exc}")
+                log.warning(
+                    "study %s waits for the inference backend (retry in %.0f s): %s",
+                    ref(study),
+                    INFERENCE_RETRY_S,
+                    exc,
+                )
+                timer = threading.Timer(INFERENCE_RETRY_S, self._queue.put, args=(study,))
+                timer.daemon = True
+                timer.start()
             except NidaanError as exc:
                 self._fail(study, str(exc))
             except Exception as exc:  # keep serving; the study is visibly failed

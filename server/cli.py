@@ -64,9 +64,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from .pipeline import Pipeline
 
     cfg = _config(args)
+    models = load_repository(cfg.models.repository)
     pipeline = Pipeline(
-        load_repository(cfg.models.repository),
-        create_backend(cfg.inference),
+        models,
+        create_backend(cfg.inference, models),
         kernel_backend=cfg.kernels.backend,
     )
     files = _files(args.paths)

@@ -139,6 +139,8 @@ class InferenceConfig:
     #: Threads ONNX Runtime may use for one model run; 0 = one per core.
     intra_op_threads: int = 0
     triton_url: str = "127.0.0.1:8001"
+    #: Deadline of one Triton request; a study whose inference fails is retried, not lost.
+    triton_timeout_s: float = 30.0
 
     def validate(self) -> None:
         if self.backend not in ("onnxruntime", "triton"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -92,8 +93,89 @@ class OnnxRuntimeBackend:
             self._sessions.clear()
 
 
-def create_backend(config: InferenceConfig) -> InferenceBackend:
+class TritonBackend:
+    """NVIDIA Triton over gRPC (``inference.backend = "triton"``), serving the same repository.
+
+    At start it checks that Triton is ready and serves every model with the input and outputs the
+    repository declares, so a mismatch is an error at start rather than at the first study.
+    """
+
+    def __init__(self, config: InferenceConfig, models: Sequence[ModelSpec]) -> None:
+        import tritonclient.grpc as grpcclient
+        from tritonclient.utils import InferenceServerException
+
+        self._grpc = grpcclient
+        self._error = InferenceServerException
+        self.url = config.triton_url
+        self.timeout_s = config.triton_timeout_s
+        self._local = threading.local()
+        self.client = self._client()
+        try:
+            ready = self.client.is_server_ready(client_timeout=self.timeout_s)
+        except InferenceServerException as exc:
+            raise InferenceError(f"Triton at {self.url} is not reachable: {exc}") from exc
+        if not ready:
+            raise InferenceError(f"Triton at {self.url} is not ready")
+        for m in models:
+            self._check(m)
+
+    def _client(self) -> Any:
+        """This thread's client: tritonclient's clients are not to be shared between threads."""
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = self._grpc.InferenceServerClient(self.url)
+            self._local.client = client
+        return client
+
+    def _check(self, model: ModelSpec) -> None:
+        try:
+            if not self.client.is_model_ready(model.name, client_timeout=self.timeout_s):
+                raise InferenceError(f"Triton at {self.url} does not serve model {model.name!r}")
+            meta = self.client.get_model_metadata(
+                model.name, as_json=True, client_timeout=self.timeout_s
+            )
+        except self._error as exc:
+            raise InferenceError(f"Triton metadata for {model.name!r}: {exc}") from exc
+        inputs = {i["name"]: [int(d) for d in i["shape"]] for i in meta["inputs"]}
+        expected = [model.input.channels, model.input.height, model.input.width]
+        if inputs.get(model.input.name, [None])[1:] != expected:
+            raise InferenceError(
+                f"Triton's {model.name!r} takes {inputs}, the repository says "
+                f"{model.input.name} {expected}"
+            )
+        outputs = {o["name"] for o in meta["outputs"]}
+        for name in (model.probabilities_output, model.heatmap_output):
+            if name is not None and name not in outputs:
+                raise InferenceError(f"Triton's {model.name!r} has no output {name!r}")
+
+    def infer(self, model: ModelSpec, batch: np.ndarray) -> dict[str, np.ndarray]:
+        names = [model.probabilities_output] + (
+            [model.heatmap_output] if model.heatmap_output else []
+        )
+        parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+        for start in range(0, batch.shape[0], model.max_batch_size):
+            chunk = np.ascontiguousarray(batch[start : start + model.max_batch_size], np.float32)
+            tensor = self._grpc.InferInput(model.input.name, list(chunk.shape), "FP32")
+            tensor.set_data_from_numpy(chunk)
+            wanted = [self._grpc.InferRequestedOutput(n) for n in names]
+            try:
+                result = self._client().infer(
+                    model.name, [tensor], outputs=wanted, client_timeout=self.timeout_s
+                )
+            except self._error as exc:
+                raise InferenceError(f"Triton at {self.url} failed {model.name!r}: {exc}") from exc
+            for n in names:
+                parts[n].append(result.as_numpy(n))
+        return {n: np.concatenate(p) for n, p in parts.items()}
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def create_backend(config: InferenceConfig, models: Sequence[ModelSpec] = ()) -> InferenceBackend:
     """The backend the config asks for."""
     if config.backend == "onnxruntime":
         return OnnxRuntimeBackend(config)
+    if config.backend == "triton":
+        return TritonBackend(config, models)
     raise InferenceError(f"inference backend {config.backend!r} is not available in this build")

@@ -252,3 +252,90 @@ class StoreSCP:
         if self.process is not None:
             stop(self.process)
             self.process = None
+
+
+@dataclass
+class Triton:
+    """A running tritonserver (from nvidia-pytriton) serving a copy of the model repository."""
+
+    grpc_port: int
+    process: subprocess.Popen
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+
+def start_triton(workdir: Path, models: Path) -> Triton:
+    """Start a real tritonserver over a copy of ``models`` whose ONNX files run in the Python
+    backend (deploy/triton/model.py): the wheel's tritonserver has no ONNX Runtime backend."""
+    import importlib.util
+    import re
+    import sysconfig
+
+    # Located, not imported: the wheel is installed without its Python dependencies (they pin
+    # NumPy < 2); only its tritonserver build and bundled libraries are used.
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        msg = "tritonserver is not installed: pip install --no-deps nvidia-pytriton==0.7.0"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    package = Path(next(iter(spec.submodule_search_locations)))
+    root = package / "tritonserver"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    backend = workdir / "backends" / "python"
+    backend.mkdir(parents=True, exist_ok=True)
+    for f in ("libtriton_python.so", "triton_python_backend_utils.py"):
+        shutil.copy(root / "backends" / "python" / f, backend / f)
+    shutil.copy(root / "python_backend_stubs" / version / "triton_python_backend_stub", backend)
+    repo = workdir / "models"
+    model_py = Path(__file__).resolve().parents[1] / "deploy" / "triton" / "model.py"
+    for model in models.iterdir():
+        if not (model / "config.pbtxt").is_file():
+            continue
+        shutil.copytree(model, repo / model.name)
+        config = (model / "config.pbtxt").read_text()
+        config = re.sub(r'platform:\s*"onnxruntime_onnx"', 'backend: "python"', config)
+        (repo / model.name / "config.pbtxt").write_text(config)
+        for version_dir in (repo / model.name).iterdir():
+            if version_dir.is_dir() and version_dir.name.isdigit():
+                shutil.copy(model_py, version_dir / "model.py")
+    grpc_port, http_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        # The Python backend's stub runs this interpreter's packages (onnxruntime, numpy).
+        "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+        # The interpreter's libpython (pyenv builds keep it outside the linker's path) and the
+        # wheel's bundled libraries (the stub links its own libcudart, with or without a GPU).
+        "LD_LIBRARY_PATH": os.pathsep.join(
+            [
+                str(sysconfig.get_config_var("LIBDIR")),
+                str(package.parent / "nvidia_pytriton.libs"),
+                os.environ.get("LD_LIBRARY_PATH", ""),
+            ]
+        ),
+        "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+    }
+    log = open(workdir / "triton.log", "wb")  # noqa: SIM115 - lives as long as the process
+    proc = subprocess.Popen(
+        [
+            str(root / "bin" / "tritonserver"),
+            f"--model-repository={repo}",
+            f"--backend-directory={workdir / 'backends'}",
+            f"--grpc-port={grpc_port}",
+            f"--http-port={http_port}",
+            "--allow-metrics=false",
+            "--log-verbose=0",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=workdir,
+    )
+    wait_for_port(grpc_port, timeout=120, proc=proc)
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+    wait_until(lambda: client.is_server_ready(), 120, "tritonserver to be ready")
+    return Triton(grpc_port, proc)
