@@ -18,7 +18,7 @@ from nidaan.server.config import Config, Peer
 from conftest import make_config
 from factory import sample_file, save, synthetic_cxr
 from netutil import c_store, storescu
-from peers import DCMTK_ENV, StoreSCP, free_port, need, wait_until
+from peers import DCMTK_ENV, NIDAAN, StoreSCP, free_port, need, wait_until
 from srutil import evidence
 
 
@@ -173,8 +173,6 @@ def test_dead_letter_is_visible_and_resent_from_the_cli(
     pacs: Pacs,
     start_server,  # type: ignore[no-untyped-def]
 ) -> None:
-    import sys
-
     cfg = pacs.config(tmp_path, retry_initial_s=0.1, retry_max_s=0.1)
     cfg.reports.max_attempts = 2
     server = start_server(cfg)
@@ -185,7 +183,7 @@ def test_dead_letter_is_visible_and_resent_from_the_cli(
     assert server.state.outbox("queued") == []  # no longer retried by itself
     conf = tmp_path / "c.toml"
     conf.write_text(f'[storage]\ndata_dir = "{cfg.storage.data_dir}"\n')
-    nidaan = [str(Path(sys.executable).parent / "nidaan"), "--config", str(conf), "outbox"]
+    nidaan = [str(NIDAAN), "--config", str(conf), "outbox"]
     listing = subprocess.run([*nidaan, "--state", "dead"], capture_output=True, text=True)
     assert listing.returncode == 0 and "dead" in listing.stdout and "PACS" in listing.stdout
     assert ds.StudyInstanceUID not in listing.stdout  # digests, not UIDs
