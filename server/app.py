@@ -1,7 +1,8 @@
 """The ``nidaan serve`` process: SCP, study assembly, analysis worker, report outbox, metrics.
 
 Everything runs in one process with no external service (the embedded default). Threads:
-pynetdicom's association threads receive; one worker analyses complete studies in order; the
+pynetdicom's association threads receive; ``inference.workers`` workers analyse complete studies
+(a study is never analysed by two at once) and their images meet in each model's batcher; the
 outbox thread delivers reports; a timer completes idle studies.
 """
 
@@ -79,17 +80,20 @@ class NidaanServer:
         self.config = config
         configure_cache(config.kernels.cache_dir)
         self.models = load_repository(config.models.repository)
-        self.backend = create_backend(config.inference, self.models)
+        self.metrics = Metrics()
+        self.backend = create_backend(config.inference, self.models, self.metrics.observe_batch)
         self.pipeline = Pipeline(self.models, self.backend, kernel_backend=config.kernels.backend)
         self.router = Router(config, {m.name for m in self.models})
         data = Path(config.storage.data_dir)
         self.spool = Spool(data)
         self.state = StateStore(data / "state.sqlite3")
         self.audit = AuditLog(data / "audit.jsonl")
-        self.metrics = Metrics()
         self.device_uid = derived_uid("device", config.dicom.ae_title)
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._stop = threading.Event()
+        self._busy_lock = threading.Lock()
+        self._busy: set[str] = set()
+        self._again: set[str] = set()
         self.assembler = StudyAssembler(config.dicom.study_idle_timeout_s, self._study_complete)
         self.scp = StorageSCP(
             config.dicom.ae_title,
@@ -108,10 +112,11 @@ class NidaanServer:
             on_delivered=self._study_delivered,
             on_attempt=self._delivery_attempt,
         )
+        # Several workers, so that the images of concurrent studies meet in the models' batchers.
         self._threads = [
-            threading.Thread(target=self._work, name="nidaan-worker", daemon=True),
-            threading.Thread(target=self._tick, name="nidaan-timer", daemon=True),
-        ]
+            threading.Thread(target=self._work, name=f"nidaan-worker-{i}", daemon=True)
+            for i in range(config.inference.workers)
+        ] + [threading.Thread(target=self._tick, name="nidaan-timer", daemon=True)]
         self._http: tuple[Any, Any] | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------
@@ -144,7 +149,8 @@ class NidaanServer:
             return
         self.scp.stop()
         self._stop.set()
-        self._queue.put(None)
+        for _ in range(self.config.inference.workers):
+            self._queue.put(None)
         for t in self._threads:
             t.join(timeout=30)
         self.outbox.stop()
@@ -230,27 +236,43 @@ class NidaanServer:
             study = self._queue.get()
             if study is None or self._stop.is_set():
                 return
-            started = time.monotonic()
+            with self._busy_lock:
+                if study in self._busy:  # completed again while a worker analyses it
+                    self._again.add(study)
+                    continue
+                self._busy.add(study)
             try:
-                self.process_study(study)
-            except InferenceError as exc:
-                # The backend (e.g. a Triton cluster) is down: the study waits, it is not lost.
-                self.state.set_study_state(study, "complete", f"waiting for inference: {exc}")
-                log.warning(
-                    "study %s waits for the inference backend (retry in %.0f s): %s",
-                    ref(study),
-                    INFERENCE_RETRY_S,
-                    exc,
-                )
-                timer = threading.Timer(INFERENCE_RETRY_S, self._queue.put, args=(study,))
-                timer.daemon = True
-                timer.start()
-            except NidaanError as exc:
-                self._fail(study, str(exc))
-            except Exception as exc:  # keep serving; the study is visibly failed
-                log.exception("analysing study %s failed", ref(study))
-                self._fail(study, f"internal error: {type(exc).__name__}: {exc}")
-            self.metrics.analysis_seconds.observe(time.monotonic() - started)
+                self._analyse(study)
+            finally:
+                with self._busy_lock:
+                    self._busy.discard(study)
+                    if study in self._again:
+                        self._again.discard(study)
+                        self._queue.put(study)
+
+    def _analyse(self, study: str) -> None:
+        """Analyse one study; failures leave it waiting (backend down) or visibly failed."""
+        started = time.monotonic()
+        try:
+            self.process_study(study)
+        except InferenceError as exc:
+            # The backend (e.g. a Triton cluster) is down: the study waits, it is not lost.
+            self.state.set_study_state(study, "complete", f"waiting for inference: {exc}")
+            log.warning(
+                "study %s waits for the inference backend (retry in %.0f s): %s",
+                ref(study),
+                INFERENCE_RETRY_S,
+                exc,
+            )
+            timer = threading.Timer(INFERENCE_RETRY_S, self._queue.put, args=(study,))
+            timer.daemon = True
+            timer.start()
+        except NidaanError as exc:
+            self._fail(study, str(exc))
+        except Exception as exc:  # keep serving; the study is visibly failed
+            log.exception("analysing study %s failed", ref(study))
+            self._fail(study, f"internal error: {type(exc).__name__}: {exc}")
+        self.metrics.analysis_seconds.observe(time.monotonic() - started)
 
     def _fail(self, study_uid: str, reason: str) -> None:
         self.state.set_study_state(study_uid, "failed", reason)

@@ -136,11 +136,21 @@ class InferenceConfig:
     backend: str = "onnxruntime"
     #: ``auto`` uses the CUDA execution provider when a GPU is present, else the CPU one.
     device: str = "auto"
-    #: Threads ONNX Runtime may use for one model run; 0 = one per core.
+    #: Threads ONNX Runtime may use for one model run; 0 = the cores this process may use,
+    #: shared among a model's instances (config.pbtxt instance_group count).
     intra_op_threads: int = 0
+    #: Studies analysed at the same time; their images meet in the models' batchers.
+    workers: int = 2
+    #: Images a model's queue holds when its config.pbtxt sets no default_queue_policy.
+    max_queue_images: int = 256
+    #: How long a caller waits for room in a full queue before QueueFullError.
+    queue_timeout_s: float = 30.0
     triton_url: str = "127.0.0.1:8001"
     #: Deadline of one Triton request; a study whose inference fails is retried, not lost.
     triton_timeout_s: float = 30.0
+    #: How inputs reach Triton: ``auto`` (system shared memory when Triton's URL is loopback,
+    #: CUDA shared memory for GPU tensors), ``system``, ``cuda`` or ``none`` (in the gRPC message).
+    triton_shared_memory: str = "auto"
 
     def validate(self) -> None:
         if self.backend not in ("onnxruntime", "triton"):
@@ -149,6 +159,16 @@ class InferenceConfig:
             )
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"inference.device is {self.device!r}; use 'auto', 'cpu' or 'cuda'")
+        if self.triton_shared_memory not in ("auto", "system", "cuda", "none"):
+            raise ConfigError(
+                f"inference.triton_shared_memory is {self.triton_shared_memory!r}; "
+                "use 'auto', 'system', 'cuda' or 'none'"
+            )
+        for name in ("workers", "max_queue_images"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"inference.{name} must be at least 1")
+        if self.queue_timeout_s < 0:
+            raise ConfigError("inference.queue_timeout_s must not be negative")
 
 
 @dataclass

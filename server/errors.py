@@ -11,6 +11,7 @@ they may name UIDs of the object at fault, tags and sizes, never attribute value
     │   ├── DecodeError        the pixel data cannot be decoded
     │   └── UnsupportedError   decodable, but no model or transfer syntax supports it
     ├── InferenceError         a backend failed to run a model
+    │   └── QueueFullError     the model's queue stayed full (backpressure: try again later)
     └── DeliveryError          a report could not be delivered (it stays queued)
 """
 
@@ -53,6 +54,14 @@ class UnsupportedError(InputError):
 
 class InferenceError(NidaanError):
     """An inference backend failed to run a model."""
+
+
+class QueueFullError(InferenceError):
+    """A model's inference queue stayed full for the caller's whole wait: try again later.
+
+    The embedded batcher bounds its queue instead of growing memory without limit; the gRPC API
+    answers RESOURCE_EXHAUSTED and a DICOM study waits on disk and is retried.
+    """
 
 
 class DeliveryError(NidaanError):

@@ -6,9 +6,11 @@ named outputs. Batches larger than the model's ``max_batch_size`` (config.pbtxt)
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -16,6 +18,8 @@ import numpy as np
 from .config import InferenceConfig
 from .errors import InferenceError
 from .model_repository import ModelSpec
+
+log = logging.getLogger("nidaan.inference")
 
 
 class InferenceBackend(Protocol):
@@ -28,6 +32,37 @@ class InferenceBackend(Protocol):
     def close(self) -> None:
         """Release sessions and connections."""
         ...
+
+
+def is_device_array(a: Any) -> bool:
+    """Whether ``a`` lives on a GPU (a CuPy array or anything with the CUDA array interface)."""
+    return hasattr(a, "__cuda_array_interface__")
+
+
+def concatenate(parts: Sequence[Any]) -> Any:
+    """Concatenate on the device the parts live on (CuPy for GPU arrays, else NumPy)."""
+    if is_device_array(parts[0]):
+        import cupy
+
+        return cupy.concatenate(parts)
+    return np.concatenate(parts)
+
+
+def stack(tensors: Sequence[Any]) -> Any:
+    """Stack (C, H, W) tensors into a batch on the device they live on."""
+    if is_device_array(tensors[0]):
+        import cupy
+
+        return cupy.stack(tensors)
+    return np.stack(tensors)
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity; a container's cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def onnxruntime_providers(device: str) -> list[str]:
@@ -46,13 +81,39 @@ def onnxruntime_providers(device: str) -> list[str]:
 
 
 class OnnxRuntimeBackend:
-    """ONNX Runtime in process, one session per model, created on first use."""
+    """ONNX Runtime in process, one session per model, created on first use.
+
+    Inputs are bound with IO binding: a NumPy batch is read where it lies (no copy into ONNX
+    Runtime), and a GPU batch from the CUDA kernels is bound by its device pointer, so with the
+    CUDA execution provider the tensors never make a round trip through host memory. Only the
+    outputs (probabilities and small heatmaps) come back to the host.
+    """
 
     def __init__(self, config: InferenceConfig | None = None) -> None:
         self.config = config or InferenceConfig()
         self.providers = onnxruntime_providers(self.config.device)
+        self.on_gpu = self.providers[0] == "CUDAExecutionProvider"
         self._sessions: dict[str, Any] = {}
         self._lock = threading.Lock()
+
+    @property
+    def accepts_device_arrays(self) -> bool:
+        """Whether GPU batches may be passed as they are (bound by device pointer)."""
+        return self.on_gpu
+
+    def session_options(self, model: ModelSpec) -> Any:
+        """Threads that fit the machine: the usable cores shared among the model's instances,
+        no inter-op pool (the models are sequential chains), and no spinning between runs, so
+        idle ONNX Runtime threads do not take the cores the preprocessing kernels need."""
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        per_instance = max(1, usable_cores() // max(1, model.instance_count))
+        opts.intra_op_num_threads = self.config.intra_op_threads or per_instance
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return opts
 
     def _session(self, model: ModelSpec) -> Any:
         import onnxruntime as ort
@@ -60,30 +121,57 @@ class OnnxRuntimeBackend:
         with self._lock:
             sess = self._sessions.get(model.name)
             if sess is None:
-                opts = ort.SessionOptions()
-                opts.intra_op_num_threads = self.config.intra_op_threads or (os.cpu_count() or 1)
-                opts.inter_op_num_threads = 1
                 try:
                     sess = ort.InferenceSession(
-                        str(model.onnx_path), sess_options=opts, providers=self.providers
+                        str(model.onnx_path),
+                        sess_options=self.session_options(model),
+                        providers=self.providers,
                     )
                 except Exception as exc:
                     raise InferenceError(f"model {model.name!r} does not load: {exc}") from exc
                 self._sessions[model.name] = sess
             return sess
 
-    def infer(self, model: ModelSpec, batch: np.ndarray) -> dict[str, np.ndarray]:
+    def _bind(self, sess: Any, model: ModelSpec, chunk: Any, names: list[str]) -> Any:
+        binding = sess.io_binding()
+        if is_device_array(chunk):
+            if not self.on_gpu:
+                raise InferenceError(
+                    f"model {model.name!r}: a GPU batch reached the CPU execution provider"
+                )
+            chunk = chunk if chunk.flags.c_contiguous else chunk.copy()
+            binding.bind_input(
+                model.input.name,
+                "cuda",
+                int(chunk.device.id),
+                np.dtype(chunk.dtype),
+                list(chunk.shape),
+                int(chunk.data.ptr),
+            )
+        else:
+            binding.bind_cpu_input(model.input.name, np.ascontiguousarray(chunk))
+        for n in names:
+            binding.bind_output(n, "cpu")
+        return binding, chunk
+
+    def infer(self, model: ModelSpec, batch: Any) -> dict[str, np.ndarray]:
         sess = self._session(model)
         names = [model.probabilities_output] + (
             [model.heatmap_output] if model.heatmap_output else []
         )
         parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
         step = model.max_batch_size
-        for start in range(0, batch.shape[0], step):
+        for start in range(0, int(batch.shape[0]), step):
             try:
-                outs = sess.run(names, {model.input.name: batch[start : start + step]})
+                # ``held`` keeps the bound buffer alive until the run has read it.
+                binding, held = self._bind(sess, model, batch[start : start + step], names)
+                sess.run_with_iobinding(binding)
+                outs = binding.copy_outputs_to_cpu()
+            except InferenceError:
+                raise
             except Exception as exc:
                 raise InferenceError(f"model {model.name!r} failed: {exc}") from exc
+            del held
             for n, o in zip(names, outs, strict=True):
                 parts[n].append(np.asarray(o))
         return {n: np.concatenate(p) for n, p in parts.items()}
@@ -93,12 +181,93 @@ class OnnxRuntimeBackend:
             self._sessions.clear()
 
 
+_LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
+
+
+def _is_loopback(url: str) -> bool:
+    host = url.rsplit(":", 1)[0] if url.count(":") == 1 or url.startswith("[") else url
+    return host in _LOOPBACK
+
+
+class _ShmPool:
+    """Shared-memory regions registered with Triton for one model's input, reused across requests.
+
+    ``kind`` "system" maps POSIX shared memory (Triton on this host reads the input without it
+    crossing the gRPC socket); "cuda" allocates device memory Triton opens by IPC handle (Triton on
+    this GPU reads the kernels' output without a host round trip).
+    """
+
+    def __init__(self, kind: str, model: ModelSpec, size: int, count: int) -> None:
+        self.kind = kind
+        self.model = model
+        self.size = size
+        self.names = [f"nidaan_{os.getpid()}_{model.name}_{kind}_{i}" for i in range(count)]
+        self.handles: dict[str, Any] = {}
+        self.free: asyncio.Queue[str] = asyncio.Queue()
+
+    async def register(self, client: Any, timeout_s: float) -> None:
+        if self.kind == "system":
+            from tritonclient.utils import shared_memory as shm
+
+            for name in self.names:
+                self.handles[name] = shm.create_shared_memory_region(name, f"/{name}", self.size)
+                await client.register_system_shared_memory(
+                    name, f"/{name}", self.size, client_timeout=timeout_s
+                )
+                self.free.put_nowait(name)
+        else:
+            from tritonclient.utils import cuda_shared_memory as cudashm
+
+            for name in self.names:
+                handle = cudashm.create_shared_memory_region(name, self.size, 0)
+                self.handles[name] = handle
+                await client.register_cuda_shared_memory(
+                    name, cudashm.get_raw_handle(handle), 0, self.size, client_timeout=timeout_s
+                )
+                self.free.put_nowait(name)
+
+    def write(self, name: str, chunk: Any) -> None:
+        if self.kind == "system":
+            from tritonclient.utils import shared_memory as shm
+
+            shm.set_shared_memory_region(self.handles[name], [np.ascontiguousarray(chunk)])
+        else:
+            from tritonclient.utils import cuda_shared_memory as cudashm
+
+            cudashm.set_shared_memory_region_from_dlpack(self.handles[name], [chunk])
+
+    async def unregister(self, client: Any) -> None:
+        for name, handle in self.handles.items():
+            try:
+                if self.kind == "system":
+                    from tritonclient.utils import shared_memory as shm
+
+                    await client.unregister_system_shared_memory(name)
+                    shm.destroy_shared_memory_region(handle)
+                else:
+                    from tritonclient.utils import cuda_shared_memory as cudashm
+
+                    await client.unregister_cuda_shared_memory(name)
+                    cudashm.destroy_shared_memory_region(handle)
+            except Exception as exc:  # best effort at shutdown; Triton drops them when it stops
+                log.warning("shared memory region %s not released: %s", name, exc)
+
+
 class TritonBackend:
     """NVIDIA Triton over gRPC (``inference.backend = "triton"``), serving the same repository.
 
+    One asyncio gRPC client (``tritonclient.grpc.aio``) on its own event loop carries every request:
+    callers on any thread (or coroutine, via :meth:`infer_async`) share one channel, and the chunks
+    of a large batch are all in flight at once, so Triton's dynamic batcher sees them together.
+
     At start it checks that Triton is ready and serves every model with the input and outputs the
-    repository declares, so a mismatch is an error at start rather than at the first study.
+    repository declares, so a mismatch is an error at start rather than at the first study. When
+    Triton is on this host, inputs travel in registered shared memory (``inference.
+    triton_shared_memory``): system memory for host tensors, CUDA memory for GPU tensors.
     """
+
+    #: Regions per model and kind: requests in flight that use shared memory at once.
+    REGIONS = 4
 
     def __init__(self, config: InferenceConfig, models: Sequence[ModelSpec]) -> None:
         import tritonclient.grpc as grpcclient
@@ -108,30 +277,81 @@ class TritonBackend:
         self._error = InferenceServerException
         self.url = config.triton_url
         self.timeout_s = config.triton_timeout_s
-        self._local = threading.local()
-        self.client = self._client()
+        self.mode = config.triton_shared_memory
+        self.models = list(models)
+        self._pools: dict[tuple[str, str], _ShmPool] = {}
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="nidaan-triton", daemon=True
+        )
+        self._thread.start()
         try:
-            ready = self.client.is_server_ready(client_timeout=self.timeout_s)
-        except InferenceServerException as exc:
+            self._call(self._start())
+        except BaseException:
+            self.close()
+            raise
+
+    def _call(self, coro: Any) -> Any:
+        """Run ``coro`` on the client's loop and wait for it (from any other thread)."""
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result(self.timeout_s * 2 + 5)
+        except TimeoutError as exc:
+            future.cancel()
+            raise InferenceError(f"Triton at {self.url} did not answer in time") from exc
+
+    async def _start(self) -> None:
+        import tritonclient.grpc.aio as aio
+
+        self.client = aio.InferenceServerClient(self.url)
+        try:
+            ready = await self.client.is_server_ready(client_timeout=self.timeout_s)
+        except self._error as exc:
             raise InferenceError(f"Triton at {self.url} is not reachable: {exc}") from exc
         if not ready:
             raise InferenceError(f"Triton at {self.url} is not ready")
-        for m in models:
-            self._check(m)
+        for m in self.models:
+            await self._check(m)
+        await self._share_memory()
 
-    def _client(self) -> Any:
-        """This thread's client: tritonclient's clients are not to be shared between threads."""
-        client = getattr(self._local, "client", None)
-        if client is None:
-            client = self._grpc.InferenceServerClient(self.url)
-            self._local.client = client
-        return client
+    async def _share_memory(self) -> None:
+        local = _is_loopback(self.url)
+        kinds = []
+        if self.mode == "system" or (self.mode == "auto" and local):
+            kinds.append("system")
+        if self.mode == "cuda" or (self.mode == "auto" and local and _cupy_usable()):
+            kinds.append("cuda")
+        for kind in kinds:
+            for m in self.models:
+                size = m.max_batch_size * m.input.channels * m.input.height * m.input.width * 4
+                pool = _ShmPool(kind, m, size, self.REGIONS)
+                try:
+                    await pool.register(self.client, self.timeout_s)
+                except Exception as exc:
+                    await pool.unregister(self.client)
+                    if self.mode == kind:  # asked for explicitly: an error, not a fallback
+                        raise InferenceError(
+                            f"Triton at {self.url}: {kind} shared memory failed: {exc}"
+                        ) from exc
+                    log.warning("Triton %s shared memory unavailable, using gRPC: %s", kind, exc)
+                    break
+                self._pools[(m.name, kind)] = pool
 
-    def _check(self, model: ModelSpec) -> None:
+    @property
+    def accepts_device_arrays(self) -> bool:
+        """GPU batches go to Triton through CUDA shared memory, when it is registered."""
+        return any(kind == "cuda" for _, kind in self._pools)
+
+    @property
+    def shared_memory(self) -> list[str]:
+        """The kinds of shared memory in use ("system", "cuda")."""
+        return sorted({kind for _, kind in self._pools})
+
+    async def _check(self, model: ModelSpec) -> None:
         try:
-            if not self.client.is_model_ready(model.name, client_timeout=self.timeout_s):
+            if not await self.client.is_model_ready(model.name, client_timeout=self.timeout_s):
                 raise InferenceError(f"Triton at {self.url} does not serve model {model.name!r}")
-            meta = self.client.get_model_metadata(
+            meta = await self.client.get_model_metadata(
                 model.name, as_json=True, client_timeout=self.timeout_s
             )
         except self._error as exc:
@@ -148,34 +368,89 @@ class TritonBackend:
             if name is not None and name not in outputs:
                 raise InferenceError(f"Triton's {model.name!r} has no output {name!r}")
 
-    def infer(self, model: ModelSpec, batch: np.ndarray) -> dict[str, np.ndarray]:
+    async def _infer_chunk(self, model: ModelSpec, chunk: Any, names: list[str]) -> list[Any]:
+        device = is_device_array(chunk)
+        pool = self._pools.get((model.name, "cuda" if device else "system"))
+        tensor = self._grpc.InferInput(model.input.name, list(chunk.shape), "FP32")
+        region = None
+        if pool is not None:
+            region = await pool.free.get()
+            pool.write(region, chunk)
+            tensor.set_shared_memory(region, int(chunk.nbytes))
+        elif device:
+            raise InferenceError("a GPU batch reached Triton without CUDA shared memory")
+        else:
+            tensor.set_data_from_numpy(np.ascontiguousarray(chunk, np.float32))
+        wanted = [self._grpc.InferRequestedOutput(n) for n in names]
+        try:
+            result = await self.client.infer(
+                model.name, [tensor], outputs=wanted, client_timeout=self.timeout_s
+            )
+        except self._error as exc:
+            raise InferenceError(f"Triton at {self.url} failed {model.name!r}: {exc}") from exc
+        finally:
+            if pool is not None and region is not None:
+                pool.free.put_nowait(region)
+        return [result.as_numpy(n) for n in names]
+
+    async def infer_async(self, model: ModelSpec, batch: Any) -> dict[str, np.ndarray]:
+        """Run ``model`` on ``batch`` from a coroutine on this backend's loop."""
         names = [model.probabilities_output] + (
             [model.heatmap_output] if model.heatmap_output else []
         )
-        parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
-        for start in range(0, batch.shape[0], model.max_batch_size):
-            chunk = np.ascontiguousarray(batch[start : start + model.max_batch_size], np.float32)
-            tensor = self._grpc.InferInput(model.input.name, list(chunk.shape), "FP32")
-            tensor.set_data_from_numpy(chunk)
-            wanted = [self._grpc.InferRequestedOutput(n) for n in names]
-            try:
-                result = self._client().infer(
-                    model.name, [tensor], outputs=wanted, client_timeout=self.timeout_s
-                )
-            except self._error as exc:
-                raise InferenceError(f"Triton at {self.url} failed {model.name!r}: {exc}") from exc
-            for n in names:
-                parts[n].append(result.as_numpy(n))
-        return {n: np.concatenate(p) for n, p in parts.items()}
+        step = model.max_batch_size
+        chunks = [batch[i : i + step] for i in range(0, int(batch.shape[0]), step)]
+        results = await asyncio.gather(*(self._infer_chunk(model, c, names) for c in chunks))
+        return {n: np.concatenate([r[k] for r in results]) for k, n in enumerate(names)}
+
+    def infer(self, model: ModelSpec, batch: Any) -> dict[str, np.ndarray]:
+        return self._call(self.infer_async(model, batch))
+
+    async def _close(self) -> None:
+        for pool in self._pools.values():
+            await pool.unregister(self.client)
+        self._pools.clear()
+        await self.client.close()
 
     def close(self) -> None:
-        self.client.close()
+        if self._loop.is_closed():
+            return
+        if hasattr(self, "client"):
+            try:
+                asyncio.run_coroutine_threadsafe(self._close(), self._loop).result(10)
+            except Exception as exc:
+                log.warning("closing the Triton client: %s", exc)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        self._loop.close()
 
 
-def create_backend(config: InferenceConfig, models: Sequence[ModelSpec] = ()) -> InferenceBackend:
-    """The backend the config asks for."""
+def _cupy_usable() -> bool:
+    try:
+        import cupy
+
+        return bool(cupy.cuda.runtime.getDeviceCount() > 0)
+    except Exception:
+        return False
+
+
+def create_backend(
+    config: InferenceConfig,
+    models: Sequence[ModelSpec] = (),
+    observe: Callable[[str, int, float], None] | None = None,
+) -> InferenceBackend:
+    """The backend the config asks for. The embedded one batches concurrent requests per model
+    as its config.pbtxt says (Triton batches on its side)."""
     if config.backend == "onnxruntime":
-        return OnnxRuntimeBackend(config)
+        from .batching import DynamicBatcher
+
+        return DynamicBatcher(
+            OnnxRuntimeBackend(config),
+            models,
+            default_queue_images=config.max_queue_images,
+            queue_timeout_s=config.queue_timeout_s,
+            observe=observe,
+        )
     if config.backend == "triton":
         return TritonBackend(config, models)
     raise InferenceError(f"inference backend {config.backend!r} is not available in this build")

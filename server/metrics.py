@@ -33,3 +33,22 @@ class Metrics:
             "Time to analyse a complete study and write its report",
             registry=self.registry,
         )
+        self.batch_images = Histogram(
+            "nidaan_inference_batch_images",
+            "Images per batch the embedded batcher ran, by model",
+            ["model"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=self.registry,
+        )
+        self.queue_seconds = Histogram(
+            "nidaan_inference_queue_seconds",
+            "Time the oldest request of a batch waited in its model's queue, by model",
+            ["model"],
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1, 5, 30),
+            registry=self.registry,
+        )
+
+    def observe_batch(self, model: str, images: int, queued_s: float) -> None:
+        """The embedded batcher's observer: one batch of ``images`` ran for ``model``."""
+        self.batch_images.labels(model).observe(images)
+        self.queue_seconds.labels(model).observe(queued_s)

@@ -88,6 +88,12 @@ class ModelSpec:
     preferred_batch_sizes: tuple[int, ...]
     max_queue_delay_us: int
     card: Path
+    #: config.pbtxt has a dynamic_batching block (without one, Triton runs requests one by one).
+    dynamic_batching: bool = True
+    #: dynamic_batching.default_queue_policy.max_queue_size; 0 = not set.
+    max_queue_size: int = 0
+    #: instance_group counts summed: batches of this model that may run at once.
+    instance_count: int = 1
 
     def accepts_image(self, modality: str, body_part: str, view: str) -> bool:
         """Whether this model applies to an image with these header values."""
@@ -297,6 +303,9 @@ def load_model(directory: Path, *, check_onnx: bool = True) -> ModelSpec:
         preferred_batch_sizes=tuple(dyn.preferred_batch_size),
         max_queue_delay_us=int(dyn.max_queue_delay_microseconds),
         card=card,
+        dynamic_batching=config.HasField("dynamic_batching"),
+        max_queue_size=int(dyn.default_queue_policy.max_queue_size),
+        instance_count=sum(max(1, g.count) for g in config.instance_group) or 1,
     )
 
 

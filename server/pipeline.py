@@ -22,7 +22,7 @@ from nidaan.kernels import InputLayout, Placement, peak_region, preprocess, to_h
 
 from .decode import decode, is_image
 from .findings import BoundingBox, Finding, ImageAnalysis
-from .inference import InferenceBackend
+from .inference import InferenceBackend, is_device_array, stack
 from .model_repository import ModelSpec
 
 
@@ -63,6 +63,8 @@ class Pipeline:
         self._cache_bytes = 0
         self._cache_limit = cache_bytes
         self._lock = threading.Lock()
+        #: The backend binds GPU arrays by device pointer: keep the kernels' output on the GPU.
+        self._device_tensors = bool(getattr(backend, "accepts_device_arrays", False))
 
     # --- routing ---------------------------------------------------------------------------------
 
@@ -93,9 +95,13 @@ class Pipeline:
             batch, placements = preprocess(
                 [image.pixels], [image.transform], layout_of(m), backend=self.kernel_backend
             )
-            # On the host: the embedded backend's CPU provider reads NumPy arrays (to_host copies
-            # from the GPU, where the CUDA backend reuses its batch buffer on the next call).
-            prepared[m.name] = Prepared(to_host(batch)[0], placements[0])
+            if self._device_tensors and is_device_array(batch):
+                # Stays on the GPU for the CUDA execution provider's IO binding; a copy, as the
+                # CUDA kernels reuse their batch buffer on the next call.
+                tensor = batch[0].copy()
+            else:
+                tensor = to_host(batch)[0]
+            prepared[m.name] = Prepared(tensor, placements[0])
         return prepared
 
     def inspect(self, ds: Dataset, allowed: frozenset[str] | None = None) -> bool:
@@ -157,7 +163,7 @@ class Pipeline:
             items = jobs.get(model.name)
             if not items:
                 continue
-            batch = np.stack([p.tensor for _, p in items])
+            batch = stack([p.tensor for _, p in items])
             outputs = self.backend.infer(model, batch)
             probs = outputs[model.probabilities_output]
             heat = outputs.get(model.heatmap_output) if model.heatmap_output else None

@@ -1,5 +1,6 @@
-"""Real DICOM inputs for tests: pydicom-data's chest radiograph, and synthetic ones built from its
-real header with pixels from the demo model's generator (models/training/synthetic.py)."""
+"""Real DICOM inputs for tests: pydicom-data's chest radiograph, and synthetic ones built from real
+headers (pydicom-data's CR, pydicom's CT) with pixels from the demo models' generator
+(models/training/synthetic.py)."""
 
 from __future__ import annotations
 
@@ -74,6 +75,53 @@ def synthetic_cxr(
     ds.PixelData = stored.tobytes()
     ds["PixelData"].VR = "OW"
     return ds, masks
+
+
+@cache
+def _ct_header() -> Dataset:
+    from pydicom import examples
+
+    ds = copy.deepcopy(examples.ct)
+    del ds.PixelData
+    return ds
+
+
+def synthetic_ct_series(
+    seed: int,
+    nodule_slices: tuple[int, ...] = (),
+    *,
+    slices: int = 4,
+    size: int = 512,
+    study_uid: str | None = None,
+) -> tuple[list[Dataset], dict[int, np.ndarray]]:
+    """An axial chest CT series (signed 16-bit, Rescale Intercept -1024) with a real CT header and
+    synthetic slices; a nodule in each slice listed in ``nodule_slices``. Also the nodule masks."""
+    gen = synthetic_module()
+    rng = np.random.default_rng(seed)
+    study = study_uid or generate_uid()
+    series = generate_uid()
+    out, masks = [], {}
+    for k in range(slices):
+        hu, mask = gen.synthesize_ct_slice(rng, size, nodule=k in nodule_slices)
+        if k in nodule_slices:
+            masks[k] = mask
+        ds = copy.deepcopy(_ct_header())
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.InstanceNumber = k + 1
+        ds.ImagePositionPatient = [-250.0, -250.0, -100.0 - 5.0 * k]
+        ds.SliceLocation = -100.0 - 5.0 * k
+        ds.BodyPartExamined = "CHEST"
+        ds.Rows = ds.Columns = size
+        ds.PixelSpacing = [500.0 / size, 500.0 / size]
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+        stored = np.round(hu + 1024.0).astype(np.int16)
+        ds.PixelData = stored.tobytes()
+        ds["PixelData"].VR = "OW"
+        out.append(ds)
+    return out, masks
 
 
 def save(ds: Dataset, path: Path) -> Path:

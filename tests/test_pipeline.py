@@ -60,8 +60,8 @@ def test_images_of_one_study_are_batched_and_non_matching_ones_skipped(
 
     a, _ = synthetic_cxr(401, nodule=True)
     b, _ = synthetic_cxr(402)
-    ct = pydicom.dcmread(sample_file("CT_small.dcm"))  # no model accepts CT
-    results = pipeline.analyse([a, ct, b])
+    mr = pydicom.dcmread(sample_file("MR_small.dcm"))  # no model accepts MR
+    results = pipeline.analyse([a, mr, b])
     assert [r.source.SOPInstanceUID for r in results] == [a.SOPInstanceUID, b.SOPInstanceUID]
     single = pipeline.analyse([b])[0]
     batched = results[1]

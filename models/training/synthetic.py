@@ -173,3 +173,70 @@ def lesion_centre(mask: np.ndarray) -> tuple[float, float]:
     if len(ys) == 0:
         raise ValueError("the mask is empty")
     return float(xs.mean() + 0.5), float(ys.mean() + 0.5)
+
+
+def synthesize_ct_slice(
+    rng: np.random.Generator, size: int = 256, nodule: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """One synthetic axial chest CT slice in Hounsfield units, and its nodule mask.
+
+    Air, a body with a fat rim, two lung fields with vessels (small bright dots: the distractors a
+    nodule detector must ignore), mediastinum, heart, aorta, spine, ribs and the table, with
+    quantum noise. A nodule is a larger round soft-tissue or part-solid opacity inside a lung.
+    Returns float32 HU of shape (size, size) and a boolean mask of the nodule (empty without one).
+    """
+    y, x = _grid(size, size)
+    hu = np.full((size, size), -1000.0, np.float32)
+    cy, cx = 0.5 + rng.uniform(-0.03, 0.03), 0.5 + rng.uniform(-0.03, 0.03)
+    ry, rx = 0.33 + rng.uniform(-0.03, 0.03), 0.43 + rng.uniform(-0.04, 0.03)
+    body = _ellipse(y, x, cy, cx, ry, rx, 0.02)
+    inner = _ellipse(y, x, cy, cx, ry - 0.03, rx - 0.03, 0.02)
+    hu = hu + (900.0 + 60.0 * _smooth_noise(rng, size, size, 6)) * body  # fat: about -100
+    hu = hu + 140.0 * inner  # muscle and soft tissue: about +40
+    # The table under the patient.
+    table = np.exp(-(((y - (cy + ry + 0.04)) / 0.01) ** 2)) * (np.abs(x - 0.5) < 0.45)
+    hu = hu + 900.0 * table
+    # Ribs: small bright ellipses around the inside of the chest wall.
+    for k in range(12):
+        a = np.pi * (0.1 + 0.8 * k / 11) * (1 if k % 2 else -1) + rng.uniform(-0.05, 0.05)
+        ry_r, rx_r = (ry - 0.045) * np.cos(a), (rx - 0.045) * np.sin(a)
+        hu = hu + 600.0 * _ellipse(y, x, cy - ry_r, cx + rx_r, 0.012, 0.02, 0.4)
+    lung_ry, lung_rx, sep = 0.25 + rng.uniform(-0.03, 0.02), 0.15, 0.2 + rng.uniform(-0.02, 0.02)
+    right = _ellipse(y, x, cy - 0.02, cx - sep, lung_ry, lung_rx, 0.1)
+    left = _ellipse(y, x, cy - 0.01, cx + sep, lung_ry * 0.97, lung_rx * 0.93, 0.1)
+    lungs = np.maximum(right, left)
+    hu = hu - 890.0 * lungs + 25.0 * _smooth_noise(rng, size, size, 16) * lungs
+    # Mediastinum: heart, aorta (contrast-enhanced or not), spine with a cortical rim.
+    heart = _ellipse(y, x, cy + 0.06, cx + 0.05, 0.12, 0.11, 0.15)
+    hu = hu + rng.uniform(0, 40) * heart
+    aorta = _ellipse(y, x, cy + 0.05, cx - 0.07, 0.04, 0.04, 0.2)
+    hu = hu + rng.choice([0.0, 180.0]) * aorta
+    spine_y = cy + ry - 0.1
+    vertebra = _ellipse(y, x, spine_y, cx, 0.05, 0.05, 0.2)
+    hu = hu + 260.0 * vertebra + 500.0 * np.clip(vertebra * (1 - vertebra) * 4, 0, 1)
+    # Vessels: many small dots in the lungs, more and larger towards the hila.
+    for _ in range(int(rng.integers(25, 45))):
+        side = rng.choice([-1.0, 1.0])
+        vy = cy + rng.uniform(-0.2, 0.2)
+        vx = cx + side * (sep + rng.uniform(-0.12, 0.12))
+        near_hilum = 1.0 - min(1.0, abs(vx - cx) / 0.35)
+        r = rng.uniform(0.003, 0.006) + 0.006 * near_hilum * rng.random()
+        dot = _ellipse(y, x, vy, vx, r, r * rng.uniform(0.7, 1.4), 0.5)
+        lung_here = lungs[min(int(vy * size), size - 1), min(int(vx * size), size - 1)]
+        hu = hu + rng.uniform(700, 880) * dot * (lung_here > 0.5)
+    mask = np.zeros((size, size), bool)
+    if nodule:
+        side_mask = right if rng.random() < 0.5 else left
+        for _ in range(200):  # a centre well inside a lung field
+            ny, nx = rng.uniform(0.2, 0.8), rng.uniform(0.1, 0.9)
+            if side_mask[min(int(ny * size), size - 1), min(int(nx * size), size - 1)] > 0.95:
+                break
+        r = rng.uniform(0.014, 0.035)
+        blob = _ellipse(y, x, ny, nx, r * rng.uniform(0.85, 1.15), r, 0.35)
+        # Lobulated edge: modulate with low-frequency noise.
+        blob = np.clip(blob * (1.0 + 0.3 * _smooth_noise(rng, size, size, 24)), 0, 1)
+        density = rng.choice([rng.uniform(820, 900), rng.uniform(450, 650)])  # solid or part-solid
+        hu = hu + density * blob
+        mask = blob > 0.05
+    hu = hu + rng.normal(0.0, rng.uniform(8, 25), hu.shape)
+    return np.clip(hu, -1024.0, 3071.0).astype(np.float32), mask

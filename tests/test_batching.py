@@ -1,0 +1,182 @@
+"""The embedded dynamic batcher running the real demo model: batches form across concurrent
+callers as config.pbtxt says, every caller gets its own outputs, and a full queue pushes back."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from nidaan.server.batching import DynamicBatcher
+from nidaan.server.errors import InferenceError, QueueFullError
+from nidaan.server.inference import OnnxRuntimeBackend
+from nidaan.server.model_repository import ModelSpec
+
+
+@pytest.fixture(scope="module")
+def cxr(repository) -> ModelSpec:  # type: ignore[no-untyped-def]
+    return next(m for m in repository if m.name == "cxr_screen")
+
+
+@pytest.fixture(scope="module")
+def engine() -> OnnxRuntimeBackend:
+    return OnnxRuntimeBackend()
+
+
+def _inputs(model: ModelSpec, n: int, seed: int = 0) -> np.ndarray:
+    shape = (n, model.input.channels, model.input.height, model.input.width)
+    return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+
+
+class _Recorder:
+    """Collects the batcher's per-batch observations."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, model: str, images: int, queued_s: float) -> None:
+        with self.lock:
+            self.sizes.append(images)
+
+
+def _concurrently(batcher: DynamicBatcher, model: ModelSpec, inputs: list[np.ndarray]) -> list:
+    with ThreadPoolExecutor(len(inputs)) as pool:
+        return list(pool.map(lambda x: batcher.infer(model, x), inputs))
+
+
+def test_concurrent_callers_share_batches_and_each_gets_its_own_outputs(cxr, engine) -> None:
+    recorder = _Recorder()
+    model = dataclasses.replace(cxr, max_queue_delay_us=200_000)
+    batcher = DynamicBatcher(engine, [model], observe=recorder)
+    try:
+        inputs = [_inputs(model, 1, seed) for seed in range(16)]
+        results = _concurrently(batcher, model, inputs)
+    finally:
+        batcher.close()
+    stats = batcher.stats()[model.name]
+    assert stats.inference_count == 16
+    assert stats.execution_count < 16, recorder.sizes
+    assert max(recorder.sizes) > 1
+    alone = engine.infer(model, np.concatenate(inputs))
+    for k, result in enumerate(results):
+        for name, value in result.items():
+            np.testing.assert_allclose(value[0], alone[name][k], rtol=1e-5, atol=1e-6)
+
+
+def test_a_preferred_batch_size_goes_without_waiting_out_the_delay(cxr, engine) -> None:
+    recorder = _Recorder()
+    # A delay far longer than the test: only reaching a preferred size can release the batch.
+    model = dataclasses.replace(cxr, preferred_batch_sizes=(4,), max_queue_delay_us=600_000_000)
+    batcher = DynamicBatcher(engine, [model], observe=recorder)
+    try:
+        results = _concurrently(batcher, model, [_inputs(model, 1, s) for s in range(4)])
+    finally:
+        batcher.close()
+    assert recorder.sizes == [4]
+    assert all(r[model.probabilities_output].shape == (1, 2) for r in results)
+
+
+def test_a_lone_request_runs_after_the_queue_delay(cxr, engine) -> None:
+    recorder = _Recorder()
+    model = dataclasses.replace(cxr, preferred_batch_sizes=(8,), max_queue_delay_us=20_000)
+    batcher = DynamicBatcher(engine, [model], observe=recorder)
+    try:
+        out = batcher.infer(model, _inputs(model, 3))
+    finally:
+        batcher.close()
+    assert recorder.sizes == [3]
+    assert out[model.heatmap_output].shape == (3, 2, 32, 32)
+
+
+def test_a_request_larger_than_max_batch_is_split_and_reassembled(cxr, engine) -> None:
+    recorder = _Recorder()
+    model = dataclasses.replace(cxr, max_queue_delay_us=0)
+    batcher = DynamicBatcher(engine, [model], observe=recorder)
+    x = _inputs(model, 2 * model.max_batch_size + 3)
+    try:
+        out = batcher.infer(model, x)
+    finally:
+        batcher.close()
+    assert max(recorder.sizes) == model.max_batch_size
+    assert sum(recorder.sizes) == len(x)
+    alone = engine.infer(model, x)
+    np.testing.assert_allclose(out["probabilities"], alone["probabilities"], rtol=1e-5, atol=1e-6)
+
+
+def test_without_dynamic_batching_each_request_runs_alone(cxr, engine) -> None:
+    recorder = _Recorder()
+    model = dataclasses.replace(cxr, dynamic_batching=False)
+    batcher = DynamicBatcher(engine, [model], observe=recorder)
+    try:
+        _concurrently(batcher, model, [_inputs(model, 1, s) for s in range(6)])
+    finally:
+        batcher.close()
+    assert recorder.sizes == [1] * 6
+
+
+class _Gated:
+    """The real backend behind a gate, so a test can hold a batch in flight (a slow model)."""
+
+    def __init__(self, backend: OnnxRuntimeBackend) -> None:
+        self.backend = backend
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def infer(self, model: ModelSpec, batch: np.ndarray) -> dict[str, np.ndarray]:
+        self.entered.set()
+        self.gate.wait(60)
+        return self.backend.infer(model, batch)
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_full_queue_pushes_back_and_loses_nothing_queued(cxr, engine) -> None:
+    gated = _Gated(engine)
+    model = dataclasses.replace(cxr, max_queue_size=4, max_queue_delay_us=0)
+    batcher = DynamicBatcher(gated, [model], queue_timeout_s=0.2)
+    pool = ThreadPoolExecutor(8)
+    try:
+        first = pool.submit(batcher.infer, model, _inputs(model, 1, 0))
+        assert gated.entered.wait(30)  # a batch is in flight and the runner is busy
+        queued = [pool.submit(batcher.infer, model, _inputs(model, 2, s)) for s in (1, 2)]
+        for _ in range(100):  # both requests in the queue: 4 images, the limit
+            if batcher.stats()[model.name].queued_images == 4:
+                break
+            threading.Event().wait(0.05)
+        assert batcher.stats()[model.name].queued_images == 4
+        with pytest.raises(QueueFullError, match="cxr_screen.*queue is full"):
+            batcher.infer(model, _inputs(model, 1, 3))
+        assert batcher.stats()[model.name].rejected == 1
+        gated.gate.set()
+        outputs = [first.result(30)] + [f.result(30) for f in queued]
+    finally:
+        gated.gate.set()
+        pool.shutdown()
+        batcher.close()
+    assert [o["probabilities"].shape[0] for o in outputs] == [1, 2, 2]
+    assert batcher.stats()[model.name].inference_count == 5
+
+
+def test_a_wrongly_shaped_request_is_refused_alone(cxr, engine) -> None:
+    batcher = DynamicBatcher(engine, [cxr])
+    try:
+        with pytest.raises(InferenceError, match=r"takes \(N, 1, 256, 256\)"):
+            batcher.infer(cxr, np.zeros((1, 3, 256, 256), np.float32))
+        assert batcher.infer(cxr, _inputs(cxr, 1))["probabilities"].shape == (1, 2)
+    finally:
+        batcher.close()
+
+
+def test_cpu_sessions_use_the_cores_this_process_may_run_on(cxr) -> None:
+    opts = OnnxRuntimeBackend().session_options(cxr)
+    assert opts.intra_op_num_threads == len(os.sched_getaffinity(0))
+    assert opts.inter_op_num_threads == 1
+    two = dataclasses.replace(cxr, instance_count=2)
+    shared = OnnxRuntimeBackend().session_options(two).intra_op_num_threads
+    assert shared == max(1, len(os.sched_getaffinity(0)) // 2)
