@@ -93,9 +93,12 @@ def synthetic_ct_series(
     slices: int = 4,
     size: int = 512,
     study_uid: str | None = None,
+    patient: Dataset | None = None,
 ) -> tuple[list[Dataset], dict[int, np.ndarray]]:
     """An axial chest CT series (signed 16-bit, Rescale Intercept -1024) with a real CT header and
-    synthetic slices; a nodule in each slice listed in ``nodule_slices``. Also the nodule masks."""
+    synthetic slices; a nodule in each slice listed in ``nodule_slices``. Also the nodule masks.
+
+    ``patient``: a dataset whose Patient module the slices take (to share a study with it)."""
     gen = synthetic_module()
     rng = np.random.default_rng(seed)
     study = study_uid or generate_uid()
@@ -110,6 +113,9 @@ def synthetic_ct_series(
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         ds.InstanceNumber = k + 1
+        if patient is not None:
+            for kw in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex"):
+                setattr(ds, kw, patient.get(kw, ""))
         ds.ImagePositionPatient = [-250.0, -250.0, -100.0 - 5.0 * k]
         ds.SliceLocation = -100.0 - 5.0 * k
         ds.BodyPartExamined = "CHEST"

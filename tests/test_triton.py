@@ -17,7 +17,7 @@ from nidaan.server.inference import OnnxRuntimeBackend, TritonBackend
 from nidaan.server.pipeline import Pipeline
 
 from conftest import MODELS
-from factory import synthetic_cxr
+from factory import synthetic_ct_series, synthetic_cxr
 from peers import Triton, free_port, start_triton, stop
 
 
@@ -28,19 +28,57 @@ def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Triton]:
     stop(server.process, signal.SIGINT)
 
 
-def test_same_findings_through_triton_and_the_embedded_backend(triton: Triton, repository) -> None:  # type: ignore[no-untyped-def]
-    remote = TritonBackend(InferenceConfig(backend="triton", triton_url=triton.url), repository)
-    images = [synthetic_cxr(900 + i, nodule=i % 2 == 0)[0] for i in range(5)]
-    embedded = Pipeline(repository, OnnxRuntimeBackend()).analyse(images)
-    served = Pipeline(repository, remote).analyse(images)
-    assert len(embedded) == len(served) == 5
+@pytest.mark.parametrize("shared_memory", ["auto", "none"])
+def test_same_findings_through_triton_and_the_embedded_backend(
+    triton: Triton, repository, shared_memory: str
+) -> None:  # type: ignore[no-untyped-def]
+    cfg = InferenceConfig(
+        backend="triton", triton_url=triton.url, triton_shared_memory=shared_memory
+    )
+    remote = TritonBackend(cfg, repository)
+    # Triton on loopback: inputs go through registered system shared memory unless told not to.
+    assert remote.shared_memory == ([] if shared_memory == "none" else ["system"])
+    cr = [synthetic_cxr(900 + i, nodule=i % 2 == 0)[0] for i in range(5)]
+    ct, _ = synthetic_ct_series(900, (1,), slices=3, size=256)
+    images = cr + ct
+    try:
+        embedded = Pipeline(repository, OnnxRuntimeBackend()).analyse(images)
+        served = Pipeline(repository, remote).analyse(images)
+    finally:
+        remote.close()
+    assert len(embedded) == len(served) == 8
+    assert {a.algorithm.name for a in served} == {m.algorithm.name for m in repository}
     for a, b in zip(embedded, served, strict=True):
+        assert a.source.SOPInstanceUID == b.source.SOPInstanceUID
         assert [f.label for f in a.findings] == [f.label for f in b.findings]
         np.testing.assert_allclose(
             [f.probability for f in a.findings], [f.probability for f in b.findings], atol=1e-5
         )
         assert [f.present for f in a.findings] == [f.present for f in b.findings]
         assert [f.region for f in a.findings] == [f.region for f in b.findings]
+
+
+def test_shared_memory_regions_are_registered_while_in_use_and_released(
+    triton: Triton, repository
+) -> None:  # type: ignore[no-untyped-def]
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(triton.url)
+
+    def ours() -> set[str]:
+        status = client.get_system_shared_memory_status(as_json=True)
+        return {r["name"] for r in status.get("regions", {}).values() if "nidaan_" in r["name"]}
+
+    remote = TritonBackend(InferenceConfig(backend="triton", triton_url=triton.url), repository)
+    try:
+        registered = ours()
+        assert len(registered) == TritonBackend.REGIONS * len(repository)
+        model = next(m for m in repository if m.name == "cxr_screen")
+        out = remote.infer(model, np.zeros((3, 1, 256, 256), np.float32))
+        assert out["probabilities"].shape == (3, 2)
+    finally:
+        remote.close()
+    assert ours() == set()
 
 
 def test_triton_batches_concurrent_requests(triton: Triton, repository) -> None:  # type: ignore[no-untyped-def]
