@@ -55,6 +55,8 @@ def _files(paths: Sequence[str]) -> list[Path]:
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     """Analyse DICOM files offline and print the findings (JSON lines with --json)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from pydicom import dcmread
     from pydicom.errors import InvalidDicomError
     from tqdm import tqdm
@@ -73,19 +75,25 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     files = _files(args.paths)
     failures = 0
     results: list[dict[str, Any]] = []
+
+    def one(path: Path) -> Any:
+        try:
+            return pipeline.analyse([dcmread(path)])
+        except (InvalidDicomError, OSError) as exc:
+            return f"{path}: not a readable DICOM file: {exc}"
+        except NidaanError as exc:
+            return f"{path}: {exc}"
+
+    # Files are analysed by several threads at once, so the models' batchers can batch them.
+    pool = ThreadPoolExecutor(cfg.inference.workers)
+    outcomes = pool.map(one, files)
     for path in tqdm(
         files, desc="analysing", unit="file", disable=args.quiet or None, file=sys.stderr
     ):
-        try:
-            ds = dcmread(path)
-            analyses = pipeline.analyse([ds])
-        except (InvalidDicomError, OSError) as exc:
+        analyses = next(outcomes)
+        if isinstance(analyses, str):
             failures += 1
-            print(f"{path}: not a readable DICOM file: {exc}", file=sys.stderr)
-            continue
-        except NidaanError as exc:
-            failures += 1
-            print(f"{path}: {exc}", file=sys.stderr)
+            print(analyses, file=sys.stderr)
             continue
         for a in analyses:
             results.append(
@@ -118,6 +126,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             )
         if not analyses:
             print(f"{path}: no model applies to this instance", file=sys.stderr)
+    pool.shutdown()
+    pipeline.backend.close()
     for r in results:
         if args.json:
             print(json.dumps(r))
@@ -146,10 +156,22 @@ def cmd_models(args: argparse.Namespace) -> int:
             else ""
         )
         print(f"{m.name} {m.version}: {m.display_name}{flag}")
-        print(
-            f"  input {m.input.name} 1x{m.input.height}x{m.input.width} ({m.input.resize}), "
-            f"max batch {m.max_batch_size}, accepts {','.join(m.accepts.modalities)}"
+        windows = (
+            " windows " + ", ".join(f"{c:g}/{w:g}" for c, w in m.input.windows)
+            if m.input.windows
+            else ""
         )
+        print(
+            f"  input {m.input.name} {m.input.channels}x{m.input.height}x{m.input.width} "
+            f"({m.input.resize}{windows}), accepts {','.join(m.accepts.modalities)}"
+        )
+        batching = (
+            f"preferred {list(m.preferred_batch_sizes)}, delay {m.max_queue_delay_us} us, "
+            f"queue {m.max_queue_size or cfg.inference.max_queue_images} images"
+            if m.dynamic_batching
+            else "no dynamic batching"
+        )
+        print(f"  batches up to {m.max_batch_size} ({batching}), {m.instance_count} instance(s)")
         for f in m.findings:
             print(
                 f"  finding {f.label}: {f.code.scheme} {f.code.value} '{f.code.meaning}', "

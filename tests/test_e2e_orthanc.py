@@ -16,7 +16,7 @@ import pydicom
 import pytest
 
 from conftest import MODELS
-from factory import sample_file, save, synthetic_cxr, with_new_uids
+from factory import sample_file, save, synthetic_ct_series, synthetic_cxr, with_new_uids
 from netutil import storescu
 from peers import (
     Orthanc,
@@ -28,7 +28,7 @@ from peers import (
     wait_for_port,
     wait_until,
 )
-from srutil import codes, dciodvfy_errors, dsrdump_ok, graphics, numbers
+from srutil import codes, dciodvfy_errors, dsrdump_ok, evidence, graphics, numbers, texts
 
 NODULE, TB = "786838002", "154283005"
 
@@ -193,3 +193,35 @@ def test_a_study_sent_twice_leaves_one_report_in_the_pacs(
         ).SOPInstanceUID
         == first.SOPInstanceUID
     )
+
+
+def test_a_study_with_radiograph_and_ct_comes_back_with_one_report_from_both_models(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    cr, _ = synthetic_cxr(11, nodule=True, rows=800, columns=700)
+    series, masks = synthetic_ct_series(
+        1, (2,), slices=3, size=512, study_uid=cr.StudyInstanceUID, patient=cr
+    )
+    paths = [save(ds, tmp_path / f"{i}.dcm") for i, ds in enumerate([cr, *series])]
+    run = storescu(deployment.nidaan_port, paths)
+    assert run.returncode == 0, run.stderr
+    study_id = wait_until(
+        lambda: deployment.orthanc.post(
+            "/tools/lookup", cr.StudyInstanceUID, content_type="text/plain"
+        ),
+        90,
+        "the study in Orthanc",
+    )[0]["ID"]
+    sr = _report_of(deployment.orthanc, study_id)
+    assert evidence(sr) == {str(ds.SOPInstanceUID) for ds in [cr, *series]}
+    words = " ".join(texts(sr))
+    assert "chest radiograph screen" in words and "chest CT slice nodule detector" in words
+    ys, xs = masks[2].nonzero()
+    cx, cy = xs.mean() + 0.5, ys.mean() + 0.5
+    assert any(
+        min(g[0::2]) <= cx <= max(g[0::2]) and min(g[1::2]) <= cy <= max(g[1::2])
+        for g in graphics(sr)
+        if len(g) >= 8
+    ), "no region around the CT nodule"
+    path = save(sr, tmp_path / "report.dcm")
+    assert dciodvfy_errors(path) == []
