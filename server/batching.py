@@ -256,7 +256,11 @@ class DynamicBatcher:
         """Per-model counters (a snapshot)."""
         return {name: ModelStats(**vars(q.stats)) for name, q in self._queues.items()}
 
-    def close(self) -> None:
+    def stop(self) -> None:
+        """Stop batching (queued requests fail with InferenceError); the backend stays open."""
         for q in self._queues.values():
             q.close()
+
+    def close(self) -> None:
+        self.stop()
         self.backend.close()

@@ -80,9 +80,10 @@ def test_kill_9_in_the_middle_of_an_association_keeps_every_acknowledged_instanc
     config, port, pacs = _setup(tmp_path)
     study = generate_uid()
     files, uids = [], {}
-    for i in range(60):
+    # Enough instances that the kill lands mid-association even on a loaded machine.
+    for i in range(150):
         ds, _ = synthetic_cxr(700 + i, study_uid=study, rows=400, columns=350)
-        files.append(save(ds, tmp_path / f"{i:02d}.dcm"))
+        files.append(save(ds, tmp_path / f"{i:03d}.dcm"))
         uids[str(files[-1])] = ds.SOPInstanceUID
     log = tmp_path / "nidaan.log"
     server = start_nidaan(config, log)
