@@ -149,6 +149,8 @@ def test_metrics_count_instances_and_logs_carry_no_phi(deployment: Deployment) -
 
     text = wait_until(delivered_three, 10, "three delivered studies in the metrics")
     assert 'nidaan_instances_received_total{status="0x0000"} 3.0' in text
+    # The embedded batcher ran the radiographs and says so per model.
+    assert 'nidaan_inference_batch_images_count{model="cxr_screen"}' in text
     log = deployment.log.read_text()
     assert "listening as NIDAAN" in log
     assert "analysed" in log and "delivered" in log
