@@ -72,6 +72,16 @@ def _report_of(orthanc: Orthanc, study_id: str, timeout: float = 90) -> pydicom.
     return pydicom.dcmread(__import__("io").BytesIO(orthanc.get(f"/instances/{sr['ID']}/file")))
 
 
+def _report_of_study(orthanc: Orthanc, study_uid: str) -> pydicom.Dataset:
+    """The SR of a study that was sent to Nidaan (not uploaded), once it is in Orthanc."""
+    found = wait_until(
+        lambda: orthanc.post("/tools/lookup", study_uid, content_type="text/plain"),
+        90,
+        "the study in Orthanc",
+    )
+    return _report_of(orthanc, found[0]["ID"])
+
+
 def _check_report(sr: pydicom.Dataset, source: pydicom.Dataset, tmp_path: Path) -> None:
     assert sr.Modality == "SR"
     assert sr.StudyInstanceUID == source.StudyInstanceUID
@@ -118,14 +128,7 @@ def test_storescu_sender_nodule_found_where_it_was_planted(
     deployment.sent.append(ds)
     run = storescu(deployment.nidaan_port, [path])
     assert run.returncode == 0, run.stderr
-    study_id = wait_until(
-        lambda: deployment.orthanc.post(
-            "/tools/lookup", ds.StudyInstanceUID, content_type="text/plain"
-        ),
-        90,
-        "the study in Orthanc",
-    )
-    sr = _report_of(deployment.orthanc, study_id[0]["ID"])
+    sr = _report_of_study(deployment.orthanc, ds.StudyInstanceUID)
     _check_report(sr, ds, tmp_path)
     # The nodule's region is a closed polyline around the planted nodule, in source pixels.
     ys, xs = masks["nodule"].nonzero()
@@ -207,14 +210,7 @@ def test_a_study_with_radiograph_and_ct_comes_back_with_one_report_from_both_mod
     paths = [save(ds, tmp_path / f"{i}.dcm") for i, ds in enumerate([cr, *series])]
     run = storescu(deployment.nidaan_port, paths)
     assert run.returncode == 0, run.stderr
-    study_id = wait_until(
-        lambda: deployment.orthanc.post(
-            "/tools/lookup", cr.StudyInstanceUID, content_type="text/plain"
-        ),
-        90,
-        "the study in Orthanc",
-    )[0]["ID"]
-    sr = _report_of(deployment.orthanc, study_id)
+    sr = _report_of_study(deployment.orthanc, cr.StudyInstanceUID)
     assert evidence(sr) == {str(ds.SOPInstanceUID) for ds in [cr, *series]}
     words = " ".join(texts(sr))
     assert "chest radiograph screen" in words and "chest CT slice nodule detector" in words
