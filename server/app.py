@@ -33,6 +33,7 @@ from nidaan.pacs_bridge.state import OutboxItem, StateStore
 from nidaan.pacs_bridge.tls import server_context
 from nidaan.pacs_bridge.uids import derived_uid, ref
 
+from .batching import DynamicBatcher
 from .config import SOURCE, Config
 from .errors import ConfigError, InferenceError, NidaanError
 from .inference import create_backend
@@ -82,6 +83,8 @@ class NidaanServer:
         self.models = load_repository(config.models.repository)
         self.metrics = Metrics()
         self.backend = create_backend(config.inference, self.models, self.metrics.observe_batch)
+        if isinstance(self.backend, DynamicBatcher):
+            self.metrics.watch_batcher(self.backend.stats)
         self.pipeline = Pipeline(self.models, self.backend, kernel_backend=config.kernels.backend)
         self.router = Router(config, {m.name for m in self.models})
         data = Path(config.storage.data_dir)
@@ -170,6 +173,8 @@ class NidaanServer:
 
         from .pipeline import layout_of
 
+        # Straight to the engine: warm-up runs are not requests and stay out of the batch counts.
+        engine = self.backend.backend if isinstance(self.backend, DynamicBatcher) else self.backend
         for m in self.models:
             batch, _ = preprocess(
                 [np.zeros((8, 8), np.uint16)],
@@ -177,7 +182,7 @@ class NidaanServer:
                 layout_of(m),
                 backend=self.config.kernels.backend,
             )
-            self.backend.infer(m, batch)
+            engine.infer(m, batch)
 
     def _recover(self) -> None:
         """Queue studies a previous run acknowledged but did not finish."""

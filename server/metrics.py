@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 
 class Metrics:
@@ -52,3 +57,48 @@ class Metrics:
         """The embedded batcher's observer: one batch of ``images`` ran for ``model``."""
         self.batch_images.labels(model).observe(images)
         self.queue_seconds.labels(model).observe(queued_s)
+
+    def watch_batcher(self, stats: Callable[[], Mapping[str, Any]]) -> None:
+        """Export the embedded batcher's counters (``DynamicBatcher.stats``) at each scrape."""
+        self.registry.register(_BatcherCollector(stats))
+
+
+class _BatcherCollector(Collector):
+    """The batcher's per-model counters, named after Triton's (inference vs execution count)."""
+
+    def __init__(self, stats: Callable[[], Mapping[str, Any]]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats()
+        families = [
+            (
+                CounterMetricFamily,
+                "nidaan_inference_images",
+                "Images run by the embedded backend, by model",
+                "inference_count",
+            ),
+            (
+                CounterMetricFamily,
+                "nidaan_inference_batches",
+                "Batches run by the embedded backend, by model",
+                "execution_count",
+            ),
+            (
+                CounterMetricFamily,
+                "nidaan_inference_rejected",
+                "Requests refused because the model's queue stayed full, by model",
+                "rejected",
+            ),
+            (
+                GaugeMetricFamily,
+                "nidaan_inference_queued_images",
+                "Images waiting in the model's queue",
+                "queued_images",
+            ),
+        ]
+        for kind, name, doc, attr in families:
+            family = kind(name, doc, labels=["model"])
+            for model, s in stats.items():
+                family.add_metric([model], getattr(s, attr))
+            yield family

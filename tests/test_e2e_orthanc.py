@@ -154,6 +154,8 @@ def test_metrics_count_instances_and_logs_carry_no_phi(deployment: Deployment) -
     assert 'nidaan_instances_received_total{status="0x0000"} 3.0' in text
     # The embedded batcher ran the radiographs and says so per model.
     assert 'nidaan_inference_batch_images_count{model="cxr_screen"}' in text
+    assert 'nidaan_inference_images_total{model="cxr_screen"} 3.0' in text
+    assert 'nidaan_inference_queued_images{model="cxr_screen"} 0.0' in text
     log = deployment.log.read_text()
     assert "listening as NIDAAN" in log
     assert "analysed" in log and "delivered" in log
