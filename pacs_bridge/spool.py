@@ -65,14 +65,17 @@ class Spool:
         atomic_write(path, chunks)
         return path
 
-    def quarantine(self, chunks: Iterable[bytes], reason: str, *, status: int) -> Path:
+    def quarantine(self, chunks: Iterable[bytes], reason: str, *, status: int | str) -> Path:
         """Keep a refused object with a JSON sidecar saying why; returns the object's path.
+
+        ``status`` is the DICOM status it was refused with, or a text such as a gRPC code.
 
         Quarantined files are named by time, not by their (untrusted) UIDs.
         """
         name = f"{time.strftime('%Y%m%dT%H%M%S')}-{time.monotonic_ns()}"
         path = self.quarantine_dir / f"{name}.dcm"
         atomic_write(path, chunks)
-        info = {"reason": reason, "status": f"0x{status:04X}", "received_at": time.time()}
+        shown = f"0x{status:04X}" if isinstance(status, int) else status
+        info = {"reason": reason, "status": shown, "received_at": time.time()}
         atomic_write(self.quarantine_dir / f"{name}.json", [json.dumps(info, indent=1).encode()])
         return path

@@ -33,6 +33,7 @@ from nidaan.pacs_bridge.state import OutboxItem, StateStore
 from nidaan.pacs_bridge.tls import server_context
 from nidaan.pacs_bridge.uids import derived_uid, ref
 
+from .api import ApiLimits, ApiServer, InferenceService
 from .batching import DynamicBatcher
 from .config import SOURCE, Config
 from .errors import ConfigError, InferenceError, NidaanError
@@ -121,10 +122,11 @@ class NidaanServer:
             for i in range(config.inference.workers)
         ] + [threading.Thread(target=self._tick, name="nidaan-timer", daemon=True)]
         self._http: tuple[Any, Any] | None = None
+        self.api: ApiServer | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------
 
-    def start(self, *, http: bool = True) -> None:
+    def start(self, *, http: bool = True, grpc: bool = True) -> None:
         """Warm the kernels, recover unfinished work, and start listening."""
         self._warm_up()
         self._recover()
@@ -134,14 +136,18 @@ class NidaanServer:
         self.scp.start(
             self.config.dicom.bind, self.config.dicom.port, server_context(self.config.dicom)
         )
+        if grpc:
+            self.api = self._api_server()
+            self.api.start(self.config.grpc.bind, self.config.grpc.port)
         if http:
             self._http = start_http_server(
                 self.config.http.port, addr=self.config.http.bind, registry=self.metrics.registry
             )
         log.info(
-            "listening as %s on port %d; %d model(s): %s",
+            "listening as %s on port %d (gRPC %s); %d model(s): %s",
             self.config.dicom.ae_title,
             self.scp.port,
+            self.api.port if self.api else "off",
             len(self.models),
             ", ".join(m.name for m in self.models),
         )
@@ -150,6 +156,8 @@ class NidaanServer:
         """Stop accepting, finish the study in progress, stop delivering (idempotent)."""
         if self._stop.is_set():
             return
+        if self.api is not None:
+            self.api.stop()
         self.scp.stop()
         self._stop.set()
         for _ in range(self.config.inference.workers):
@@ -164,6 +172,28 @@ class NidaanServer:
         self.backend.close()
         self.state.close()
         self.audit.close()
+
+    def _api_server(self) -> ApiServer:
+        g = self.config.grpc
+        service = InferenceService(
+            self.pipeline,
+            self.spool,
+            device_observer_uid=self.device_uid,
+            series_number=self.config.reports.series_number,
+            limits=ApiLimits(g.max_instances, self.config.dicom.max_pixels),
+            on_request=self._api_request,
+        )
+        return ApiServer(
+            service,
+            workers=g.workers,
+            max_concurrent_rpcs=g.max_concurrent_rpcs,
+            max_message_bytes=g.max_message_mb << 20,
+        )
+
+    def _api_request(self, method: str, code: Any, study_uid: str) -> None:
+        """Count and audit each gRPC call (the audit trail names the study by UID)."""
+        self.metrics.grpc_requests.labels(method, code.name).inc()
+        self.audit.record("grpc", method=method, code=code.name, study=study_uid or None)
 
     def _warm_up(self) -> None:
         """Compile the kernels and load each model once, so the first study is not slow."""

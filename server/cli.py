@@ -29,10 +29,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     server = NidaanServer(cfg)
-    server.start(http=not args.no_http)
+    server.start(http=not args.no_http, grpc=not args.no_grpc)
+    grpc_port = server.api.port if server.api else "off"
     print(
-        f"nidaan: AE {cfg.dicom.ae_title} on DICOM port {server.scp.port}, metrics on "
-        f"http://{cfg.http.bind}:{cfg.http.port}/metrics, data in {cfg.storage.data_dir}",
+        f"nidaan: AE {cfg.dicom.ae_title} on DICOM port {server.scp.port}, gRPC port {grpc_port}, "
+        f"metrics on http://{cfg.http.bind}:{cfg.http.port}/metrics, "
+        f"data in {cfg.storage.data_dir}",
         flush=True,
     )
     done = threading.Event()
@@ -297,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("serve", help="run the DICOM node (the main job)")
     p.add_argument("--no-http", action="store_true", help="do not serve metrics over HTTP")
+    p.add_argument("--no-grpc", action="store_true", help="do not serve the gRPC API")
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("analyze", help="analyse DICOM files or folders offline")
     p.add_argument("paths", nargs="+")

@@ -90,12 +90,23 @@ class DicomConfig:
 
 @dataclass
 class GrpcConfig:
-    """The gRPC API for integrators."""
+    """The gRPC API for integrators (``nidaan.v1.Inference``, health, reflection)."""
 
+    bind: str = "0.0.0.0"
     port: int = 50051
+    #: Threads serving calls; calls past ``max_concurrent_rpcs`` get RESOURCE_EXHAUSTED at once.
+    workers: int = 8
+    max_concurrent_rpcs: int = 64
+    #: Largest request or response (a study's instances travel in one message).
+    max_message_mb: int = 512
+    #: Instances one Analyze call may hold.
+    max_instances: int = 1000
 
     def validate(self) -> None:
         _check_port(self.port, "grpc.port")
+        for key in ("workers", "max_concurrent_rpcs", "max_message_mb", "max_instances"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"grpc.{key} must be at least 1")
 
 
 @dataclass

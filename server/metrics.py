@@ -38,6 +38,12 @@ class Metrics:
             "Time to analyse a complete study and write its report",
             registry=self.registry,
         )
+        self.grpc_requests = Counter(
+            "nidaan_grpc_requests",
+            "gRPC calls answered, by method and status code",
+            ["method", "code"],
+            registry=self.registry,
+        )
         self.batch_images = Histogram(
             "nidaan_inference_batch_images",
             "Images per batch the embedded batcher ran, by model",

@@ -31,6 +31,8 @@ def make_config(
     cfg.dicom.bind = "127.0.0.1"
     cfg.dicom.study_idle_timeout_s = idle_timeout_s
     cfg.dicom.network_timeout_s = 5.0
+    cfg.grpc.port = 0
+    cfg.grpc.bind = "127.0.0.1"
     cfg.storage.data_dir = tmp_path / "data"
     cfg.models.repository = MODELS
     cfg.peers = list(peers or [])

@@ -186,6 +186,8 @@ def nidaan_config(
         f'[dicom]\nbind = "127.0.0.1"\nport = {port}\n'
         f'[storage]\ndata_dir = "{data_dir}"\n[models]\nrepository = "{models}"\n{extra}'
     )
+    if "[grpc]" not in extra:  # never the default port: it may be taken on a test machine
+        text += f'[grpc]\nbind = "127.0.0.1"\nport = {free_port()}\n'
     for ae, peer_port in (peers or {}).items():
         text += f'[[peers]]\nae_title = "{ae}"\nhost = "127.0.0.1"\nport = {peer_port}\n'
     path.write_text(text)

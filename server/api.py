@@ -1,0 +1,355 @@
+"""The gRPC API (package ``nidaan.v1``, service ``Inference``; proto in ``server/proto``).
+
+Integrators send the DICOM instances of one study and get the findings back (and, if asked, the
+DICOM SR Nidaan would send a PACS). The same :class:`~nidaan.server.pipeline.Pipeline` as the
+DICOM node runs them, so its images share the models' batchers with studies arriving by C-STORE.
+The standard health (``grpc.health.v1``) and reflection services are offered too.
+
+Errors follow pynetdicom's rule that a handler's failure becomes a proper status, never a broken
+connection: each :class:`~nidaan.server.errors.NidaanError` maps to a gRPC code with a message
+that names the problem and carries no patient data; an instance that cannot be read or decoded is
+kept in quarantine with its reason, as over DICOM.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from nidaan.pacs_bridge.reports import build_report, report_uids
+from nidaan.pacs_bridge.scp import overrun_element, too_deep
+from nidaan.pacs_bridge.spool import Spool
+from nidaan.pacs_bridge.uids import is_valid_uid, ref
+
+from .errors import InferenceError, InputError, NidaanError, QueueFullError
+from .findings import ImageAnalysis
+from .model_repository import ModelSpec
+from .pipeline import Pipeline
+from .proto import inference_pb2 as pb
+
+log = logging.getLogger("nidaan.api")
+
+SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name  # "nidaan.v1.Inference"
+
+#: NidaanError subclasses to gRPC status codes (most specific first).
+_CODES: tuple[tuple[type[NidaanError], grpc.StatusCode], ...] = (
+    (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (InferenceError, grpc.StatusCode.UNAVAILABLE),
+    (InputError, grpc.StatusCode.INVALID_ARGUMENT),
+)
+
+
+def status_code(exc: NidaanError) -> grpc.StatusCode:
+    """The gRPC code an error maps to."""
+    for kind, code in _CODES:
+        if isinstance(exc, kind):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+@dataclass(frozen=True)
+class ApiLimits:
+    """What one request may hold."""
+
+    max_instances: int = 1000
+    max_pixels: int = 250_000_000  # per instance, Rows x Columns x Frames, before decoding
+
+
+class _Refused(Exception):
+    """A request refused with a gRPC code (and, for a bad instance, its bytes to quarantine)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, data: bytes | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.data = data
+
+
+def read_instance(data: bytes, index: int, limits: ApiLimits) -> Dataset:
+    """Parse one instance of a request, with the SCP's checks; _Refused names what is wrong."""
+
+    def refuse(why: str) -> _Refused:
+        return _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"instance {index}: {why}", data)
+
+    try:
+        ds = dcmread(io.BytesIO(data), force=True)
+        ds.StudyInstanceUID  # noqa: B018 - force=True reads anything; DICOM has these
+        ds.SOPInstanceUID  # noqa: B018
+    except (InvalidDicomError, AttributeError, ValueError, EOFError, OSError) as exc:
+        raise refuse(f"not a readable DICOM data set ({type(exc).__name__})") from exc
+    except Exception as exc:  # a malformed file can raise anything from the parser
+        raise refuse(f"not a readable DICOM data set ({type(exc).__name__})") from exc
+    if not (is_valid_uid(str(ds.StudyInstanceUID)) and is_valid_uid(str(ds.SOPInstanceUID))):
+        raise refuse("malformed Study/SOP Instance UID")
+    overrun = overrun_element(ds, len(data))
+    if overrun:
+        raise refuse(overrun)
+    if too_deep(ds):
+        raise refuse("sequences nested too deeply")
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        pixels = int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0) * frames
+    except (TypeError, ValueError) as exc:
+        raise refuse("malformed Rows/Columns/Number of Frames") from exc
+    if pixels > limits.max_pixels:
+        raise refuse(f"{pixels} pixels exceed the limit of {limits.max_pixels}")
+    return ds
+
+
+def _finding(f: Any) -> pb.Finding:
+    out = pb.Finding(
+        label=f.label,
+        code=pb.CodedConcept(value=f.code.value, scheme=f.code.scheme, meaning=f.code.meaning),
+        probability=f.probability,
+        threshold=f.threshold,
+        present=f.present,
+    )
+    if f.region is not None:
+        r = f.region
+        out.region.CopyFrom(pb.Region(x_min=r.x_min, y_min=r.y_min, x_max=r.x_max, y_max=r.y_max))
+    return out
+
+
+class InferenceService:
+    """The ``nidaan.v1.Inference`` handlers over one pipeline."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        spool: Spool,
+        *,
+        device_observer_uid: str,
+        series_number: int = 9901,
+        limits: ApiLimits | None = None,
+        on_request: Callable[[str, grpc.StatusCode, str], None] | None = None,
+    ) -> None:
+        self.pipeline = pipeline
+        self.spool = spool
+        self.device_observer_uid = device_observer_uid
+        self.series_number = series_number
+        self.limits = limits or ApiLimits()
+        self._on_request = on_request
+        self._by_name: dict[str, ModelSpec] = {m.name: m for m in pipeline.models}
+
+    # --- handlers --------------------------------------------------------------------------------
+
+    def Analyze(self, request: pb.AnalyzeRequest, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        """Analyse one study's instances; see the proto for the contract."""
+        return self._handle("Analyze", context, lambda: self._analyze(request, context))
+
+    def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        """The repository's models."""
+        return self._handle("ListModels", context, self._list_models)
+
+    # --- work ------------------------------------------------------------------------------------
+
+    def _handle(self, method: str, context: grpc.ServicerContext, work: Callable[[], Any]) -> Any:
+        started = time.monotonic()
+        code, detail, study = grpc.StatusCode.OK, "", ""
+        try:
+            response = work()
+            study = getattr(response, "study_instance_uid", "")
+            return response
+        except _Refused as exc:
+            code, detail = exc.code, str(exc)
+            if exc.data is not None:
+                self.spool.quarantine([exc.data], detail, status=f"gRPC {code.name}")
+        except NidaanError as exc:
+            code, detail = status_code(exc), str(exc)
+        except Exception as exc:  # keep serving; the caller learns it was our fault
+            log.exception("gRPC %s failed", method)
+            code, detail = grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}"
+        finally:
+            if self._on_request is not None:
+                self._on_request(method, code, study)
+            log.info(
+                "gRPC %s from %s: %s in %.0f ms%s",
+                method,
+                context.peer(),
+                code.name,
+                (time.monotonic() - started) * 1000,
+                f" (study {ref(study)})" if study else "",
+            )
+        context.abort(code, detail)
+
+    def _analyze(self, request: pb.AnalyzeRequest, context: grpc.ServicerContext) -> Any:
+        if not request.instances:
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "the request holds no instances")
+        if len(request.instances) > self.limits.max_instances:
+            raise _Refused(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{len(request.instances)} instances exceed the limit of "
+                f"{self.limits.max_instances} per request",
+            )
+        unknown = sorted(set(request.models) - set(self._by_name))
+        if unknown:
+            raise _Refused(
+                grpc.StatusCode.NOT_FOUND,
+                f"no model named {', '.join(map(repr, unknown))} "
+                f"(the repository has {', '.join(sorted(self._by_name))})",
+            )
+        allowed = frozenset(request.models) or None
+        datasets = [read_instance(d, i, self.limits) for i, d in enumerate(request.instances)]
+        studies = {str(ds.StudyInstanceUID) for ds in datasets}
+        if len(studies) > 1:
+            raise _Refused(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the instances belong to {len(studies)} studies; send one study per request",
+            )
+        study_uid = studies.pop()
+        for i, ds in enumerate(datasets):
+            # Decoded and preprocessed one by one (as the SCP does on arrival), so that a bad
+            # instance is named and quarantined; the tensors wait in the pipeline's cache.
+            try:
+                self.pipeline.inspect(ds, allowed)
+            except InputError as exc:
+                raise _Refused(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"instance {i}: {exc}", request.instances[i]
+                ) from exc
+        analyses = self.pipeline.analyse(datasets, allowed=lambda ds: allowed)
+        analysed = {str(a.source.SOPInstanceUID) for a in analyses}
+        response = pb.AnalyzeResponse(
+            study_instance_uid=study_uid,
+            results=[self._result(a) for a in analyses],
+            not_analysed=[
+                str(ds.SOPInstanceUID) for ds in datasets if str(ds.SOPInstanceUID) not in analysed
+            ],
+        )
+        if request.include_report and analyses:
+            response.report = self._report(study_uid, analyses)
+        return response
+
+    def _result(self, a: ImageAnalysis) -> pb.ImageResult:
+        model = next((m for m in self.pipeline.models if m.algorithm == a.algorithm), None)
+        return pb.ImageResult(
+            sop_instance_uid=str(a.source.SOPInstanceUID),
+            model="" if model is None else model.name,
+            model_version=a.algorithm.version,
+            algorithm_name=a.algorithm.name,
+            not_for_diagnosis=a.algorithm.not_for_diagnosis,
+            findings=[_finding(f) for f in a.findings],
+        )
+
+    def _report(self, study_uid: str, analyses: list[ImageAnalysis]) -> bytes:
+        key = "|".join(
+            sorted({f"{a.algorithm.name}@{a.algorithm.version}" for a in analyses})
+            + sorted(str(a.source.SOPInstanceUID) for a in analyses)
+        )
+        series_uid, sop_uid = report_uids(study_uid, "grpc|" + key)
+        try:
+            report = build_report(
+                analyses,
+                series_instance_uid=series_uid,
+                sop_instance_uid=sop_uid,
+                series_number=self.series_number,
+                device_observer_uid=self.device_observer_uid,
+            )
+        except ValueError as exc:  # e.g. the instances name two patients
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"no report: {exc}") from exc
+        buffer = io.BytesIO()
+        report.save_as(buffer, enforce_file_format=True)
+        return buffer.getvalue()
+
+    def _list_models(self) -> Any:
+        return pb.ListModelsResponse(
+            models=[
+                pb.Model(
+                    name=m.name,
+                    version=m.version,
+                    display_name=m.display_name,
+                    not_for_diagnosis=m.algorithm.not_for_diagnosis,
+                    modalities=list(m.accepts.modalities),
+                    body_parts=list(m.accepts.body_parts),
+                    views=list(m.accepts.views),
+                    findings=[
+                        pb.ModelFinding(
+                            label=f.label,
+                            code=pb.CodedConcept(
+                                value=f.code.value, scheme=f.code.scheme, meaning=f.code.meaning
+                            ),
+                            threshold=f.threshold,
+                        )
+                        for f in m.findings
+                    ],
+                    max_batch_size=m.max_batch_size,
+                    model_card=m.card.read_text(),
+                )
+                for m in self.pipeline.models
+            ]
+        )
+
+
+def _handlers(service: InferenceService) -> grpc.GenericRpcHandler:
+    """The service's methods, wired from the proto's messages (no generated servicer needed)."""
+    return grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "Analyze": grpc.unary_unary_rpc_method_handler(
+                service.Analyze,
+                request_deserializer=pb.AnalyzeRequest.FromString,
+                response_serializer=pb.AnalyzeResponse.SerializeToString,
+            ),
+            "ListModels": grpc.unary_unary_rpc_method_handler(
+                service.ListModels,
+                request_deserializer=pb.ListModelsRequest.FromString,
+                response_serializer=pb.ListModelsResponse.SerializeToString,
+            ),
+        },
+    )
+
+
+class ApiServer:
+    """A gRPC server with the Inference, health and reflection services."""
+
+    def __init__(
+        self,
+        service: InferenceService,
+        *,
+        workers: int = 8,
+        max_concurrent_rpcs: int = 64,
+        max_message_bytes: int = 512 << 20,
+    ) -> None:
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="nidaan-grpc")
+        options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ]
+        # Past max_concurrent_rpcs, gRPC answers RESOURCE_EXHAUSTED at once: bounded work.
+        self.server = grpc.server(
+            self._executor, options=options, maximum_concurrent_rpcs=max_concurrent_rpcs
+        )
+        self.server.add_generic_rpc_handlers((_handlers(service),))
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+        self.port = 0
+
+    def start(self, bind: str, port: int) -> int:
+        """Listen on ``bind:port`` (0 = any free port) and return the port."""
+        address = f"[{bind}]:{port}" if ":" in bind else f"{bind}:{port}"
+        self.port = self.server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"gRPC cannot listen on {address}")
+        self.server.start()
+        for name in ("", SERVICE):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return self.port
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """Say NOT_SERVING, let calls in flight finish for ``grace_s``, then stop."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace_s).wait()
+        self._executor.shutdown(wait=False)

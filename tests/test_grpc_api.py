@@ -1,0 +1,215 @@
+"""The gRPC API (nidaan.v1.Inference) of a running server, called as an integrator would: with the
+bundled client and with plain grpcio (health, reflection)."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import grpc
+import pydicom
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client import generate_latest
+
+from nidaan.server.api import status_code
+from nidaan.server.client import Client
+from nidaan.server.errors import InferenceError, InputError, NidaanError, QueueFullError
+
+from conftest import MODELS, make_config
+from factory import sample_file, synthetic_ct_series, synthetic_cxr
+from netutil import c_store
+from peers import wait_until
+from srutil import dciodvfy_errors, evidence
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bytes(ds: pydicom.Dataset) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def served(tmp_path: Path, start_server):  # type: ignore[no-untyped-def]
+    server = start_server(make_config(tmp_path))
+    assert server.api is not None
+    with Client(f"127.0.0.1:{server.api.port}") as client:
+        yield server, client
+
+
+def test_a_radiograph_is_analysed_and_its_report_returned(served, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server, client = served
+    ds, masks = synthetic_cxr(3, nodule=True, rows=1100, columns=950)
+    response = client.analyze([_bytes(ds)], report=True)
+    assert response.study_instance_uid == ds.StudyInstanceUID
+    (result,) = response.results
+    assert result.model == "cxr_screen" and result.not_for_diagnosis
+    assert result.sop_instance_uid == ds.SOPInstanceUID
+    expected = server.pipeline.analyse([ds])[0]
+    assert [f.label for f in result.findings] == [f.label for f in expected.findings]
+    assert [f.present for f in result.findings] == [f.present for f in expected.findings]
+    nodule = next(f for f in result.findings if f.label == "nodule")
+    assert nodule.present and nodule.code.value == "786838002"
+    ys, xs = masks["nodule"].nonzero()
+    assert nodule.region.x_min <= xs.mean() + 0.5 <= nodule.region.x_max
+    assert nodule.region.y_min <= ys.mean() + 0.5 <= nodule.region.y_max
+    sr = pydicom.dcmread(io.BytesIO(response.report))
+    assert (
+        sr.StudyInstanceUID == ds.StudyInstanceUID and "NOT FOR DIAGNOSIS" in sr.SeriesDescription
+    )
+    assert evidence(sr) == {ds.SOPInstanceUID}
+    path = tmp_path / "sr.dcm"
+    path.write_bytes(response.report)
+    assert dciodvfy_errors(path) == []
+
+
+def test_a_mixed_study_runs_both_models_or_only_those_named(served) -> None:  # type: ignore[no-untyped-def]
+    _, client = served
+    cr, _ = synthetic_cxr(12, rows=500, columns=450)
+    series, _ = synthetic_ct_series(12, (1,), slices=2, size=256, study_uid=cr.StudyInstanceUID)
+    mr = pydicom.dcmread(sample_file("MR_small.dcm"))
+    mr.StudyInstanceUID = cr.StudyInstanceUID
+    instances = [_bytes(d) for d in (cr, *series, mr)]
+    everything = client.analyze(instances)
+    assert sorted(r.model for r in everything.results) == ["ct_nodule", "ct_nodule", "cxr_screen"]
+    assert list(everything.not_analysed) == [mr.SOPInstanceUID]
+    ct_only = client.analyze(instances, models=["ct_nodule"])
+    assert [r.model for r in ct_only.results] == ["ct_nodule", "ct_nodule"]
+    with pytest.raises(NidaanError, match="NOT_FOUND: no model named 'mri_brain'"):
+        client.analyze(instances, models=["mri_brain"])
+
+
+def test_bad_input_gets_invalid_argument_and_is_quarantined(served, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server, client = served
+    with pytest.raises(InputError, match="INVALID_ARGUMENT: instance 0: not a readable DICOM"):
+        client.analyze([b"this is not DICOM at all"])
+    broken, _ = synthetic_cxr(13, rows=300, columns=300)
+    broken.PixelData = broken.PixelData[:1000]
+    good, _ = synthetic_cxr(14, rows=300, columns=300, study_uid=broken.StudyInstanceUID)
+    with pytest.raises(InputError, match="instance 1: .*cannot be decoded"):
+        client.analyze([_bytes(good), _bytes(broken)])
+    other, _ = synthetic_cxr(15, rows=300, columns=300)
+    with pytest.raises(InputError, match="belong to 2 studies"):
+        client.analyze([_bytes(good), _bytes(other)])
+    quarantine = server.config.storage.data_dir / "quarantine"
+    reasons = sorted(json.loads(p.read_text())["reason"] for p in quarantine.glob("*.json"))
+    assert len(reasons) == 2 and all(r.startswith("instance ") for r in reasons)
+    assert {json.loads(p.read_text())["status"] for p in quarantine.glob("*.json")} == {
+        "gRPC INVALID_ARGUMENT"
+    }
+    assert len(client.analyze([_bytes(good)]).results) == 1  # and it goes on serving
+
+
+def test_health_reflection_models_metrics_and_audit(served) -> None:  # type: ignore[no-untyped-def]
+    server, client = served
+    channel = client.channel
+    health = health_pb2_grpc.HealthStub(channel)
+    for name in ("", "nidaan.v1.Inference"):
+        answer = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=10)
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+    (reply,) = reflect.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+    )
+    names = {s.name for s in reply.list_services_response.service}
+    assert {"nidaan.v1.Inference", "grpc.health.v1.Health"} <= names
+    models = client.list_models().models
+    assert [m.name for m in models] == ["ct_nodule", "cxr_screen"]
+    assert all(m.not_for_diagnosis and "NOT FOR DIAGNOSIS" in m.model_card for m in models)
+    assert list(models[0].modalities) == ["CT"]
+    ds, _ = synthetic_cxr(16, rows=300, columns=300)
+    client.analyze([_bytes(ds)])
+    text = generate_latest(server.metrics.registry).decode()
+    assert 'nidaan_grpc_requests_total{code="OK",method="Analyze"} 1.0' in text
+    assert 'nidaan_grpc_requests_total{code="OK",method="ListModels"} 1.0' in text
+    audit = (server.config.storage.data_dir / "audit.jsonl").read_text()
+    events = [json.loads(line) for line in audit.splitlines()]
+    assert any(
+        e["event"] == "grpc"
+        and e["method"] == "Analyze"
+        and e["code"] == "OK"
+        and e["study"] == ds.StudyInstanceUID
+        for e in events
+    )
+    assert str(ds.PatientName) not in audit and str(ds.PatientID) not in audit
+
+
+def test_dicom_and_grpc_requests_share_the_models_batches(tmp_path: Path, start_server) -> None:  # type: ignore[no-untyped-def]
+    # A copy of the repository whose radiograph model waits up to 300 ms for company, so that the
+    # concurrent requests below reliably meet in its queue.
+    models = tmp_path / "models"
+    shutil.copytree(MODELS, models, ignore=shutil.ignore_patterns("training"))
+    config = models / "cxr_screen" / "config.pbtxt"
+    config.write_text(
+        re.sub(
+            r"max_queue_delay_microseconds: \d+",
+            "max_queue_delay_microseconds: 300000",
+            config.read_text(),
+        )
+    )
+    cfg = make_config(tmp_path, idle_timeout_s=0.5)
+    cfg.models.repository = models
+    server = start_server(cfg)
+    study = [synthetic_cxr(30 + i, rows=300, columns=300)[0] for i in range(2)]
+    calls = [_bytes(synthetic_cxr(40 + i, rows=300, columns=300)[0]) for i in range(6)]
+    client = Client(f"127.0.0.1:{server.api.port}")
+    before = server.backend.stats()["cxr_screen"]
+    threads = [threading.Thread(target=client.analyze, args=([c],)) for c in calls]
+    sender = threading.Thread(target=c_store, args=(server.scp.port, study))
+    for t in [sender, *threads]:
+        t.start()
+    for t in [sender, *threads]:
+        t.join(60)
+    client.close()
+    after = wait_until(
+        lambda: (
+            (s := server.backend.stats()["cxr_screen"]).inference_count - before.inference_count
+            >= 8
+            and s
+        ),
+        60,
+        "8 radiographs through the batcher",
+    )
+    images = after.inference_count - before.inference_count
+    batches = after.execution_count - before.execution_count
+    assert images == 8
+    assert batches < images, "every request ran alone"
+
+
+def test_error_codes_map_both_ways() -> None:
+    assert status_code(QueueFullError("full")) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert status_code(InferenceError("down")) == grpc.StatusCode.UNAVAILABLE
+    assert status_code(InputError("bad")) == grpc.StatusCode.INVALID_ARGUMENT
+    assert status_code(NidaanError("?")) == grpc.StatusCode.INTERNAL
+
+
+def test_the_generated_protobuf_code_matches_the_proto(tmp_path: Path) -> None:
+    proto = ROOT / "server" / "proto"
+    shutil.copy(proto / "inference.proto", tmp_path)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{tmp_path}",
+            f"--python_out={tmp_path}",
+            f"--pyi_out={tmp_path}",
+            str(tmp_path / "inference.proto"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    for name in ("inference_pb2.py", "inference_pb2.pyi"):
+        assert (tmp_path / name).read_text() == (proto / name).read_text(), (
+            f"server/proto/{name} is stale: run scripts/gen_proto.sh"
+        )
