@@ -31,9 +31,17 @@ class AuditLog:
             {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "event": event, **fields}, sort_keys=True
         )
         with self._lock:
+            if self._fh.closed:
+                return
             self._fh.write(line + "\n")
             self._fh.flush()
-            os.fsync(self._fh.fileno())
+            fd = os.dup(self._fh.fileno())
+        # The fsync runs outside the lock: other threads append meanwhile, and one fsync makes
+        # every line written before it durable, so concurrent events share the disk's latency.
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         with self._lock:

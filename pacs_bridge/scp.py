@@ -88,7 +88,13 @@ def too_deep(ds: Dataset, limit: int = MAX_SEQUENCE_DEPTH) -> bool:
     try:
         while stack:
             current, depth = stack.pop()
-            for elem in current:
+            for tag in current.keys():  # noqa: SIM118 - iterating would convert every element
+                # Only sequences (and values whose VR the raw element does not say) are converted:
+                # pixel data and the other plain values stay as read.
+                raw = current.get_item(tag, keep_deferred=True)
+                if getattr(raw, "VR", None) not in (None, "SQ", "UN"):
+                    continue
+                elem = current[tag]
                 if elem.VR == "SQ":
                     if depth + 1 > limit:
                         return True

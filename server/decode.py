@@ -130,8 +130,7 @@ def decode(ds: Dataset) -> SourceImage:
     ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     try:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
-        # Decode only the first frame (index=0): cheaper for multi-frame objects.
-        arr = ds.pixel_array if frames == 1 else _first_frame(ds)
+        arr = _first_frame(ds, frames)
     except NotImplementedError as exc:
         raise DecodeError(f"no decoder for transfer syntax {ts}: {exc}") from exc
     except Exception as exc:  # decoders raise many types for corrupt data
@@ -143,7 +142,16 @@ def decode(ds: Dataset) -> SourceImage:
     return SourceImage(pixels=arr, transform=transform)
 
 
-def _first_frame(ds: Dataset) -> np.ndarray:
+def _first_frame(ds: Dataset, frames: int) -> np.ndarray:
+    """The first frame's stored words, as the kernels read them.
+
+    Only the first frame is decoded (cheaper for multi-frame objects). Native pixel data is a
+    read-only view, not a copy, and the bits above Bits Stored are left as they are: the kernels
+    mask them and sign-extend signed values themselves (``pixel_math.stored_value``), so pydicom's
+    own pass over every pixel to do the same is skipped.
+    """
     from pydicom.pixels import pixel_array
 
-    return pixel_array(ds, index=0)
+    return pixel_array(
+        ds, index=0 if frames > 1 else None, correct_unused_bits=False, view_only=True
+    )
