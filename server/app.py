@@ -86,7 +86,12 @@ class NidaanServer:
         self.backend = create_backend(config.inference, self.models, self.metrics.observe_batch)
         if isinstance(self.backend, DynamicBatcher):
             self.metrics.watch_batcher(self.backend.stats)
-        self.pipeline = Pipeline(self.models, self.backend, kernel_backend=config.kernels.backend)
+        self.pipeline = Pipeline(
+            self.models,
+            self.backend,
+            kernel_backend=config.kernels.backend,
+            cache_bytes=config.inference.tensor_cache_mb << 20,
+        )
         self.router = Router(config, {m.name for m in self.models})
         data = Path(config.storage.data_dir)
         self.spool = Spool(data)

@@ -152,6 +152,9 @@ class InferenceConfig:
     intra_op_threads: int = 0
     #: Studies analysed at the same time; their images meet in the models' batchers.
     workers: int = 2
+    #: Preprocessed tensors kept from arrival until their study is analysed (least recently
+    #: stored dropped first; a dropped image is decoded again from the spool).
+    tensor_cache_mb: int = 1024
     #: Images a model's queue holds when its config.pbtxt sets no default_queue_policy.
     max_queue_images: int = 256
     #: How long a caller waits for room in a full queue before QueueFullError.
@@ -175,7 +178,7 @@ class InferenceConfig:
                 f"inference.triton_shared_memory is {self.triton_shared_memory!r}; "
                 "use 'auto', 'system', 'cuda' or 'none'"
             )
-        for name in ("workers", "max_queue_images"):
+        for name in ("workers", "max_queue_images", "tensor_cache_mb"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"inference.{name} must be at least 1")
         if self.queue_timeout_s < 0:
