@@ -266,8 +266,9 @@ class TritonBackend:
     triton_shared_memory``): system memory for host tensors, CUDA memory for GPU tensors.
     """
 
-    #: Regions per model and kind: requests in flight that use shared memory at once.
-    REGIONS = 4
+    #: Regions per model and kind: requests in flight that use shared memory at once (more go
+    #: in the gRPC message meanwhile).
+    REGIONS = 8
 
     def __init__(self, config: InferenceConfig, models: Sequence[ModelSpec]) -> None:
         import tritonclient.grpc as grpcclient
@@ -374,11 +375,16 @@ class TritonBackend:
         tensor = self._grpc.InferInput(model.input.name, list(chunk.shape), "FP32")
         region = None
         if pool is not None:
-            region = await pool.free.get()
+            try:  # all regions in flight: this request goes in the gRPC message, never waits
+                region = pool.free.get_nowait()
+            except asyncio.QueueEmpty:
+                region = None
+        if region is not None and pool is not None:
             pool.write(region, chunk)
             tensor.set_shared_memory(region, int(chunk.nbytes))
         elif device:
-            raise InferenceError("a GPU batch reached Triton without CUDA shared memory")
+            chunk = chunk.get()  # a CuPy array: to the host for the gRPC message
+            tensor.set_data_from_numpy(np.ascontiguousarray(chunk, np.float32))
         else:
             tensor.set_data_from_numpy(np.ascontiguousarray(chunk, np.float32))
         wanted = [self._grpc.InferRequestedOutput(n) for n in names]
