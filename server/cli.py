@@ -242,11 +242,12 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     except NidaanError as exc:
         report(False, f"configuration: {exc}")
         return 1
-    try:
-        from .model_repository import load_repository
+    from .model_repository import ModelSpec, load_repository
 
-        n = len(load_repository(cfg.models.repository))
-        report(True, f"model repository {cfg.models.repository}: {n} valid model(s)")
+    models: list[ModelSpec] = []
+    try:
+        models = load_repository(cfg.models.repository)
+        report(True, f"model repository {cfg.models.repository}: {len(models)} valid model(s)")
     except NidaanError as exc:
         report(False, str(exc))
     for module in (
@@ -277,6 +278,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     for name, port, host in (
         ("DICOM", cfg.dicom.port, cfg.dicom.bind),
         ("HTTP", cfg.http.port, cfg.http.bind),
+        ("gRPC", cfg.grpc.port, cfg.grpc.bind),
     ):
         report(_port_free(host, port), f"{name} port {port} is free")
     from .inference import onnxruntime_providers
@@ -285,6 +287,20 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         report(True, f"ONNX Runtime providers: {', '.join(onnxruntime_providers('auto'))}")
     except NidaanError as exc:
         report(False, str(exc))
+    if cfg.inference.backend == "triton":
+        from .inference import TritonBackend
+
+        try:
+            triton = TritonBackend(cfg.inference, models)
+            shm = ", ".join(triton.shared_memory) or "none"
+            triton.close()
+            report(
+                True,
+                f"Triton at {cfg.inference.triton_url} serves all {len(models)} model(s); "
+                f"shared memory: {shm}",
+            )
+        except NidaanError as exc:
+            report(False, str(exc))
     return 1 if problems else 0
 
 

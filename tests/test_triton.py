@@ -120,3 +120,28 @@ def test_triton_without_the_model_is_refused_at_start(
     renamed = [dataclasses.replace(m, name="not_served") for m in repository]
     with pytest.raises(InferenceError, match="does not serve model 'not_served'"):
         TritonBackend(InferenceConfig(backend="triton", triton_url=triton.url), renamed)
+
+
+def test_doctor_checks_the_configured_triton(tmp_path: Path, triton: Triton) -> None:
+    import subprocess
+
+    from peers import NIDAAN
+
+    def doctor(url: str) -> subprocess.CompletedProcess:
+        config = tmp_path / f"{url.replace(':', '_')}.toml"
+        config.write_text(
+            f'[models]\nrepository = "{MODELS}"\n[storage]\ndata_dir = "{tmp_path / "data"}"\n'
+            f'[inference]\nbackend = "triton"\ntriton_url = "{url}"\ntriton_timeout_s = 5.0\n'
+        )
+        return subprocess.run(
+            [str(NIDAAN), "--config", str(config), "doctor"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    up = doctor(triton.url)
+    assert f"[ok] Triton at {triton.url} serves all 2 model(s); shared memory: system" in up.stdout
+    down = doctor(f"127.0.0.1:{free_port()}")
+    assert down.returncode == 1
+    assert "[FAIL] Triton at 127.0.0.1:" in down.stdout and "not reachable" in down.stdout
