@@ -18,7 +18,7 @@ import grpc.experimental.gevent as grpc_gevent
 
 grpc_gevent.init_gevent()  # grpcio cooperates with locust's gevent workers
 
-from locust import User, constant, events, task  # noqa: E402
+from locust import User, constant, task  # noqa: E402
 
 from nidaan.server.client import Client  # noqa: E402
 from nidaan.server.errors import NidaanError  # noqa: E402
@@ -26,13 +26,8 @@ from nidaan.server.errors import NidaanError  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from workload import MIX, ct_studies, radiograph_studies  # noqa: E402
 
-STUDIES: dict[str, list[list[bytes]]] = {}
-
-
-@events.init.add_listener
-def _make_studies(environment, **_kwargs) -> None:  # type: ignore[no-untyped-def]
-    STUDIES["radiograph"] = radiograph_studies()
-    STUDIES["ct"] = ct_studies()
+# Made when locust loads this file, before its run-time clock starts.
+STUDIES: dict[str, list[list[bytes]]] = {"radiograph": radiograph_studies(), "ct": ct_studies()}
 
 
 class IntegratorUser(User):
