@@ -290,6 +290,15 @@ class InferenceService:
         )
 
 
+def server_credentials(certificate: str, private_key: str, ca: str) -> grpc.ServerCredentials:
+    """Mutual TLS: our certificate and key (PEM files), and the CA whose signature a client's
+    certificate must carry."""
+    with open(private_key, "rb") as k, open(certificate, "rb") as c, open(ca, "rb") as r:
+        return grpc.ssl_server_credentials(
+            [(k.read(), c.read())], root_certificates=r.read(), require_client_auth=True
+        )
+
+
 def _handlers(service: InferenceService) -> grpc.GenericRpcHandler:
     """The service's methods, wired from the proto's messages (no generated servicer needed)."""
     return grpc.method_handlers_generic_handler(
@@ -337,10 +346,14 @@ class ApiServer:
         )
         self.port = 0
 
-    def start(self, bind: str, port: int) -> int:
-        """Listen on ``bind:port`` (0 = any free port) and return the port."""
+    def start(self, bind: str, port: int, credentials: grpc.ServerCredentials | None = None) -> int:
+        """Listen on ``bind:port`` (0 = any free port), over TLS with ``credentials``; returns
+        the port."""
         address = f"[{bind}]:{port}" if ":" in bind else f"{bind}:{port}"
-        self.port = self.server.add_insecure_port(address)
+        if credentials is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            self.port = self.server.add_secure_port(address, credentials)
         if self.port == 0:
             raise OSError(f"gRPC cannot listen on {address}")
         self.server.start()

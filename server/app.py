@@ -33,7 +33,7 @@ from nidaan.pacs_bridge.state import OutboxItem, StateStore
 from nidaan.pacs_bridge.tls import server_context
 from nidaan.pacs_bridge.uids import derived_uid, ref
 
-from .api import ApiLimits, ApiServer, InferenceService
+from .api import ApiLimits, ApiServer, InferenceService, server_credentials
 from .batching import DynamicBatcher
 from .config import SOURCE, Config
 from .errors import ConfigError, InferenceError, NidaanError
@@ -143,7 +143,13 @@ class NidaanServer:
         )
         if grpc:
             self.api = self._api_server()
-            self.api.start(self.config.grpc.bind, self.config.grpc.port)
+            d = self.config.dicom
+            credentials = (
+                server_credentials(d.tls_certificate, d.tls_private_key, d.tls_ca)
+                if self.config.grpc.tls
+                else None
+            )
+            self.api.start(self.config.grpc.bind, self.config.grpc.port, credentials)
         if http:
             self._http = start_http_server(
                 self.config.http.port, addr=self.config.http.bind, registry=self.metrics.registry

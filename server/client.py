@@ -8,8 +8,9 @@
             print(result.model, [(f.label, f.present) for f in result.findings])
 
 Failures raise the same exceptions the server uses (:mod:`nidaan.server.errors`): InputError for
-INVALID_ARGUMENT, QueueFullError for RESOURCE_EXHAUSTED, InferenceError for UNAVAILABLE and
-DEADLINE_EXCEEDED, NidaanError otherwise; the message is the server's.
+INVALID_ARGUMENT, QueueFullError for RESOURCE_EXHAUSTED, InferenceError for UNAVAILABLE (the
+server or its inference backend cannot be reached; a refused TLS handshake too) and
+DEADLINE_EXCEEDED, NidaanError otherwise; the message is gRPC's or the server's.
 """
 
 from __future__ import annotations
@@ -38,17 +39,33 @@ class Client:
     """A connection to one Nidaan server; thread-safe (one gRPC channel)."""
 
     def __init__(
-        self, target: str, *, timeout_s: float = 120.0, max_message_bytes: int = 512 << 20
+        self,
+        target: str,
+        *,
+        timeout_s: float = 120.0,
+        max_message_bytes: int = 512 << 20,
+        tls_ca: str | Path | None = None,
+        certificate: str | Path | None = None,
+        private_key: str | Path | None = None,
     ) -> None:
+        """Connect to ``target`` (host:port). With ``tls_ca`` (PEM) the server's certificate is
+        verified over TLS; ``certificate`` and ``private_key`` (PEM) identify this client to a
+        server that requires client certificates (``grpc.tls = true``)."""
         self.target = target
         self.timeout_s = timeout_s
-        self.channel = grpc.insecure_channel(
-            target,
-            options=[
-                ("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.max_send_message_length", max_message_bytes),
-            ],
-        )
+        options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ]
+        if tls_ca is None:
+            self.channel = grpc.insecure_channel(target, options=options)
+        else:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=Path(tls_ca).read_bytes(),
+                private_key=Path(private_key).read_bytes() if private_key else None,
+                certificate_chain=Path(certificate).read_bytes() if certificate else None,
+            )
+            self.channel = grpc.secure_channel(target, credentials, options=options)
         self._analyze = self.channel.unary_unary(
             f"/{SERVICE}/Analyze",
             request_serializer=pb.AnalyzeRequest.SerializeToString,

@@ -101,6 +101,9 @@ class GrpcConfig:
     max_message_mb: int = 512
     #: Instances one Analyze call may hold.
     max_instances: int = 1000
+    #: Serve over TLS with the node's certificate and key (dicom.tls_certificate/_private_key),
+    #: and accept only clients whose certificate dicom.tls_ca signed (mutual TLS).
+    tls: bool = False
 
     def validate(self) -> None:
         _check_port(self.port, "grpc.port")
@@ -302,6 +305,11 @@ class Config:
             if peer.ae_title in seen:
                 raise ConfigError(f"peers: AE title {peer.ae_title!r} is listed twice")
             seen.add(peer.ae_title)
+        if self.grpc.tls and not (self.dicom.tls_certificate and self.dicom.tls_ca):
+            raise ConfigError(
+                "grpc.tls = true needs dicom.tls_certificate, dicom.tls_private_key and "
+                "dicom.tls_ca (the node's certificate, and the CA that signs its clients')"
+            )
         if any(p.tls for p in self.peers) and not self.dicom.tls_ca:
             raise ConfigError("a peer has tls = true but dicom.tls_ca is not set to verify it")
         for dest in self.reports.destinations:

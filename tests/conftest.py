@@ -1,7 +1,9 @@
-"""Shared fixtures: configs on free ports, an in-process Nidaan server, the model repository."""
+"""Shared fixtures: configs on free ports, an in-process Nidaan server, the model repository, and a
+test PKI (openssl) for DICOM and gRPC TLS."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +13,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from nidaan.server.config import Config, Peer, load_config  # noqa: E402
+
+from peers import need  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
@@ -67,3 +71,80 @@ def repository() -> Iterator[list]:
     from nidaan.server.model_repository import load_repository
 
     yield load_repository(MODELS)
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    run = subprocess.run([need("openssl"), *args], cwd=cwd, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CA, a certificate for Nidaan and one for the peer (127.0.0.1), and a stranger's."""
+    d = tmp_path_factory.mktemp("pki")
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=Nidaan test CA",
+        cwd=d,
+    )
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for name in ("nidaan", "peer"):
+        _openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            f"/CN={name}",
+            cwd=d,
+        )
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+            cwd=d,
+        )
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "stranger.key",
+        "-out",
+        "stranger.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=stranger",
+        cwd=d,
+    )
+    return d

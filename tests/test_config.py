@@ -52,6 +52,7 @@ def test_toml_then_env_override(tmp_path: Path) -> None:
         ('[inference]\nbackend = "tensorflow"\n', {}, "inference.backend"),
         ('[inference]\ntriton_shared_memory = "nvlink"\n', {}, "inference.triton_shared_memory"),
         ("[inference]\nworkers = 0\n", {}, "inference.workers must be at least 1"),
+        ("[grpc]\ntls = true\n", {}, "grpc.tls = true needs dicom.tls_certificate"),
         ("", {"NIDAAN_INFERENCE_MAX_QUEUE_IMAGES": "0"}, "inference.max_queue_images"),
         ("[nonsense]\n", {}, "unknown section"),
         ("", {"NIDAAN_DICOM_PORT": "eleven"}, "NIDAAN_DICOM_PORT"),

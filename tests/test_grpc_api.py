@@ -213,3 +213,39 @@ def test_the_generated_protobuf_code_matches_the_proto(tmp_path: Path) -> None:
         assert (tmp_path / name).read_text() == (proto / name).read_text(), (
             f"server/proto/{name} is stale: run scripts/gen_proto.sh"
         )
+
+
+def test_grpc_over_mutual_tls_admits_only_certified_clients(
+    tmp_path: Path,
+    start_server,
+    pki: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    cfg = make_config(tmp_path)
+    cfg.dicom.tls_certificate = str(pki / "nidaan.crt")
+    cfg.dicom.tls_private_key = str(pki / "nidaan.key")
+    cfg.dicom.tls_ca = str(pki / "ca.crt")
+    cfg.grpc.tls = True
+    cfg.validate()
+    server = start_server(cfg)
+    target = f"localhost:{server.api.port}"
+    ds, _ = synthetic_cxr(17, rows=300, columns=300)
+    with Client(
+        target, tls_ca=pki / "ca.crt", certificate=pki / "peer.crt", private_key=pki / "peer.key"
+    ) as client:
+        assert len(client.analyze([_bytes(ds)]).results) == 1
+    refused = [
+        Client(target, timeout_s=10),  # plain text to a TLS port
+        Client(target, timeout_s=10, tls_ca=pki / "ca.crt"),  # no client certificate
+        Client(  # a certificate the CA did not sign
+            target,
+            timeout_s=10,
+            tls_ca=pki / "ca.crt",
+            certificate=pki / "stranger.crt",
+            private_key=pki / "stranger.key",
+        ),
+    ]
+    for client in refused:
+        with client, pytest.raises(InferenceError, match="UNAVAILABLE"):
+            client.analyze([_bytes(ds)])
+    metrics = generate_latest(server.metrics.registry).decode()
+    assert 'nidaan_grpc_requests_total{code="OK",method="Analyze"} 1.0' in metrics

@@ -7,7 +7,6 @@ import subprocess
 from pathlib import Path
 
 import pydicom
-import pytest
 
 from nidaan.server.config import Peer
 
@@ -15,83 +14,6 @@ from conftest import make_config
 from factory import save, synthetic_cxr
 from netutil import storescu
 from peers import DCMTK_ENV, StoreSCP, free_port, need, wait_until
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    run = subprocess.run([need("openssl"), *args], cwd=cwd, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A CA, a certificate for Nidaan and one for the peer (127.0.0.1), and a stranger's."""
-    d = tmp_path_factory.mktemp("pki")
-    _openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=Nidaan test CA",
-        cwd=d,
-    )
-    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    for name in ("nidaan", "peer"):
-        _openssl(
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            f"{name}.key",
-            "-out",
-            f"{name}.csr",
-            "-subj",
-            f"/CN={name}",
-            cwd=d,
-        )
-        _openssl(
-            "x509",
-            "-req",
-            "-in",
-            f"{name}.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            f"{name}.crt",
-            "-days",
-            "2",
-            "-extfile",
-            "san.ext",
-            cwd=d,
-        )
-    _openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "stranger.key",
-        "-out",
-        "stranger.crt",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=stranger",
-        cwd=d,
-    )
-    return d
 
 
 def _tls_config(tmp_path: Path, pki: Path, peers: list[Peer] | None = None, **kw: object):  # type: ignore[no-untyped-def]
