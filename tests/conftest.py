@@ -78,73 +78,30 @@ def _openssl(*args: str, cwd: Path) -> None:
     assert run.returncode == 0, run.stderr
 
 
+def _self_signed(name: str, subject: str, cwd: Path) -> None:
+    _openssl(
+        *("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"),
+        *("-keyout", f"{name}.key", "-out", f"{name}.crt", "-subj", subject),
+        cwd=cwd,
+    )
+
+
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A CA, a certificate for Nidaan and one for the peer (127.0.0.1), and a stranger's."""
     d = tmp_path_factory.mktemp("pki")
-    _openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=Nidaan test CA",
-        cwd=d,
-    )
+    _self_signed("ca", "/CN=Nidaan test CA", d)
     (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
     for name in ("nidaan", "peer"):
         _openssl(
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            f"{name}.key",
-            "-out",
-            f"{name}.csr",
-            "-subj",
-            f"/CN={name}",
+            *("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key"),
+            *("-out", f"{name}.csr", "-subj", f"/CN={name}"),
             cwd=d,
         )
         _openssl(
-            "x509",
-            "-req",
-            "-in",
-            f"{name}.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            f"{name}.crt",
-            "-days",
-            "2",
-            "-extfile",
-            "san.ext",
+            *("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key"),
+            *("-CAcreateserial", "-out", f"{name}.crt", "-days", "2", "-extfile", "san.ext"),
             cwd=d,
         )
-    _openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "stranger.key",
-        "-out",
-        "stranger.crt",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=stranger",
-        cwd=d,
-    )
+    _self_signed("stranger", "/CN=stranger", d)
     return d

@@ -143,21 +143,57 @@ def test_health_reflection_models_metrics_and_audit(served) -> None:  # type: ig
     assert str(ds.PatientName) not in audit and str(ds.PatientID) not in audit
 
 
-def test_dicom_and_grpc_requests_share_the_models_batches(tmp_path: Path, start_server) -> None:  # type: ignore[no-untyped-def]
-    # A copy of the repository whose radiograph model waits up to 300 ms for company, so that the
-    # concurrent requests below reliably meet in its queue.
+def _repository_with_delay(tmp_path: Path, delay_us: int, preferred: str | None = None) -> Path:
+    """A copy of the repository whose radiograph model waits ``delay_us`` for company."""
     models = tmp_path / "models"
     shutil.copytree(MODELS, models, ignore=shutil.ignore_patterns("training"))
     config = models / "cxr_screen" / "config.pbtxt"
-    config.write_text(
-        re.sub(
-            r"max_queue_delay_microseconds: \d+",
-            "max_queue_delay_microseconds: 300000",
-            config.read_text(),
-        )
+    text = re.sub(
+        r"max_queue_delay_microseconds: \d+",
+        f"max_queue_delay_microseconds: {delay_us}",
+        config.read_text(),
     )
+    if preferred is not None:
+        text = re.sub(
+            r"preferred_batch_size: \[[^]]*\]", f"preferred_batch_size: {preferred}", text
+        )
+    config.write_text(text)
+    return models
+
+
+def test_a_full_queue_answers_resource_exhausted_and_loses_nothing(
+    tmp_path: Path, start_server
+) -> None:  # type: ignore[no-untyped-def]
+    # One image fills the queue, and it waits 3 s for company that a batch of 16 would need.
+    cfg = make_config(tmp_path)
+    cfg.models.repository = _repository_with_delay(tmp_path, 3_000_000, "[ 16 ]")
+    cfg.inference.max_queue_images = 1
+    cfg.inference.queue_timeout_s = 0.0
+    server = start_server(cfg)
+    first, _ = synthetic_cxr(50, rows=300, columns=300)
+    second, _ = synthetic_cxr(51, rows=300, columns=300)
+    client = Client(f"127.0.0.1:{server.api.port}")
+    results: list = []
+    waiting = threading.Thread(target=lambda: results.append(client.analyze([_bytes(first)])))
+    waiting.start()
+    wait_until(
+        lambda: server.backend.stats()["cxr_screen"].queued_images == 1, 30, "a queued image"
+    )
+    with pytest.raises(QueueFullError, match="RESOURCE_EXHAUSTED: .*queue is full"):
+        client.analyze([_bytes(second)])
+    waiting.join(30)
+    client.close()
+    assert len(results) == 1 and results[0].results[0].sop_instance_uid == first.SOPInstanceUID
+    metrics = generate_latest(server.metrics.registry).decode()
+    assert 'nidaan_grpc_requests_total{code="RESOURCE_EXHAUSTED",method="Analyze"} 1.0' in metrics
+    assert 'nidaan_inference_rejected_total{model="cxr_screen"} 1.0' in metrics
+
+
+def test_dicom_and_grpc_requests_share_the_models_batches(tmp_path: Path, start_server) -> None:  # type: ignore[no-untyped-def]
+    # The radiograph model waits up to 300 ms for company, so that the concurrent requests below
+    # reliably meet in its queue.
     cfg = make_config(tmp_path, idle_timeout_s=0.5)
-    cfg.models.repository = models
+    cfg.models.repository = _repository_with_delay(tmp_path, 300_000)
     server = start_server(cfg)
     study = [synthetic_cxr(30 + i, rows=300, columns=300)[0] for i in range(2)]
     calls = [_bytes(synthetic_cxr(40 + i, rows=300, columns=300)[0]) for i in range(6)]
