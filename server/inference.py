@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -57,12 +58,33 @@ def stack(tensors: Sequence[Any]) -> Any:
     return np.stack(tensors)
 
 
-def usable_cores() -> int:
-    """Cores this process may run on (its CPU affinity; a container's cpuset)."""
+def cgroup_cpu_limit(path: str = "/sys/fs/cgroup/cpu.max") -> int | None:
+    """Whole cores a cgroup v2 CPU quota allows (a container's ``--cpus``), or None if unlimited.
+
+    ``cpu.max`` holds "<quota> <period>" in microseconds, or "max <period>".
+    """
     try:
-        return len(os.sched_getaffinity(0))
+        with open(path) as f:
+            quota, period = f.read().split()[:2]
+    except (OSError, ValueError):
+        return None
+    if quota == "max":
+        return None
+    try:
+        return max(1, math.ceil(int(quota) / int(period)))
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def usable_cores() -> int:
+    """Cores this process may use: its CPU affinity (a container's cpuset), capped by a cgroup
+    CPU quota, so that ONNX Runtime does not start more threads than it will get time for."""
+    try:
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    limit = cgroup_cpu_limit()
+    return min(cores, limit) if limit else cores
 
 
 def onnxruntime_providers(device: str) -> list[str]:

@@ -13,7 +13,7 @@ import pytest
 
 from nidaan.server.batching import DynamicBatcher
 from nidaan.server.errors import InferenceError, QueueFullError
-from nidaan.server.inference import OnnxRuntimeBackend
+from nidaan.server.inference import OnnxRuntimeBackend, cgroup_cpu_limit, usable_cores
 from nidaan.server.model_repository import ModelSpec
 
 
@@ -173,10 +173,19 @@ def test_a_wrongly_shaped_request_is_refused_alone(cxr, engine) -> None:
         batcher.close()
 
 
+def test_a_container_cpu_quota_caps_the_threads(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text("150000 100000\n")  # docker run --cpus 1.5
+    assert cgroup_cpu_limit(str(cpu_max)) == 2
+    cpu_max.write_text("max 100000\n")
+    assert cgroup_cpu_limit(str(cpu_max)) is None
+    assert cgroup_cpu_limit(str(tmp_path / "absent")) is None
+
+
 def test_cpu_sessions_use_the_cores_this_process_may_run_on(cxr) -> None:
     opts = OnnxRuntimeBackend().session_options(cxr)
-    assert opts.intra_op_num_threads == len(os.sched_getaffinity(0))
+    assert opts.intra_op_num_threads == usable_cores() <= len(os.sched_getaffinity(0))
     assert opts.inter_op_num_threads == 1
     two = dataclasses.replace(cxr, instance_count=2)
     shared = OnnxRuntimeBackend().session_options(two).intra_op_num_threads
-    assert shared == max(1, len(os.sched_getaffinity(0)) // 2)
+    assert shared == max(1, usable_cores() // 2)
