@@ -214,6 +214,8 @@ class InferenceService:
             try:
                 self.pipeline.inspect(ds, allowed)
             except InputError as exc:
+                for earlier in datasets[:i]:
+                    self.pipeline.forget(str(earlier.SOPInstanceUID))
                 raise _Refused(
                     grpc.StatusCode.INVALID_ARGUMENT, f"instance {i}: {exc}", request.instances[i]
                 ) from exc

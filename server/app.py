@@ -92,6 +92,7 @@ class NidaanServer:
             kernel_backend=config.kernels.backend,
             cache_bytes=config.inference.tensor_cache_mb << 20,
         )
+        self.metrics.watch_tensor_cache(lambda: self.pipeline.cached_bytes)
         self.router = Router(config, {m.name for m in self.models})
         data = Path(config.storage.data_dir)
         self.spool = Spool(data)

@@ -17,6 +17,7 @@ behaves alike in process and on Triton:
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -30,6 +31,8 @@ import numpy as np
 from .errors import InferenceError, QueueFullError
 from .inference import InferenceBackend, concatenate
 from .model_repository import ModelSpec
+
+log = logging.getLogger("nidaan.batching")
 
 #: Called after each batch: model name, images in the batch, seconds its oldest request queued.
 BatchObserver = Callable[[str, int, float], None]
@@ -198,7 +201,10 @@ class _ModelQueue:
                 self.stats.inference_count += int(tensor.shape[0])
                 self.stats.execution_count += 1
             if self._observe is not None:
-                self._observe(self.model.name, int(tensor.shape[0]), waited)
+                try:
+                    self._observe(self.model.name, int(tensor.shape[0]), waited)
+                except Exception:  # a metrics hiccup must not stop the model's queue
+                    log.exception("batch observer failed")
 
     def close(self) -> None:
         with self._cond:

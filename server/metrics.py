@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -63,6 +63,15 @@ class Metrics:
         """The embedded batcher's observer: one batch of ``images`` ran for ``model``."""
         self.batch_images.labels(model).observe(images)
         self.queue_seconds.labels(model).observe(queued_s)
+
+    def watch_tensor_cache(self, cached_bytes: Callable[[], float]) -> None:
+        """Export the pipeline's tensor cache size at each scrape."""
+        gauge = Gauge(
+            "nidaan_tensor_cache_bytes",
+            "Preprocessed tensors waiting for their study to be analysed",
+            registry=self.registry,
+        )
+        gauge.set_function(cached_bytes)
 
     def watch_batcher(self, stats: Callable[[], Mapping[str, Any]]) -> None:
         """Export the embedded batcher's counters (``DynamicBatcher.stats``) at each scrape."""

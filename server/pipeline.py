@@ -126,6 +126,16 @@ class Pipeline:
                 _, evicted = self._cache.popitem(last=False)
                 self._cache_bytes -= sum(p.tensor.nbytes for p in evicted.values())
 
+    @property
+    def cached_bytes(self) -> int:
+        """Bytes of preprocessed tensors waiting for their study's analysis."""
+        with self._lock:
+            return self._cache_bytes
+
+    def forget(self, sop_uid: str) -> None:
+        """Drop an instance's cached tensors (its request failed; nothing will analyse it)."""
+        self._take(sop_uid)
+
     def _take(self, sop_uid: str) -> dict[str, Prepared] | None:
         with self._lock:
             prepared = self._cache.pop(sop_uid, None)
