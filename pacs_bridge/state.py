@@ -218,6 +218,12 @@ class StateStore:
         now = time.time() if now is None else now
         return [i for i in self.outbox("queued") if i.next_attempt_at <= now]
 
+    def outbox_counts(self) -> dict[str, int]:
+        """How many report deliveries are in each state (queued, delivered, dead)."""
+        with self._lock:
+            rows = self._db.execute("SELECT state, COUNT(*) FROM outbox GROUP BY state").fetchall()
+        return {r[0]: r[1] for r in rows}
+
     def outbox(self, *states: str) -> list[OutboxItem]:
         query = "SELECT * FROM outbox"
         if states:

@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import start_http_server
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
@@ -41,6 +40,7 @@ from .inference import create_backend
 from .metrics import Metrics
 from .model_repository import load_repository
 from .pipeline import Pipeline
+from .status import StatusServer
 
 log = logging.getLogger("nidaan.server")
 
@@ -127,7 +127,8 @@ class NidaanServer:
             threading.Thread(target=self._work, name=f"nidaan-worker-{i}", daemon=True)
             for i in range(config.inference.workers)
         ] + [threading.Thread(target=self._tick, name="nidaan-timer", daemon=True)]
-        self._http: tuple[Any, Any] | None = None
+        self.http: StatusServer | None = None
+        self._started_at = time.monotonic()
         self.api: ApiServer | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------
@@ -152,9 +153,9 @@ class NidaanServer:
             )
             self.api.start(self.config.grpc.bind, self.config.grpc.port, credentials)
         if http:
-            self._http = start_http_server(
-                self.config.http.port, addr=self.config.http.bind, registry=self.metrics.registry
-            )
+            self.http = StatusServer(self.metrics.registry, self.snapshot, self.serving)
+            self.http.start(self.config.http.bind, self.config.http.port)
+        self._started_at = time.monotonic()
         log.info(
             "listening as %s on port %d (gRPC %s); %d model(s): %s",
             self.config.dicom.ae_title,
@@ -177,13 +178,57 @@ class NidaanServer:
         for t in self._threads:
             t.join(timeout=30)
         self.outbox.stop()
-        if self._http is not None:
-            server, thread = self._http
-            server.shutdown()
-            thread.join(timeout=5)
+        if self.http is not None:
+            self.http.stop()
         self.backend.close()
         self.state.close()
         self.audit.close()
+
+    def serving(self) -> bool:
+        """Whether the node accepts work (for /healthz)."""
+        return not self._stop.is_set()
+
+    def snapshot(self) -> dict[str, Any]:
+        """What the node is doing, in counts (the status page and /status.json): no patient data
+        and no UIDs."""
+        batches = self.backend.stats() if isinstance(self.backend, DynamicBatcher) else {}
+        return {
+            "status": "serving" if self.serving() else "stopping",
+            "node": {
+                "ae_title": self.config.dicom.ae_title,
+                "dicom_port": self.scp.port,
+                "grpc_port": self.api.port if self.api else None,
+                "uptime_s": round(time.monotonic() - self._started_at, 1),
+            },
+            "models": [
+                {
+                    "name": m.name,
+                    "version": m.version,
+                    "display_name": m.display_name,
+                    "modalities": list(m.accepts.modalities),
+                    "not_for_diagnosis": m.algorithm.not_for_diagnosis,
+                }
+                for m in self.models
+            ],
+            "studies": self.state.counts(),
+            "reports": self.state.outbox_counts(),
+            "inference": {
+                "backend": self.config.inference.backend,
+                "models": {
+                    name: {
+                        "images": st.inference_count,
+                        "batches": st.execution_count,
+                        "mean_batch": round(st.inference_count / st.execution_count, 2)
+                        if st.execution_count
+                        else 0.0,
+                        "queued_images": st.queued_images,
+                        "rejected": st.rejected,
+                    }
+                    for name, st in batches.items()
+                },
+            },
+            "tensor_cache_bytes": self.pipeline.cached_bytes,
+        }
 
     def _api_server(self) -> ApiServer:
         g = self.config.grpc

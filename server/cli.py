@@ -33,7 +33,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     grpc_port = server.api.port if server.api else "off"
     print(
         f"nidaan: AE {cfg.dicom.ae_title} on DICOM port {server.scp.port}, gRPC port {grpc_port}, "
-        f"metrics on http://{cfg.http.bind}:{cfg.http.port}/metrics, "
+        f"status and metrics on http://{cfg.http.bind}:{cfg.http.port}/, "
         f"data in {cfg.storage.data_dir}",
         flush=True,
     )

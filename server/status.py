@@ -1,0 +1,144 @@
+"""The HTTP side of ``nidaan serve`` (``http.port``, 8080): metrics, health and a status page.
+
+- ``/metrics``: Prometheus text format.
+- ``/healthz``: ``{"status": "serving"}`` with 200 while the node accepts work, 503 otherwise (for
+  load balancers, Kubernetes probes and monitoring).
+- ``/status.json`` and ``/``: what the node is doing, as JSON and as a plain HTML page: models (and
+  whether they are for diagnosis), studies by state, report deliveries by state, each model's
+  queue and batches, the tensor cache. Counts only: no patient data and no UIDs.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+log = logging.getLogger("nidaan.status")
+
+Snapshot = Callable[[], dict[str, Any]]
+
+
+def _table(rows: list[list[Any]], head: list[str]) -> str:
+    cells = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows
+    )
+    return f"<table><tr>{cells}</tr>{body}</table>"
+
+
+def render(status: dict[str, Any]) -> str:
+    """The status page for a snapshot (see :meth:`NidaanServer.snapshot`)."""
+    models = _table(
+        [
+            [
+                m["name"],
+                m["version"],
+                ", ".join(m["modalities"]),
+                "NOT FOR DIAGNOSIS (synthetic-trained)" if m["not_for_diagnosis"] else "",
+            ]
+            for m in status["models"]
+        ],
+        ["model", "version", "modalities", "use"],
+    )
+    studies = _table(sorted([k, v] for k, v in status["studies"].items()), ["state", "studies"])
+    outbox = _table(sorted([k, v] for k, v in status["reports"].items()), ["state", "reports"])
+    batches = _table(
+        [
+            [name, b["images"], b["batches"], b["mean_batch"], b["queued_images"], b["rejected"]]
+            for name, b in sorted(status["inference"]["models"].items())
+        ],
+        ["model", "images", "batches", "mean batch", "queued images", "refused"],
+    )
+    n = status["node"]
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>Nidaan {html.escape(n["ae_title"])}</title>
+<style>body{{font-family:sans-serif;margin:2em}}
+table{{border-collapse:collapse;margin:.5em 0 1.5em}}
+td,th{{border:1px solid #bbb;padding:.2em .6em;text-align:left}}</style></head><body>
+<h1>Nidaan {html.escape(n["ae_title"])}: {html.escape(status["status"])}</h1>
+<p>DICOM port {n["dicom_port"]}, gRPC port {n["grpc_port"]}, up {n["uptime_s"]:.0f} s,
+inference backend {html.escape(status["inference"]["backend"])},
+tensor cache {status["tensor_cache_bytes"] / 2**20:.1f} MiB.</p>
+<h2>Models</h2>{models}
+<h2>Studies</h2>{studies}
+<h2>Report deliveries</h2>{outbox}
+<h2>Batches (embedded backend)</h2>{batches}
+<p><a href="/metrics">metrics</a> · <a href="/status.json">status.json</a> ·
+<a href="/healthz">healthz</a></p></body></html>
+"""
+
+
+class StatusServer:
+    """A small threaded HTTP server for metrics, health and status."""
+
+    def __init__(
+        self, registry: CollectorRegistry, snapshot: Snapshot, serving: Callable[[], bool]
+    ) -> None:
+        self._registry = registry
+        self._snapshot = snapshot
+        self._serving = serving
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self.port = 0
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - the http.server API
+                path = self.path.split("?", 1)[0]
+                try:
+                    if path == "/metrics":
+                        self._send(200, CONTENT_TYPE_LATEST, generate_latest(outer._registry))
+                    elif path == "/healthz":
+                        ok = outer._serving()
+                        body = {"status": "serving" if ok else "not serving"}
+                        self._send(200 if ok else 503, "application/json", json.dumps(body))
+                    elif path == "/status.json":
+                        self._send(200, "application/json", json.dumps(outer._snapshot()))
+                    elif path in ("/", "/index.html"):
+                        self._send(200, "text/html; charset=utf-8", render(outer._snapshot()))
+                    else:
+                        self._send(404, "text/plain", f"no page {path!r}\n")
+                except Exception:  # a page that fails must not take the server down
+                    log.exception("HTTP %s failed", path)
+                    self._send(500, "text/plain", "internal error\n")
+
+            def _send(self, code: int, kind: str, body: str | bytes) -> None:
+                data = body.encode() if isinstance(body, str) else body
+                self.send_response(code)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(data)))
+                self.send_header("Cache-Control", "no-store")
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                log.debug("HTTP " + format, *args)
+
+        return Handler
+
+    def start(self, bind: str, port: int) -> int:
+        """Listen on ``bind:port`` (0 = any free port); returns the port."""
+        self._server = ThreadingHTTPServer((bind, port), self._handler())
+        self._server.daemon_threads = True
+        self.port = int(self._server.server_address[1])
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="nidaan-http", daemon=True
+        )
+        self._thread.start()
+        return self.port
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
