@@ -34,7 +34,7 @@ from nidaan.pacs_bridge.spool import Spool
 from nidaan.pacs_bridge.uids import is_valid_uid, ref
 
 from .errors import InferenceError, InputError, NidaanError, QueueFullError
-from .findings import ImageAnalysis
+from .findings import CodedValue, Finding, ImageAnalysis
 from .model_repository import ModelSpec
 from .pipeline import Pipeline
 from .proto import inference_pb2 as pb
@@ -107,10 +107,14 @@ def read_instance(data: bytes, index: int, limits: ApiLimits) -> Dataset:
     return ds
 
 
-def _finding(f: Any) -> pb.Finding:
+def _code(c: CodedValue) -> pb.CodedConcept:
+    return pb.CodedConcept(value=c.value, scheme=c.scheme, meaning=c.meaning)
+
+
+def _finding(f: Finding) -> pb.Finding:
     out = pb.Finding(
         label=f.label,
-        code=pb.CodedConcept(value=f.code.value, scheme=f.code.scheme, meaning=f.code.meaning),
+        code=_code(f.code),
         probability=f.probability,
         threshold=f.threshold,
         present=f.present,
@@ -277,9 +281,7 @@ class InferenceService:
                     findings=[
                         pb.ModelFinding(
                             label=f.label,
-                            code=pb.CodedConcept(
-                                value=f.code.value, scheme=f.code.scheme, meaning=f.code.meaning
-                            ),
+                            code=_code(f.code),
                             threshold=f.threshold,
                         )
                         for f in m.findings
