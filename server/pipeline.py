@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -168,13 +169,21 @@ class Pipeline:
                 )
             for name, p in prepared.items():
                 jobs.setdefault(name, []).append((ds, p))
+        active = [m for m in self.models if jobs.get(m.name)]
+        batches = {m.name: stack([p.tensor for _, p in jobs[m.name]]) for m in active}
+        if len(active) > 1:
+            # Each model has its own queue (and, on Triton, its own instances): run them at once.
+            with ThreadPoolExecutor(len(active), thread_name_prefix="nidaan-models") as pool:
+                futures = {
+                    m.name: pool.submit(self.backend.infer, m, batches[m.name]) for m in active
+                }
+                all_outputs = {name: f.result() for name, f in futures.items()}
+        else:
+            all_outputs = {m.name: self.backend.infer(m, batches[m.name]) for m in active}
         results = []
-        for model in self.models:
-            items = jobs.get(model.name)
-            if not items:
-                continue
-            batch = stack([p.tensor for _, p in items])
-            outputs = self.backend.infer(model, batch)
+        for model in active:
+            items = jobs[model.name]
+            outputs = all_outputs[model.name]
             probs = outputs[model.probabilities_output]
             heat = outputs.get(model.heatmap_output) if model.heatmap_output else None
             for n, (ds, p) in enumerate(items):
