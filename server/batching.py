@@ -9,6 +9,8 @@ behaves alike in process and on Triton:
   ``preferred_batch_size`` values; otherwise the oldest request waits at most
   ``max_queue_delay_microseconds`` for company, then whatever fits goes;
 - ``instance_group`` ``count`` batches of one model run at the same time;
+- ``default_queue_policy`` ``default_timeout_microseconds`` with ``timeout_action: REJECT``
+  refuses a request that waited longer in the queue (QueueFullError), as Triton does;
 - the queue is bounded (``default_queue_policy.max_queue_size`` images, else
   ``inference.max_queue_images``): a caller that finds it full waits up to
   ``inference.queue_timeout_s`` for room, then gets :class:`QueueFullError`. A DICOM study retries
@@ -48,6 +50,7 @@ class BatchPolicy:
     max_queue_images: int
     instances: int
     dynamic: bool
+    queue_timeout_s: float = 0.0
 
     @classmethod
     def of(cls, model: ModelSpec, default_queue_images: int) -> BatchPolicy:
@@ -59,6 +62,7 @@ class BatchPolicy:
             max_queue_images=model.max_queue_size or default_queue_images,
             instances=max(1, model.instance_count),
             dynamic=model.dynamic_batching,
+            queue_timeout_s=model.queue_timeout_us / 1e6,
         )
 
 
@@ -164,11 +168,27 @@ class _ModelQueue:
             return fits
         return 0
 
+    def _expire(self, now: float) -> None:
+        """Refuse requests queued longer than the queue policy's timeout (oldest first)."""
+        limit = self.policy.queue_timeout_s
+        while self._requests and limit and now - self._requests[0].enqueued > limit:
+            r = self._requests.popleft()
+            self.stats.queued_images -= r.size
+            self.stats.rejected += 1
+            r.future.set_exception(
+                QueueFullError(
+                    f"model {self.model.name!r}: the request waited more than "
+                    f"{limit * 1000:.0f} ms in the queue; try again later"
+                )
+            )
+            self._cond.notify_all()
+
     def _next_batch(self) -> list[_Request] | None:
         with self._cond:
             while True:
                 if self._closed:
                     return None
+                self._expire(time.monotonic())
                 if self._requests:
                     take = self._ready(time.monotonic())
                     if take:
@@ -177,6 +197,10 @@ class _ModelQueue:
                         self._cond.notify_all()  # room for callers waiting to submit
                         return batch
                     deadline = self._requests[0].enqueued + self.policy.max_queue_delay_s
+                    if self.policy.queue_timeout_s:
+                        deadline = min(
+                            deadline, self._requests[0].enqueued + self.policy.queue_timeout_s
+                        )
                     self._cond.wait(max(deadline - time.monotonic(), 0.0))
                 else:
                     self._cond.wait()

@@ -94,6 +94,9 @@ class ModelSpec:
     max_queue_size: int = 0
     #: instance_group counts summed: batches of this model that may run at once.
     instance_count: int = 1
+    #: default_queue_policy.default_timeout_microseconds with timeout_action REJECT: a request
+    #: queued longer is refused; 0 = no limit.
+    queue_timeout_us: int = 0
 
     def accepts_image(self, modality: str, body_part: str, view: str) -> bool:
         """Whether this model applies to an image with these header values."""
@@ -306,6 +309,10 @@ def load_model(directory: Path, *, check_onnx: bool = True) -> ModelSpec:
         dynamic_batching=config.HasField("dynamic_batching"),
         max_queue_size=int(dyn.default_queue_policy.max_queue_size),
         instance_count=sum(max(1, g.count) for g in config.instance_group) or 1,
+        # With timeout_action DELAY (1) a timed-out request only loses its priority: no limit here.
+        queue_timeout_us=int(dyn.default_queue_policy.default_timeout_microseconds)
+        if dyn.default_queue_policy.timeout_action == 0
+        else 0,
     )
 
 

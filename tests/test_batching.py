@@ -163,6 +163,50 @@ def test_a_full_queue_pushes_back_and_loses_nothing_queued(cxr, engine) -> None:
     assert batcher.stats()[model.name].inference_count == 5
 
 
+def test_a_request_queued_past_the_policy_timeout_is_refused(cxr, engine) -> None:
+    gated = _Gated(engine)
+    model = dataclasses.replace(cxr, queue_timeout_us=100_000, max_queue_delay_us=0)
+    batcher = DynamicBatcher(gated, [model])
+    pool = ThreadPoolExecutor(2)
+    try:
+        first = pool.submit(batcher.infer, model, _inputs(model, 1, 0))
+        assert gated.entered.wait(30)  # the runner is busy with the first request
+        late = pool.submit(batcher.infer, model, _inputs(model, 1, 1))
+        threading.Event().wait(0.3)  # the second waits three times the policy's timeout
+        gated.gate.set()
+        assert first.result(30)["probabilities"].shape == (1, 2)
+        with pytest.raises(QueueFullError, match="waited more than 100 ms in the queue"):
+            late.result(30)
+    finally:
+        gated.gate.set()
+        pool.shutdown()
+        batcher.close()
+    assert batcher.stats()[model.name].rejected == 1
+
+
+def test_the_queue_policy_is_read_from_config_pbtxt(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+
+    from nidaan.server.model_repository import load_model
+
+    from conftest import MODELS
+
+    folder = tmp_path / "ct_nodule"
+    shutil.copytree(MODELS / "ct_nodule", folder)
+    config = folder / "config.pbtxt"
+    config.write_text(
+        config.read_text().replace(
+            "default_queue_policy { max_queue_size: 256 }",
+            "default_queue_policy { max_queue_size: 64 default_timeout_microseconds: 250000 }",
+        )
+    )
+    model = load_model(folder)
+    assert (model.max_queue_size, model.queue_timeout_us) == (64, 250_000)
+    delayed = config.read_text().replace("250000", "250000 timeout_action: DELAY")
+    config.write_text(delayed)
+    assert load_model(folder).queue_timeout_us == 0  # DELAY refuses nothing
+
+
 def test_a_wrongly_shaped_request_is_refused_alone(cxr, engine) -> None:
     batcher = DynamicBatcher(engine, [cxr])
     try:
