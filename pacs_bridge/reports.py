@@ -49,7 +49,7 @@ Choices, and the reason for each:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import highdicom as hd
 import numpy as np
@@ -88,6 +88,13 @@ _ANY_PROCEDURE = codes.cid100.ImagingProcedure
 
 #: Certainty values are written with this many decimals (NUM is a DS, at most 16 characters).
 _DECIMALS = 6
+
+
+def report_key(analyses: Sequence[ImageAnalysis], sop_instance_uids: Iterable[str]) -> str:
+    """The key :func:`report_uids` derives from: the models' names and versions and the instances
+    (sorted), so the same analysis of the same images always gives the same report UIDs."""
+    models = sorted({f"{a.algorithm.name}@{a.algorithm.version}" for a in analyses})
+    return "|".join(models + sorted(sop_instance_uids))
 
 
 def report_uids(study_instance_uid: str, key: str) -> tuple[str, str]:

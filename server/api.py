@@ -28,7 +28,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from nidaan.pacs_bridge.reports import build_report, report_uids
+from nidaan.pacs_bridge.reports import build_report, report_key, report_uids
 from nidaan.pacs_bridge.scp import overrun_element, too_deep
 from nidaan.pacs_bridge.spool import Spool
 from nidaan.pacs_bridge.uids import is_valid_uid, ref
@@ -248,10 +248,7 @@ class InferenceService:
         )
 
     def _report(self, study_uid: str, analyses: list[ImageAnalysis]) -> bytes:
-        key = "|".join(
-            sorted({f"{a.algorithm.name}@{a.algorithm.version}" for a in analyses})
-            + sorted(str(a.source.SOPInstanceUID) for a in analyses)
-        )
+        key = report_key(analyses, (str(a.source.SOPInstanceUID) for a in analyses))
         series_uid, sop_uid = report_uids(study_uid, "grpc|" + key)
         try:
             report = build_report(

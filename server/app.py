@@ -24,7 +24,7 @@ from nidaan.kernels import configure_cache
 from nidaan.pacs_bridge.assembly import StudyAssembler
 from nidaan.pacs_bridge.audit import AuditLog
 from nidaan.pacs_bridge.outbox import Outbox
-from nidaan.pacs_bridge.reports import build_report, report_uids
+from nidaan.pacs_bridge.reports import build_report, report_key, report_uids
 from nidaan.pacs_bridge.routing import Router
 from nidaan.pacs_bridge.scp import Limits, StorageSCP, StoreOutcome
 from nidaan.pacs_bridge.spool import Spool, atomic_write
@@ -426,10 +426,7 @@ class NidaanServer:
         )
         # The report UIDs derive from the study, the models' versions and the analysed
         # instances, so a re-sent report is the same object and never duplicates in the PACS.
-        key = "|".join(
-            sorted({f"{a.algorithm.name}@{a.algorithm.version}" for a in analyses}) + sorted(paths)
-        )
-        series_uid, sop_uid = report_uids(study_uid, key)
+        series_uid, sop_uid = report_uids(study_uid, report_key(analyses, paths))
         report = build_report(
             analyses,
             series_instance_uid=series_uid,
