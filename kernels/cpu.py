@@ -17,9 +17,14 @@ from .pixel_math import (
     display_affine,
     is_padding,
     linear_display,
-    stored_value,
+    padding_key,
+    stored_bits,
+    stored_float,
+    stored_int,
     window_coefficients,
 )
+
+_ZERO = np.float32(0.0)
 
 
 @njit(parallel=True, cache=True)
@@ -36,11 +41,14 @@ def resample(  # noqa: PLR0913 - a kernel takes its parameters flat
     off_x,
     mask,
     sign_bit,
+    signed,
+    offset,
     coeffs,
     sigmoid,
     use_table,
     table,
     vmin,
+    flip,
     pad_lo,
     pad_hi,
     pad_display,
@@ -76,16 +84,16 @@ def resample(  # noqa: PLR0913 - a kernel takes its parameters flat
                 wy = yw[i, k]
                 if use_table:
                     for x in range(src_w):
-                        v = stored_value(row[x], mask, sign_bit)
-                        d = table[c, v - vmin]
-                        if is_padding(v, pad_lo, pad_hi):
+                        v = stored_bits(row[x], mask, sign_bit)
+                        d = table[c, stored_int(v) - vmin]
+                        if is_padding(padding_key(v, flip), pad_lo, pad_hi):
                             d = pad_display
                         acc[x] += wy * d
                 else:
                     for x in range(src_w):
-                        v = stored_value(row[x], mask, sign_bit)
-                        d = display_affine(v, a, b, sigmoid)
-                        if is_padding(v, pad_lo, pad_hi):
+                        v = stored_bits(row[x], mask, sign_bit)
+                        d = display_affine(stored_float(v, signed), offset, a, b, sigmoid)
+                        if is_padding(padding_key(v, flip), pad_lo, pad_hi):
                             d = pad_display
                         acc[x] += wy * d
             _store_row(acc, out[c, r], xstart, xw_t, xfactor, off_x, nw, pad_norm, mean, inv_std)
@@ -104,6 +112,7 @@ def resample_plain(
     off_y,
     off_x,
     mask,
+    offset,
     coeffs,
     pad_display,
     mean,
@@ -138,7 +147,9 @@ def resample_plain(
                 for x in range(src_w):
                     # Masking in the pixels' own unsigned type keeps the vector lanes narrow:
                     # LLVM then converts 16 pixels at a time (twice the speed of int32 lanes).
-                    acc[x] += wy * linear_display(src.dtype.type(row[x] & narrow_mask), a, b)
+                    acc[x] += wy * linear_display(
+                        np.float32(src.dtype.type(row[x] & narrow_mask)), offset, a, b
+                    )
             _store_row(acc, out[c, r], xstart, xw_t, xfactor, off_x, nw, pad_norm, mean, inv_std)
 
 
@@ -182,15 +193,22 @@ def _store_row(acc, o, xstart, xw_t, xfactor, off_x, nw, pad_norm, mean, inv_std
 
 
 @njit(parallel=True, cache=True)
-def min_max(src, mask, sign_bit):
-    """Smallest and largest stored value of an image (for images without a VOI window)."""
+def min_max(src, mask, sign_bit, signed, flip, pad_lo, pad_hi):
+    """Smallest and largest stored value of an image (for images without a VOI window).
+
+    Pixel Padding values are not image data (PS3.3 C.7.5.1.1.2) and are left out; an image that
+    is all padding gives (lo, hi) with lo > hi.
+    """
     lo = np.int64(2**62)
     hi = -np.int64(2**62)
     for r in prange(src.shape[0]):
         rlo = np.int64(2**62)
         rhi = -np.int64(2**62)
         for c in range(src.shape[1]):
-            v = np.int64(stored_value(src[r, c], mask, sign_bit))
+            x = stored_bits(src[r, c], mask, sign_bit)
+            if is_padding(padding_key(x, flip), pad_lo, pad_hi):
+                continue
+            v = np.int64(np.int32(x)) if signed else np.int64(x)
             rlo = min(rlo, v)
             rhi = max(rhi, v)
         lo = min(lo, rlo)
@@ -235,5 +253,5 @@ def build_table(  # noqa: PLR0913
             y = np.float32(vlut[idx] * vlut_scale)
             out[k] = np.float32(1.0) - y if invert else y
         else:
-            out[k] = display_affine(m, a, b, sigmoid)
+            out[k] = display_affine(m, _ZERO, a, b, sigmoid)
     return out

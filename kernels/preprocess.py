@@ -12,7 +12,7 @@ import numpy as np
 
 from . import cpu
 from .geometry import Placement, taps
-from .pixel_math import window_coefficients
+from .pixel_math import SIGNED_FLIP, window_coefficients
 from .transform import PixelTransform
 
 BACKENDS = ("auto", "cpu", "cuda")
@@ -88,25 +88,33 @@ class ImagePlan:
     ytaps: tuple[np.ndarray, np.ndarray, np.ndarray]
     xtaps: tuple[np.ndarray, np.ndarray]
     xfactor: int  # whole-number horizontal shrink factor (2, 4 or 8), else 0
-    coeffs: np.ndarray  # (C, 2) float32: folded (a, b) per channel
+    coeffs: np.ndarray  # (C, 2) float32: folded (a, b) per channel, for t = (v - offset) a + b
+    offset: np.float32  # a stored value near the first window, subtracted before (a, b)
     sigmoid: bool
     table: np.ndarray  # (C, n) float32 display table, or (1, 1) unused
     use_table: bool
     vmin: int
     mask: int
     sign_bit: int
+    signed: bool
+    #: Pixel Padding range as ``pixel_math.padding_key`` keys (unsigned order); lo > hi: none.
     pad_lo: int
     pad_hi: int
 
     @property
+    def flip(self) -> int:
+        """The XOR that turns this image's stored values into padding keys."""
+        return SIGNED_FLIP if self.signed else 0
+
+    @property
+    def padded(self) -> bool:
+        """Whether some stored value is Pixel Padding."""
+        return self.pad_lo <= self.pad_hi
+
+    @property
     def plain(self) -> bool:
         """Unsigned, unpadded, LINEAR windows, no table: the CPU backend's fastest kernel."""
-        return (
-            self.sign_bit == 0
-            and self.pad_lo > self.pad_hi
-            and not self.sigmoid
-            and not self.use_table
-        )
+        return not self.signed and not self.padded and not self.sigmoid and not self.use_table
 
 
 @functools.lru_cache(maxsize=64)
@@ -157,6 +165,28 @@ def _whole_factor(n_src: int, n_out: int) -> int:
     return f if rest == 0 and f in (2, 4, 8) else 0
 
 
+def padding_keys(t: PixelTransform) -> tuple[int, int]:
+    """The transform's Pixel Padding range as padding keys, clipped to the values Bits Stored
+    allows; (1, 0) when there is none (or none of it can occur)."""
+    if t.padding is None:
+        return 1, 0
+    vmin, vmax = t.value_range
+    lo, hi = max(t.padding[0], vmin), min(t.padding[1], vmax)
+    if lo > hi:
+        return 1, 0
+    if t.signed:
+        return (lo & 0xFFFFFFFF) ^ SIGNED_FLIP, (hi & 0xFFFFFFFF) ^ SIGNED_FLIP
+    return lo, hi
+
+
+def _offset(t: PixelTransform, centre: float) -> float:
+    """The stored value whose modality value is nearest ``centre`` (within the value range)."""
+    if t.slope == 0:
+        return 0.0
+    vmin, vmax = t.value_range
+    return float(min(max(round((centre - t.intercept) / t.slope), vmin), vmax))
+
+
 def plan_image(src: np.ndarray, t: PixelTransform, layout: InputLayout) -> ImagePlan:
     """Geometry, taps and the folded pixel transform of one image."""
     if src.ndim != 2:
@@ -165,12 +195,17 @@ def plan_image(src: np.ndarray, t: PixelTransform, layout: InputLayout) -> Image
         raise ValueError(f"pixel type {src.dtype} is not an integer type of at most 32 bits")
     p = Placement.fit(src.shape[0], src.shape[1], layout.height, layout.width, layout.resize)
     t = t.for_array(src.dtype)
+    signed = bool(t.signed)
+    pad_lo, pad_hi = padding_keys(t)
     windows = list(layout.windows)
     if not windows:
         if t.window_centre is not None and t.window_width is not None:
             windows = [(t.window_centre, t.window_width)]
         elif t.voi_lut is None:
-            lo, hi = cpu.min_max(src, t.mask, t.sign_bit)
+            flip = SIGNED_FLIP if signed else 0
+            lo, hi = cpu.min_max(src, t.mask, t.sign_bit, signed, flip, pad_lo, pad_hi)
+            if lo > hi:  # nothing but padding: any window will do
+                lo = hi = 0
             a, b = lo * t.slope + t.intercept, hi * t.slope + t.intercept
             lo_m, hi_m = min(a, b), max(a, b)
             windows = [((lo_m + hi_m) / 2.0 + 0.5, max(hi_m - lo_m + 1.0, 1.0))]
@@ -178,6 +213,7 @@ def plan_image(src: np.ndarray, t: PixelTransform, layout: InputLayout) -> Image
             windows = [(0.0, 1.0)]  # unused: the VOI LUT Sequence decides
     use_table = t.needs_table
     coeffs = np.zeros((len(windows), 2), np.float32)
+    offset = 0.0 if use_table else _offset(t, windows[0][0])
     sigmoid = False
     if use_table:
         vmin = t.value_range[0]
@@ -188,21 +224,24 @@ def plan_image(src: np.ndarray, t: PixelTransform, layout: InputLayout) -> Image
         vmin = 0
         table = np.zeros((1, 1), np.float32)
         for k, (c, w) in enumerate(windows):
-            a, b, sigmoid = window_coefficients(t.slope, t.intercept, c, w, t.voi_code, t.invert)
+            a, b, sigmoid = window_coefficients(
+                t.slope, t.intercept, c, w, t.voi_code, t.invert, offset
+            )
             coeffs[k] = (a, b)
-    pad_lo, pad_hi = t.padding if t.padding is not None else (1, 0)
     return ImagePlan(
         p,
         _taps32(p.src_height, p.height),
         fixed_taps(p.src_width, p.width),
         _whole_factor(p.src_width, p.width),
         coeffs,
+        np.float32(offset),
         bool(sigmoid),
         table,
         use_table,
         vmin,
         t.mask,
         t.sign_bit,
+        signed,
         pad_lo,
         pad_hi,
     )
@@ -231,9 +270,9 @@ def preprocess(
         plan_image(np.asarray(src), t, layout) for src, t in zip(images, transforms, strict=True)
     ]
     if which == "cuda":
-        from .cuda import CudaPreprocessor
+        from .executor import executor_for
 
-        return CudaPreprocessor.shared().run(images, plans, layout, out=out), [
+        return run_on_executor(executor_for(), images, plans, layout, out), [
             p.placement for p in plans
         ]
     shape = layout.shape(len(images))
@@ -260,6 +299,7 @@ def preprocess(
                 plan.placement.offset_y,
                 plan.placement.offset_x,
                 plan.mask,
+                plan.offset,
                 plan.coeffs,
                 np.float32(layout.pad_value),
                 np.float32(layout.mean),
@@ -276,11 +316,14 @@ def preprocess(
                 plan.placement.offset_x,
                 plan.mask,
                 plan.sign_bit,
+                plan.signed,
+                plan.offset,
                 plan.coeffs,
                 plan.sigmoid,
                 plan.use_table,
                 plan.table,
                 plan.vmin,
+                plan.flip,
                 plan.pad_lo,
                 plan.pad_hi,
                 np.float32(layout.pad_value),
@@ -290,6 +333,36 @@ def preprocess(
         if scratch is not None:
             out[n] = scratch
     return out, [p.placement for p in plans]
+
+
+def run_on_executor(
+    executor: Any,
+    images: Sequence[np.ndarray],
+    plans: Sequence[ImagePlan],
+    layout: InputLayout,
+    out: Any = None,
+) -> Any:
+    """Preprocess planned images on a GPU executor (``nidaan.kernels.executor``): every image is
+    submitted at once (so they share launches with each other and with other threads' images)
+    and the batch is assembled on the device."""
+    shape = layout.shape(len(images))
+    if out is not None and (
+        out.shape[0] < len(images) or tuple(out.shape[1:]) != shape[1:] or out.dtype != layout.dtype
+    ):
+        raise ValueError(
+            f"output buffer {out.shape}/{out.dtype} does not fit {shape}/{layout.dtype}"
+        )
+    futures = [
+        executor.submit(np.asarray(src), plan, layout)
+        for src, plan in zip(images, plans, strict=True)
+    ]
+    tensors = [f.result() for f in futures]
+    if out is not None:
+        executor.ops.copy_into(out, tensors)
+        return out
+    if len(tensors) == 1:
+        return tensors[0][None]  # a view: the executor never writes a finished batch again
+    return executor.ops.stack(tensors)
 
 
 def to_host(batch: Any) -> np.ndarray:

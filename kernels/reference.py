@@ -47,7 +47,12 @@ def display(
         elif t.window_centre is not None and t.window_width is not None:
             c, w = t.window_centre, t.window_width
         else:
-            lo, hi = m.min(), m.max()
+            # Pixel Padding is not image data (PS3.3 C.7.5.1.1.2): the image's own range leaves
+            # it out.
+            data = m
+            if t.padding is not None:
+                data = m[~((v >= t.padding[0]) & (v <= t.padding[1]))]
+            lo, hi = (data.min(), data.max()) if data.size else (0.0, 0.0)
             c, w = (lo + hi) / 2.0 + 0.5, max(hi - lo + 1.0, 1.0)
         function = t.voi_function
         if function == "SIGMOID":

@@ -95,9 +95,9 @@ class PixelTransform:
 
     @property
     def mask(self) -> int:
-        """Bits Stored mask for the kernels (garbage above it is ignored); -1 keeps all 32."""
+        """Bits Stored mask for the kernels (garbage above it is ignored), as an unsigned value."""
         bits = self.bits_stored or 16
-        return (1 << bits) - 1 if bits < 32 else -1
+        return (1 << bits) - 1
 
     @property
     def sign_bit(self) -> int:

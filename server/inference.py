@@ -45,7 +45,11 @@ def concatenate(parts: Sequence[Any]) -> Any:
     if is_device_array(parts[0]):
         import cupy
 
-        return cupy.concatenate(parts)
+        out = cupy.concatenate(parts)
+        # Made on this thread's current stream; the consumer (ONNX Runtime, Triton) reads it
+        # on a stream of its own, which nothing orders after this one.
+        cupy.cuda.get_current_stream().synchronize()
+        return out
     return np.concatenate(parts)
 
 
@@ -54,7 +58,9 @@ def stack(tensors: Sequence[Any]) -> Any:
     if is_device_array(tensors[0]):
         import cupy
 
-        return cupy.stack(tensors)
+        out = cupy.stack(tensors)
+        cupy.cuda.get_current_stream().synchronize()  # see concatenate()
+        return out
     return np.stack(tensors)
 
 

@@ -97,9 +97,9 @@ class Pipeline:
                 [image.pixels], [image.transform], layout_of(m), backend=self.kernel_backend
             )
             if self._device_tensors and is_device_array(batch):
-                # Stays on the GPU for the CUDA execution provider's IO binding; a copy, as the
-                # CUDA kernels reuse their batch buffer on the next call.
-                tensor = batch[0].copy()
+                # Stays on the GPU for the CUDA execution provider's IO binding (the GPU
+                # executor never writes a finished batch again, so a view is safe to keep).
+                tensor = batch[0]
             else:
                 tensor = to_host(batch)[0]
             prepared[m.name] = Prepared(tensor, placements[0])
