@@ -37,7 +37,16 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .cuda import BLOCK, batch_kernel, grid_for, layout_of_pack, mode_of, pack, taps_of
+from .cuda import (
+    BLOCK,
+    MAX_CHANNELS,
+    batch_kernel,
+    grid_for,
+    layout_of_pack,
+    mode_of,
+    pack,
+    taps_of,
+)
 
 log = logging.getLogger("nidaan.kernels")
 
@@ -273,6 +282,10 @@ class CudaExecutor:
         image = np.asarray(image)
         if image.ndim != 2:
             raise ValueError(f"image has shape {image.shape}; expected one 2-D frame")
+        if not 1 <= plan.coeffs.shape[0] <= MAX_CHANNELS:
+            raise ValueError(
+                f"{plan.coeffs.shape[0]} channels: the CUDA kernels take 1 to {MAX_CHANNELS}"
+            )
         if not image.dtype.isnative:
             image = image.astype(image.dtype.newbyteorder("="))
         image = np.ascontiguousarray(image)
@@ -316,11 +329,13 @@ class CudaExecutor:
         self._ready.set()
         self._next_slot = 0
         in_flight: list[_InFlight] = []
+        jobs: list[_Job] = []
         stopping = False
         try:
             while not stopping:
                 jobs, stopping = self._gather(block=not in_flight)
                 launched = [self._launch(group) for group in self._groups(jobs)]
+                jobs = []
                 # What was launched before is most likely finished by now; hand it back.
                 for done in in_flight:
                     self._finish(done)
@@ -330,7 +345,7 @@ class CudaExecutor:
         except BaseException as e:  # a bug here must not leave callers waiting for ever
             log.exception("GPU executor stopped")
             self._closed.set()
-            self._fail_all(in_flight, e)
+            self._fail_all(in_flight, jobs, e)
         finally:
             self._slots = []
 
@@ -369,6 +384,8 @@ class CudaExecutor:
 
     def _launch(self, jobs: list[_Job]) -> _InFlight | None:
         ops = self.ops
+        slot: _Slot | None = None
+        uploading = False
         try:
             images = [j.image for j in jobs]
             plans = [j.plan for j in jobs]
@@ -385,6 +402,7 @@ class CudaExecutor:
                 slot.host, slot.dev, slot.nbytes = ops.pinned(size), ops.device(size), size
             assert slot.host is not None
             pack(images, plans, slot.host)
+            uploading = True
             ops.upload(slot.dev, slot.host, packed.nbytes, self._copy)
             ops.record(slot.copied, self._copy)
             ops.wait(self._compute, slot.copied)
@@ -411,6 +429,15 @@ class CudaExecutor:
             return _InFlight(slot, out, jobs)
         except Exception as e:  # this group fails; the executor goes on serving
             log.warning("GPU preprocessing of %d image(s) failed: %s", len(jobs), e)
+            if uploading and slot is not None:
+                # The copy may still be reading the pinned buffer: let it finish before the slot
+                # is packed again (it is not known to be guarded by kernel_done).
+                try:
+                    ops.record(slot.copied, self._copy)
+                    ops.synchronize(slot.copied)
+                except Exception:
+                    log.exception("GPU copy stream failed")
+                    raise
             for j in jobs:
                 j.future.set_exception(e)
             return None
@@ -425,12 +452,11 @@ class CudaExecutor:
         for n, j in enumerate(done.jobs):
             j.future.set_result(done.out[n])
 
-    def _fail_all(self, in_flight: list[_InFlight], error: BaseException) -> None:
+    def _fail_all(self, in_flight: list[_InFlight], jobs: list[_Job], error: BaseException) -> None:
         failure = ExecutorClosed(f"the GPU executor stopped: {error}")
-        for g in in_flight:
-            for j in g.jobs:
-                if not j.future.done():
-                    j.future.set_exception(failure)
+        for j in [j for g in in_flight for j in g.jobs] + jobs:
+            if not j.future.done():
+                j.future.set_exception(failure)
         while True:
             try:
                 item = self._queue.get_nowait()
@@ -442,6 +468,15 @@ class CudaExecutor:
 
 _executors: dict[int, CudaExecutor] = {}
 _executors_lock = threading.Lock()
+_settings: dict[str, Any] = {"max_batch": 32, "max_delay_s": 0.001}
+
+
+def configure_executors(max_batch: int = 32, max_delay_s: float = 0.001) -> None:
+    """Batching of the executors started from now on (``kernels.gpu_*`` in the config)."""
+    if max_batch < 1 or max_delay_s < 0:
+        raise ValueError("max_batch must be at least 1 and max_delay_s not negative")
+    with _executors_lock:
+        _settings.update(max_batch=max_batch, max_delay_s=max_delay_s)
 
 
 def executor_for(device_id: int = 0) -> CudaExecutor:
@@ -450,7 +485,7 @@ def executor_for(device_id: int = 0) -> CudaExecutor:
         ex = _executors.get(device_id)
         if ex is None or not ex.alive:
             ex = _executors[device_id] = CudaExecutor(
-                CupyOps(device_id), name=f"nidaan-gpu{device_id}"
+                CupyOps(device_id), name=f"nidaan-gpu{device_id}", **_settings
             )
         return ex
 

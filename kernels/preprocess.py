@@ -130,8 +130,11 @@ def fixed_taps(n_src: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
     Outputs with fewer taps get zero weights; the kernels read past the row's last pixel only
     with those, into zeroed scratch.
     """
-    start, _, weights = taps(n_src, n_out)
-    return start, np.ascontiguousarray(weights.T.astype(np.float32))
+    start, count, weights = taps(n_src, n_out)
+    # As many taps as the widest output needs: ``taps`` leaves room for one more than a whole
+    # factor uses (2048 -> 512 has 4 taps, not 5), and every extra tap is a read per pixel.
+    k = int(count.max())
+    return start, np.ascontiguousarray(weights[:, :k].T.astype(np.float32))
 
 
 def _table(t: PixelTransform, centre: float, width: float) -> np.ndarray:

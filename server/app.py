@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import queue
 import socket
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -20,7 +21,7 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from nidaan.kernels import configure_cache
+from nidaan.kernels import configure_cache, resolve_backend
 from nidaan.pacs_bridge.assembly import StudyAssembler
 from nidaan.pacs_bridge.audit import AuditLog
 from nidaan.pacs_bridge.outbox import Outbox
@@ -81,6 +82,10 @@ class NidaanServer:
     def __init__(self, config: Config) -> None:
         self.config = config
         configure_cache(config.kernels.cache_dir)
+        if resolve_backend(config.kernels.backend) == "cuda":
+            from nidaan.kernels.executor import configure_executors
+
+            configure_executors(config.kernels.gpu_max_batch, config.kernels.gpu_max_delay_ms / 1e3)
         self.models = load_repository(config.models.repository)
         self.metrics = Metrics()
         self.backend = create_backend(config.inference, self.models, self.metrics.observe_batch)
@@ -181,6 +186,8 @@ class NidaanServer:
         if self.http is not None:
             self.http.stop()
         self.backend.close()
+        if "nidaan.kernels.executor" in sys.modules:  # a GPU executor may have started
+            sys.modules["nidaan.kernels.executor"].close_executors()
         self.state.close()
         self.audit.close()
 

@@ -195,10 +195,17 @@ class KernelsConfig:
     backend: str = "auto"
     #: Numba's on-disk cache of compiled kernels; empty = Numba's default.
     cache_dir: str = ""
+    #: GPU executor: most images in one launch, and how long it waits for more after the first.
+    gpu_max_batch: int = 32
+    gpu_max_delay_ms: float = 1.0
 
     def validate(self) -> None:
         if self.backend not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"kernels.backend is {self.backend!r}; use 'auto', 'cpu' or 'cuda'")
+        if self.gpu_max_batch < 1:
+            raise ConfigError("kernels.gpu_max_batch must be at least 1")
+        if not 0 <= self.gpu_max_delay_ms <= 1000:
+            raise ConfigError("kernels.gpu_max_delay_ms must be between 0 and 1000")
 
 
 @dataclass

@@ -97,9 +97,10 @@ class Pipeline:
                 [image.pixels], [image.transform], layout_of(m), backend=self.kernel_backend
             )
             if self._device_tensors and is_device_array(batch):
-                # Stays on the GPU for the CUDA execution provider's IO binding (the GPU
-                # executor never writes a finished batch again, so a view is safe to keep).
-                tensor = batch[0]
+                # Stays on the GPU for the CUDA execution provider's IO binding. A device copy:
+                # the executor's output is a view of a batch shared with other callers' images,
+                # and a cached view would keep all of that batch's memory alive.
+                tensor = batch[0].copy()
             else:
                 tensor = to_host(batch)[0]
             prepared[m.name] = Prepared(tensor, placements[0])

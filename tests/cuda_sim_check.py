@@ -266,14 +266,31 @@ def main() -> int:
     refs = np.stack([reference(s, t, layout) for s, t in zip(srcs, ts, strict=True)])
     results.append(check("preprocess on the executor", bool(np.abs(batch - refs).max() <= 1e-4)))
 
-    # 4. Only the owner thread made device calls.
+    # 4. A group whose launch fails fails alone; the executor goes on serving.
+    if not GPU:
+        ops.fail_next_launch = True
+        failed = executor.submit(u12, plans[0], layout)
+        error = failed.exception(timeout=600)
+        after = host(executor.submit(u12, plans[0], layout).result(timeout=600))
+        results.append(
+            check(
+                "a failed launch fails its own images only",
+                isinstance(error, RuntimeError) and np.abs(after - refs[0]).max() <= 1e-4,
+                repr(error),
+            )
+        )
+
+    # 5. Only the owner thread made device calls.
     if not GPU:
         results.append(
             check("one owner thread", ops.threads == {"nidaan-gpu0"}, f"callers: {ops.threads}")
         )
         results.append(check("no errors on the streams", not ops.errors(), str(ops.errors()[:1])))
+        results.append(
+            check("every cross-stream use ordered", not ops.hazards, "; ".join(ops.hazards[:2]))
+        )
 
-    # 5. Shutdown: queued work finishes, later submissions are refused.
+    # 6. Shutdown: queued work finishes, later submissions are refused.
     last = executor.submit(u12, plan_image(u12, ts[0], layout), layout)
     executor.close()
     finished = last.done() and last.exception() is None
@@ -286,7 +303,7 @@ def main() -> int:
     if not GPU:
         ops.close()
 
-        # 6. The checks above can fail: an executor whose streams skip their event waits, or
+        # 7. The checks above can fail: an executor whose streams skip their event waits, or
         # whose results are handed out before their kernel has finished, gives wrong outputs.
         for broken in ("skip_waits", "early_sync"):
             bad_ops = make_ops(**{broken: True})
@@ -294,9 +311,21 @@ def main() -> int:
             _, wrong, _ = run_threads(bad)
             bad.close()
             bad_ops.close()
+            hazards = len(bad_ops.hazards)
             results.append(
-                check(f"an executor with {broken} is caught", wrong > 0, f"{wrong} wrong")
+                check(
+                    f"an executor with {broken} is caught",
+                    wrong > 0 or hazards > 0,
+                    f"{wrong} outputs wrong, {hazards} unordered uses found",
+                )
             )
+        # The clocks alone, without timing: a kernel launched with no wait after its upload.
+        lone = make_ops(skip_waits=True)
+        ex = CudaExecutor(lone, block=BLOCK)
+        ex.submit(u12, plans[0], layout).result(timeout=600)
+        ex.close()
+        lone.close()
+        results.append(check("an unordered upload is found by the clocks", bool(lone.hazards)))
     return 0 if all(results) else 1
 
 

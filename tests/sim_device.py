@@ -11,6 +11,12 @@ race. A copy reads its pinned source when it runs (not when it is queued), devic
 as garbage and outputs as NaN, so reusing a pinned buffer too early, reading a device buffer
 before its upload, or handing out an output before its kernel has finished all give wrong
 results, which the tests compare with the NumPy reference.
+
+Timing alone may miss a race, so the stand-in also checks the order itself, with vector clocks:
+each stream knows how far every other stream has got from the events it waited for, the host
+knows what it synchronised, and a kernel that reads a device buffer not known to be uploaded, an
+upload into a buffer a kernel may still read, or a pinned buffer rewritten while a copy may still
+read it, is recorded in ``hazards``.
 """
 
 from __future__ import annotations
@@ -24,6 +30,20 @@ from typing import Any
 
 import numpy as np
 
+Clock = dict[int, int]  # stream id -> how many of its operations are known complete
+
+
+def _merge(into: Clock, other: Clock) -> None:
+    for k, v in other.items():
+        into[k] = max(into.get(k, 0), v)
+
+
+def _root(a: Any) -> int:
+    """The identity of the allocation an array views."""
+    while isinstance(a, np.ndarray) and a.base is not None:
+        a = a.base
+    return id(a)
+
 
 class SimEvent:
     """An event: each record replaces the flag a wait or synchronize looks at."""
@@ -31,12 +51,16 @@ class SimEvent:
     def __init__(self) -> None:
         self.current = threading.Event()
         self.current.set()  # never recorded: complete, as in CUDA
+        self.clock: Clock = {}
 
 
 class SimStream:
     """A stream: one thread running queued operations in order."""
 
-    def __init__(self, name: str, max_delay_s: float, seed: int) -> None:
+    def __init__(self, name: str, max_delay_s: float, seed: int, index: int = 0) -> None:
+        self.index = index
+        self.enqueued = 0
+        self.clock: Clock = {}
         self._ops: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._rng = random.Random(seed)
         self._max_delay_s = max_delay_s
@@ -90,6 +114,25 @@ class SimOps:
         self._rng = np.random.default_rng(seed)
         #: Threads that called into the device (the executor's owner thread only, if all is well).
         self.threads: set[str] = set()
+        #: Unordered uses found by the vector clocks (empty, if all is well).
+        self.hazards: list[str] = []
+        self._host: Clock = {}
+        self._uploaded: dict[int, tuple[SimStream, int]] = {}  # device buffer -> its upload
+        self._read_by_kernel: dict[int, tuple[SimStream, int]] = {}  # device buffer -> kernel
+        self._read_by_copy: dict[int, tuple[SimStream, int]] = {}  # pinned buffer -> copy
+
+    def _known(self, clock: Clock, stream: SimStream, op: tuple[SimStream, int] | None) -> bool:
+        """Whether ``op`` is ordered before the next operation on ``stream``."""
+        if op is None:
+            return True
+        other, k = op
+        return other is stream or clock.get(other.index, 0) >= k
+
+    def _enqueue(self, stream: SimStream) -> int:
+        """Ordering of a host-issued operation: after all the host knows is complete."""
+        _merge(stream.clock, self._host)
+        stream.enqueued += 1
+        return stream.enqueued
 
     def _note(self, call: str) -> None:
         self.threads.add(threading.current_thread().name)
@@ -97,9 +140,8 @@ class SimOps:
 
     def stream(self) -> SimStream:
         self._note("stream")
-        s = SimStream(
-            f"sim-stream-{len(self.streams)}", self.max_delay_s, self.seed + len(self.streams)
-        )
+        n = len(self.streams)
+        s = SimStream(f"sim-stream-{n}", self.max_delay_s, self.seed + n, index=n + 1)
         self.streams.append(s)
         return s
 
@@ -121,6 +163,13 @@ class SimOps:
 
     def upload(self, dst: np.ndarray, src: np.ndarray, nbytes: int, stream: SimStream) -> None:
         self._note("upload")
+        dst_id, src_id = _root(dst), _root(src)
+        if not self._known(self._host, stream, self._read_by_copy.get(src_id)):
+            self.hazards.append("a pinned buffer was rewritten while a copy may still read it")
+        k = self._enqueue(stream)
+        if not self._known(stream.clock, stream, self._read_by_kernel.get(dst_id)):
+            self.hazards.append("an upload overwrites a buffer a kernel may still read")
+        self._uploaded[dst_id] = self._read_by_copy[src_id] = (stream, k)
 
         def copy() -> None:
             time.sleep(self.copy_delay_s)
@@ -132,12 +181,15 @@ class SimOps:
         self._note("record")
         flag = threading.Event()
         event.current = flag
+        self._enqueue(stream)
+        event.clock = {**stream.clock, stream.index: stream.enqueued}
         stream.enqueue(flag.set)
 
     def wait(self, stream: SimStream, event: SimEvent) -> None:
         self._note("wait")
         if self.skip_waits:
             return
+        _merge(stream.clock, event.clock)
         flag = event.current
         stream.enqueue(flag.wait)
 
@@ -145,10 +197,14 @@ class SimOps:
         self._note("synchronize")
         if not self.early_sync:
             event.current.wait()
+            _merge(self._host, event.clock)
 
     def view(self, buf: np.ndarray, offset: int, dtype: np.dtype, shape: tuple[int, ...]) -> Any:
         count = int(np.prod(shape))
         return buf[offset : offset + count * dtype.itemsize].view(dtype).reshape(shape)
+
+    #: Set to make the next launch raise, as a CUDA launch error would.
+    fail_next_launch = False
 
     def launch(
         self,
@@ -159,6 +215,17 @@ class SimOps:
         args: Any,
     ) -> None:
         self._note("launch")
+        if self.fail_next_launch:
+            self.fail_next_launch = False
+            raise RuntimeError("injected launch failure")
+        k = self._enqueue(stream)
+        for a in args:
+            if isinstance(a, np.ndarray):
+                buf = _root(a)
+                if not self._known(stream.clock, stream, self._uploaded.get(buf)):
+                    self.hazards.append("a kernel reads a buffer before its upload is known done")
+                if buf in self._uploaded:
+                    self._read_by_kernel[buf] = (stream, k)
 
         def run() -> None:
             kernel[grid, block](*args)

@@ -53,6 +53,8 @@ def test_toml_then_env_override(tmp_path: Path) -> None:
         ('[inference]\ntriton_shared_memory = "nvlink"\n', {}, "inference.triton_shared_memory"),
         ("[inference]\nworkers = 0\n", {}, "inference.workers must be at least 1"),
         ("[grpc]\ntls = true\n", {}, "grpc.tls = true needs dicom.tls_certificate"),
+        ("[kernels]\ngpu_max_batch = 0\n", {}, "kernels.gpu_max_batch must be at least 1"),
+        ("", {"NIDAAN_KERNELS_GPU_MAX_DELAY_MS": "-1"}, "kernels.gpu_max_delay_ms"),
         ("", {"NIDAAN_INFERENCE_MAX_QUEUE_IMAGES": "0"}, "inference.max_queue_images"),
         ("[nonsense]\n", {}, "unknown section"),
         ("", {"NIDAAN_DICOM_PORT": "eleven"}, "NIDAAN_DICOM_PORT"),

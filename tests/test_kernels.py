@@ -234,3 +234,53 @@ def test_fast_unsigned_path_for_every_unsigned_type(dtype: type) -> None:
     t = PixelTransform(window_centre=high / 2, window_width=float(high), signed=False)
     _check(src, t, InputLayout(24, 20, "stretch", 0.0, 0.5, 0.25))  # 4x: the fast horizontal pass
     _check(src, t, InputLayout(30, 25, "letterbox", 0.0, 0.5, 0.25))  # fractional taps
+
+
+# --- defects of the first kernels (issue 9), each against values worked out by hand ------------
+
+
+def _one_row(src: np.ndarray, t: PixelTransform) -> np.ndarray:
+    """Display values of an image kept at its size (stretch, mean 0, std 1, no resampling); the
+    row itself for a one-row image."""
+    layout = InputLayout(src.shape[0], src.shape[1], "stretch", 0.0, 0.0, 1.0)
+    out = _check(src, t, layout)
+    return out[0] if src.shape[0] == 1 else out
+
+
+def test_uint32_values_at_and_above_2_31_are_exact() -> None:
+    # A stored value above 2**31 - 1 once wrapped negative (cast to int32): [0, .5, 0, 0].
+    src = np.array([[0, 2**31 - 1, 2**31, 2**32 - 1]], np.uint32)
+    t = PixelTransform(window_centre=2.0**31, window_width=2.0**32)
+    np.testing.assert_allclose(_one_row(src, t), [0.0, 0.5, 0.5, 1.0], atol=1e-6)
+    # The general kernel (padding forces it) and the automatic window take the same values.
+    padded = PixelTransform(window_centre=2.0**31, window_width=2.0**32, padding=(7, 7))
+    np.testing.assert_allclose(_one_row(src, padded), [0.0, 0.5, 0.5, 1.0], atol=1e-6)
+    auto = _one_row(src, PixelTransform(padding=(7, 7)))
+    np.testing.assert_allclose(auto, [0.0, 0.5, 0.5, 1.0], atol=1e-6)
+
+
+def test_padding_is_left_out_of_the_automatic_window() -> None:
+    # PS3.3 C.7.5.1.1.2: padding is not image data. A CT with 30% padding at -3024 and no
+    # window: its real pixels span the whole display range, not [0.503, 1].
+    rng = np.random.default_rng(5)
+    real = rng.integers(-1000, 2000, (40, 40))
+    src = np.where(rng.random((40, 40)) < 0.3, -3024, real).astype(np.int16)
+    src[0, 0], src[0, 1] = -1000, 1999  # the real range's ends are present
+    t = PixelTransform(slope=1.0, intercept=0.0, padding=(-3024, -3024))
+    out = _one_row(src, t)
+    data = out[src != -3024]
+    assert data.min() < 1e-3 and data.max() > 1.0 - 1e-3
+    assert np.all(out[src == -3024] == 0.0)  # padding shows as the pad value
+
+
+def test_narrow_linear_exact_window_far_from_zero() -> None:
+    # Width 3 around 60000: (v - c) / w + 0.5 for v = 59998 .. 60002 (exact in float64).
+    src = np.arange(59998, 60003, dtype=np.uint16).reshape(1, 5)
+    t = PixelTransform(window_centre=60000.0, window_width=3.0, voi_function="LINEAR_EXACT")
+    expected = np.clip((np.arange(59998, 60003) - 60000.0) / 3.0 + 0.5, 0.0, 1.0)
+    np.testing.assert_allclose(_one_row(src, t), expected, atol=1e-4)
+    # Through the general kernel (signed pixels) too.
+    signed = PixelTransform(window_centre=30000.0, window_width=3.0, voi_function="LINEAR_EXACT")
+    s16 = np.arange(29998, 30003, dtype=np.int16).reshape(1, 5)
+    expected = np.clip((np.arange(29998, 30003) - 30000.0) / 3.0 + 0.5, 0.0, 1.0)
+    np.testing.assert_allclose(_one_row(s16, signed), expected, atol=1e-4)
