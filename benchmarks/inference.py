@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nidaan.core.config import InferenceConfig
 from nidaan.kernels import PixelTransform, preprocess, resolve_backend, to_host
-from nidaan.server.config import InferenceConfig
 from nidaan.server.inference import OnnxRuntimeBackend, is_device_array
 from nidaan.server.model_repository import load_repository
 from nidaan.server.pipeline import layout_of

@@ -38,8 +38,8 @@ def in_process(users: int, seconds: float) -> tuple[float, list[float]]:
     """Studies/s and latencies (ms) of ``users`` threads calling the pipeline directly."""
     from pydicom import dcmread
 
-    from nidaan.server.config import InferenceConfig
-    from nidaan.server.inference import create_backend
+    from nidaan.core.config import InferenceConfig
+    from nidaan.server.backends import create_backend
     from nidaan.server.model_repository import load_repository
     from nidaan.server.pipeline import Pipeline
 

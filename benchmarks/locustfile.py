@@ -20,8 +20,8 @@ grpc_gevent.init_gevent()  # grpcio cooperates with locust's gevent workers
 
 from locust import User, constant, task  # noqa: E402
 
-from nidaan.server.client import Client  # noqa: E402
-from nidaan.server.errors import NidaanError  # noqa: E402
+from nidaan.client import Client  # noqa: E402
+from nidaan.core.errors import NidaanError  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from workload import MIX, ct_studies, radiograph_studies  # noqa: E402

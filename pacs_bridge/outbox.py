@@ -11,8 +11,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from nidaan.server.config import Config
-from nidaan.server.errors import DeliveryError
+from nidaan.core.config import Config
+from nidaan.core.errors import DeliveryError
 
 from .scu import send_file
 from .state import OutboxItem, StateStore

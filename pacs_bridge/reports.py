@@ -49,6 +49,7 @@ Choices, and the reason for each:
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterable, Sequence
 
 import highdicom as hd
@@ -56,7 +57,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from nidaan.server.findings import BoundingBox, CodedValue, Finding, ImageAnalysis
+from nidaan.core.findings import BoundingBox, CodedValue, Finding, ImageAnalysis
 
 from .uids import derived_uid, is_valid_uid
 
@@ -312,3 +313,10 @@ def _rectangle(box: BoundingBox, source: Dataset, label: str) -> np.ndarray:
     x0, y0 = box.x_min, box.y_min
     x1, y1 = min(box.x_max, columns), min(box.y_max, rows)
     return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], dtype=np.float32)
+
+
+def encode(ds: Dataset) -> bytes:
+    """A data set as a Part 10 file (PS3.10 7.1: preamble, "DICM", File Meta Information)."""
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()

@@ -14,12 +14,8 @@ from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 
-from nidaan.server.config import Config, Route
-
-
-def _text(ds: Dataset, keyword: str) -> str:
-    value = ds.get(keyword, "")
-    return "" if value is None else str(value).strip()
+from nidaan.core.attributes import text
+from nidaan.core.config import Config, Route
 
 
 @dataclass(frozen=True)
@@ -45,7 +41,7 @@ class Router:
             for i, route in enumerate(self.routes):
                 unknown = set(route.models) - model_names
                 if unknown:
-                    from nidaan.server.errors import ConfigError
+                    from nidaan.core.errors import ConfigError
 
                     raise ConfigError(
                         f"routes[{i}].models names unknown model(s): {', '.join(sorted(unknown))}"
@@ -59,10 +55,10 @@ class Router:
 
         return (
             any_of(route.calling_ae, calling_ae.strip())
-            and any_of(route.modality, _text(ds, "Modality"))
-            and any_of(route.sop_class, _text(ds, "SOPClassUID"))
-            and any_of(route.body_part, _text(ds, "BodyPartExamined"))
-            and (pattern is None or bool(pattern.search(_text(ds, "SeriesDescription"))))
+            and any_of(route.modality, text(ds, "Modality"))
+            and any_of(route.sop_class, text(ds, "SOPClassUID"))
+            and any_of(route.body_part, text(ds, "BodyPartExamined"))
+            and (pattern is None or bool(pattern.search(text(ds, "SeriesDescription"))))
         )
 
     def decide(self, ds: Dataset, calling_ae: str) -> Decision | None:

@@ -24,22 +24,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from nidaan.server.errors import InputError
+from nidaan.core.errors import InputError
 
+from .admission import DOES_NOT_MATCH_SOP_CLASS, admit, read_file
 from .spool import Spool
 from .state import InstanceRecord, StateStore
-from .uids import is_valid_uid, ref
+from .uids import ref
 
 log = logging.getLogger("nidaan.scp")
 
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
-DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 
 
@@ -72,57 +71,6 @@ class StoreOutcome:
 #: Called for each instance before Success is sent: returns whether it is an image to analyse,
 #: raises InputError if it is one that cannot be used.
 Inspector = Callable[[Dataset, str], bool]
-
-
-#: Element values larger than this are left in the received file until read.
-DEFER_BYTES = 1 << 20
-
-#: Sequences nested deeper than this are refused: real objects stay within a handful of levels
-#: (TID 1500 SRs within about ten), and deep nesting exhausts recursive parsers downstream.
-MAX_SEQUENCE_DEPTH = 32
-
-
-def too_deep(ds: Dataset, limit: int = MAX_SEQUENCE_DEPTH) -> bool:
-    """Whether ``ds`` nests sequences deeper than ``limit`` (checked without recursion)."""
-    stack = [(ds, 0)]
-    try:
-        while stack:
-            current, depth = stack.pop()
-            for tag in current.keys():  # noqa: SIM118 - iterating would convert every element
-                # Only sequences (and values whose VR the raw element does not say) are converted:
-                # pixel data and the other plain values stay as read.
-                raw = current.get_item(tag, keep_deferred=True)
-                if getattr(raw, "VR", None) not in (None, "SQ", "UN"):
-                    continue
-                elem = current[tag]
-                if elem.VR == "SQ":
-                    if depth + 1 > limit:
-                        return True
-                    stack.extend((item, depth + 1) for item in elem.value)
-    except RecursionError:  # the parser itself gave up: far too deep
-        return True
-    return False
-
-
-def overrun_element(ds: Dataset, file_size: int) -> str:
-    """The first top-level element whose declared length runs past the data, or ''.
-
-    pydicom reads what is there and does not complain (PS3.5 7.1 makes the length binding), so
-    the check compares each still-raw element's declared length with the bytes it got, or, for a
-    value left on disk (deferred), with where the file ends.
-    """
-    for tag in ds.keys():  # noqa: SIM118 - iterating a Dataset would convert its elements
-        raw = ds.get_item(tag, keep_deferred=True)
-        length = getattr(raw, "length", None)
-        if length in (None, 0xFFFFFFFF):
-            continue
-        value = getattr(raw, "value", None)
-        if isinstance(value, bytes) and len(value) < length:
-            return f"element {tag} declares {length} bytes but {len(value)} follow"
-        start = getattr(raw, "value_tell", None)
-        if value is None and start is not None and start + length > file_size:
-            return f"element {tag} declares {length} bytes, past the end of the data"
-    return ""
 
 
 class FileChunks:
@@ -284,36 +232,10 @@ class StorageSCP:
         chunks = FileChunks(received)
         try:
             # Values over DEFER_BYTES stay on disk until something reads them (the decoder).
-            ds = dcmread(received, defer_size=DEFER_BYTES)
-            study_uid = str(ds.StudyInstanceUID)
-            sop_uid = str(ds.SOPInstanceUID)
-            series_uid = str(ds.get("SeriesInstanceUID", ""))
-            sop_class = str(ds.get("SOPClassUID", ""))
-        except AttributeError as exc:
-            return self._refuse(event, chunks, DOES_NOT_MATCH_SOP_CLASS, f"missing UID: {exc}"[:64])
-        except Exception as exc:  # pydicom raises many types for corrupt encodings
-            return self._refuse(event, chunks, CANNOT_UNDERSTAND, f"cannot decode data set: {exc}")
-        overrun = overrun_element(ds, size)
-        if overrun:
-            return self._refuse(event, chunks, CANNOT_UNDERSTAND, overrun)
-        if too_deep(ds):
-            return self._refuse(
-                event,
-                chunks,
-                CANNOT_UNDERSTAND,
-                f"sequences nested deeper than {MAX_SEQUENCE_DEPTH} levels",
-            )
-        if not (is_valid_uid(study_uid) and is_valid_uid(sop_uid)):
-            return self._refuse(event, chunks, DOES_NOT_MATCH_SOP_CLASS, "malformed Study/SOP UID")
-        try:
-            frames = int(ds.get("NumberOfFrames", 1) or 1)
-            pixels = int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0) * frames
-        except (TypeError, ValueError):
-            return self._refuse(event, chunks, CANNOT_UNDERSTAND, "malformed Rows/Columns/Frames")
-        if pixels > self.limits.max_pixels:
-            return self._refuse(
-                event, chunks, CANNOT_UNDERSTAND, f"{pixels} pixels exceed the limit"
-            )
+            admitted = admit(read_file(received), size, self.limits.max_pixels)
+        except InputError as exc:
+            return self._refuse(event, chunks, exc.status, str(exc))
+        ds, study_uid, sop_uid = admitted.dataset, admitted.study_uid, admitted.sop_uid
         if self.state.instance_count(study_uid) >= self.limits.max_instances_per_study:
             return self._refuse(
                 event, None, OUT_OF_RESOURCES, "study has the maximum number of instances"
@@ -344,7 +266,14 @@ class StorageSCP:
         try:
             path = self.spool.store(study_uid, sop_uid, chunks)
             self.state.add_instance(
-                InstanceRecord(sop_uid, study_uid, series_uid, sop_class, path, bool(is_image)),
+                InstanceRecord(
+                    sop_uid,
+                    study_uid,
+                    admitted.series_uid,
+                    admitted.sop_class,
+                    path,
+                    bool(is_image),
+                ),
                 calling_ae=event.assoc.requestor.ae_title,
             )
         except (OSError, sqlite3.Error) as exc:
@@ -353,10 +282,6 @@ class StorageSCP:
                 path.unlink(missing_ok=True)  # not recorded, so not acknowledged: leave nothing
             self._outcome(event, OUT_OF_RESOURCES, "storage failed", study_uid)
             return _status(OUT_OF_RESOURCES, "could not store the instance")
-        try:
-            expected = int(ds.get("NumberOfStudyRelatedInstances") or 0) or None
-        except (TypeError, ValueError):
-            expected = None
-        self._on_instance(self._assoc_id(event.assoc), study_uid, sop_uid, expected)
+        self._on_instance(self._assoc_id(event.assoc), study_uid, sop_uid, admitted.expected)
         self._outcome(event, SUCCESS, "", study_uid)
         return _status(SUCCESS)

@@ -8,7 +8,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pynetdicom import AE
 
-from nidaan.server.errors import DeliveryError
+from nidaan.core.errors import DeliveryError
 
 
 def send_file(

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import ssl
 
-from nidaan.server.config import DicomConfig
-from nidaan.server.errors import ConfigError
+from nidaan.core.config import DicomConfig
+from nidaan.core.errors import ConfigError
 
 #: ECDHE key exchange with AES-GCM or ChaCha20-Poly1305 (TLS 1.2); TLS 1.3 suites are all AEAD.
 CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"

@@ -29,7 +29,9 @@ python3 -m venv .venv
 .venv/bin/python -m pip install -q --no-deps 'nvidia-pytriton==0.7.0'
 
 .venv/bin/ruff check .
-.venv/bin/mypy kernels server pacs_bridge
+.venv/bin/mypy core client kernels server pacs_bridge
+# One direction through the code: the import-linter contracts in pyproject.toml.
+.venv/bin/lint-imports
 
 # A fresh kernel cache: Numba's cache is not invalidated by edits to imported helper modules.
 export NUMBA_CACHE_DIR

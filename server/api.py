@@ -1,19 +1,20 @@
-"""The gRPC API (package ``nidaan.v1``, service ``Inference``; proto in ``server/proto``).
+"""The gRPC API (package ``nidaan.v1``, service ``Inference``; proto in ``client/proto``).
 
 Integrators send the DICOM instances of one study and get the findings back (and, if asked, the
-DICOM SR Nidaan would send a PACS). The same :class:`~nidaan.server.pipeline.Pipeline` as the
-DICOM node runs them, so its images share the models' batchers with studies arriving by C-STORE.
+DICOM SR Nidaan would send a PACS). A thin entrance: each instance passes the same admission as
+over DICOM (``pacs_bridge.admission``), then the study use-case (``server.studies``) runs it
+through the same pipeline, so its images share the models' batchers with studies arriving by
+C-STORE.
 The standard health (``grpc.health.v1``) and reflection services are offered too.
 
 Errors follow pynetdicom's rule that a handler's failure becomes a proper status, never a broken
-connection: each :class:`~nidaan.server.errors.NidaanError` maps to a gRPC code with a message
+connection: each :class:`~nidaan.core.errors.NidaanError` maps to a gRPC code with a message
 that names the problem and carries no patient data; an instance that cannot be read or decoded is
 kept in quarantine with its reason, as over DICOM.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 from collections.abc import Callable
@@ -24,20 +25,17 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 
-from nidaan.pacs_bridge.reports import build_report, report_key, report_uids
-from nidaan.pacs_bridge.scp import overrun_element, too_deep
+from nidaan.client.proto import inference_pb2 as pb
+from nidaan.core.errors import InferenceError, InputError, NidaanError, QueueFullError
+from nidaan.core.findings import CodedValue, Finding, ImageAnalysis
+from nidaan.pacs_bridge.admission import admit, read_bytes
 from nidaan.pacs_bridge.spool import Spool
-from nidaan.pacs_bridge.uids import is_valid_uid, ref
+from nidaan.pacs_bridge.uids import ref
 
-from .errors import InferenceError, InputError, NidaanError, QueueFullError
-from .findings import CodedValue, Finding, ImageAnalysis
 from .model_repository import ModelSpec
-from .pipeline import Pipeline
-from .proto import inference_pb2 as pb
+from .studies import Studies
 
 log = logging.getLogger("nidaan.api")
 
@@ -77,34 +75,12 @@ class _Refused(Exception):
 
 
 def read_instance(data: bytes, index: int, limits: ApiLimits) -> Dataset:
-    """Parse one instance of a request, with the SCP's checks; _Refused names what is wrong."""
-
-    def refuse(why: str) -> _Refused:
-        return _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"instance {index}: {why}", data)
-
+    """Parse one instance of a request and admit it with the checks the SCP makes
+    (``pacs_bridge.admission``); _Refused names what is wrong and keeps the bytes."""
     try:
-        ds = dcmread(io.BytesIO(data), force=True)
-        ds.StudyInstanceUID  # noqa: B018 - force=True reads anything; DICOM has these
-        ds.SOPInstanceUID  # noqa: B018
-    except (InvalidDicomError, AttributeError, ValueError, EOFError, OSError) as exc:
-        raise refuse(f"not a readable DICOM data set ({type(exc).__name__})") from exc
-    except Exception as exc:  # a malformed file can raise anything from the parser
-        raise refuse(f"not a readable DICOM data set ({type(exc).__name__})") from exc
-    if not (is_valid_uid(str(ds.StudyInstanceUID)) and is_valid_uid(str(ds.SOPInstanceUID))):
-        raise refuse("malformed Study/SOP Instance UID")
-    overrun = overrun_element(ds, len(data))
-    if overrun:
-        raise refuse(overrun)
-    if too_deep(ds):
-        raise refuse("sequences nested too deeply")
-    try:
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        pixels = int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0) * frames
-    except (TypeError, ValueError) as exc:
-        raise refuse("malformed Rows/Columns/Number of Frames") from exc
-    if pixels > limits.max_pixels:
-        raise refuse(f"{pixels} pixels exceed the limit of {limits.max_pixels}")
-    return ds
+        return admit(read_bytes(data), len(data), limits.max_pixels).dataset
+    except InputError as exc:
+        raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"instance {index}: {exc}", data) from exc
 
 
 def _code(c: CodedValue) -> pb.CodedConcept:
@@ -126,25 +102,22 @@ def _finding(f: Finding) -> pb.Finding:
 
 
 class InferenceService:
-    """The ``nidaan.v1.Inference`` handlers over one pipeline."""
+    """The ``nidaan.v1.Inference`` handlers over the study use-cases."""
 
     def __init__(
         self,
-        pipeline: Pipeline,
+        studies: Studies,
         spool: Spool,
         *,
-        device_observer_uid: str,
-        series_number: int = 9901,
         limits: ApiLimits | None = None,
         on_request: Callable[[str, grpc.StatusCode, str], None] | None = None,
     ) -> None:
-        self.pipeline = pipeline
+        self.studies = studies
+        self.models = studies.pipeline.models
         self.spool = spool
-        self.device_observer_uid = device_observer_uid
-        self.series_number = series_number
         self.limits = limits or ApiLimits()
         self._on_request = on_request
-        self._by_name: dict[str, ModelSpec] = {m.name: m for m in pipeline.models}
+        self._by_name: dict[str, ModelSpec] = {m.name: m for m in self.models}
 
     # --- handlers --------------------------------------------------------------------------------
 
@@ -203,41 +176,24 @@ class InferenceService:
                 f"no model named {', '.join(map(repr, unknown))} "
                 f"(the repository has {', '.join(sorted(self._by_name))})",
             )
-        allowed = frozenset(request.models) or None
+        models = frozenset(request.models) or None
         datasets = [read_instance(d, i, self.limits) for i, d in enumerate(request.instances)]
-        studies = {str(ds.StudyInstanceUID) for ds in datasets}
-        if len(studies) > 1:
-            raise _Refused(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"the instances belong to {len(studies)} studies; send one study per request",
-            )
-        study_uid = studies.pop()
-        for i, ds in enumerate(datasets):
-            # Decoded and preprocessed one by one (as the SCP does on arrival), so that a bad
-            # instance is named and quarantined; the tensors wait in the pipeline's cache.
-            try:
-                self.pipeline.inspect(ds, allowed)
-            except InputError as exc:
-                for earlier in datasets[:i]:
-                    self.pipeline.forget(str(earlier.SOPInstanceUID))
-                raise _Refused(
-                    grpc.StatusCode.INVALID_ARGUMENT, f"instance {i}: {exc}", request.instances[i]
-                ) from exc
-        analyses = self.pipeline.analyse(datasets, allowed=lambda ds: allowed)
-        analysed = {str(a.source.SOPInstanceUID) for a in analyses}
+        try:
+            result = self.studies.analyse_request(datasets, models, report=request.include_report)
+        except InputError as exc:
+            data = None if exc.index is None else request.instances[exc.index]
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc), data) from exc
         response = pb.AnalyzeResponse(
-            study_instance_uid=study_uid,
-            results=[self._result(a) for a in analyses],
-            not_analysed=[
-                str(ds.SOPInstanceUID) for ds in datasets if str(ds.SOPInstanceUID) not in analysed
-            ],
+            study_instance_uid=result.study_uid,
+            results=[self._result(a) for a in result.analyses],
+            not_analysed=result.not_analysed,
         )
-        if request.include_report and analyses:
-            response.report = self._report(study_uid, analyses)
+        if result.report is not None:
+            response.report = result.report
         return response
 
     def _result(self, a: ImageAnalysis) -> pb.ImageResult:
-        model = next((m for m in self.pipeline.models if m.algorithm == a.algorithm), None)
+        model = next((m for m in self.models if m.algorithm == a.algorithm), None)
         return pb.ImageResult(
             sop_instance_uid=str(a.source.SOPInstanceUID),
             model="" if model is None else model.name,
@@ -246,23 +202,6 @@ class InferenceService:
             not_for_diagnosis=a.algorithm.not_for_diagnosis,
             findings=[_finding(f) for f in a.findings],
         )
-
-    def _report(self, study_uid: str, analyses: list[ImageAnalysis]) -> bytes:
-        key = report_key(analyses, (str(a.source.SOPInstanceUID) for a in analyses))
-        series_uid, sop_uid = report_uids(study_uid, "grpc|" + key)
-        try:
-            report = build_report(
-                analyses,
-                series_instance_uid=series_uid,
-                sop_instance_uid=sop_uid,
-                series_number=self.series_number,
-                device_observer_uid=self.device_observer_uid,
-            )
-        except ValueError as exc:  # e.g. the instances name two patients
-            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"no report: {exc}") from exc
-        buffer = io.BytesIO()
-        report.save_as(buffer, enforce_file_format=True)
-        return buffer.getvalue()
 
     def _list_models(self) -> Any:
         return pb.ListModelsResponse(
@@ -286,7 +225,7 @@ class InferenceService:
                     max_batch_size=m.max_batch_size,
                     model_card=m.card.read_text(),
                 )
-                for m in self.pipeline.models
+                for m in self.models
             ]
         )
 

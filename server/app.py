@@ -14,34 +14,30 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pydicom import dcmread
-from pydicom.dataset import Dataset
-
+from nidaan.core.config import Config
+from nidaan.core.errors import ConfigError, InferenceError, NidaanError
 from nidaan.kernels import configure_cache, resolve_backend
 from nidaan.pacs_bridge.assembly import StudyAssembler
 from nidaan.pacs_bridge.audit import AuditLog
 from nidaan.pacs_bridge.outbox import Outbox
-from nidaan.pacs_bridge.reports import build_report, report_key, report_uids
 from nidaan.pacs_bridge.routing import Router
 from nidaan.pacs_bridge.scp import Limits, StorageSCP, StoreOutcome
-from nidaan.pacs_bridge.spool import Spool, atomic_write
+from nidaan.pacs_bridge.spool import Spool
 from nidaan.pacs_bridge.state import OutboxItem, StateStore
 from nidaan.pacs_bridge.tls import server_context
 from nidaan.pacs_bridge.uids import derived_uid, ref
 
 from .api import ApiLimits, ApiServer, InferenceService, server_credentials
+from .backends import create_backend
 from .batching import DynamicBatcher
-from .config import SOURCE, Config
-from .errors import ConfigError, InferenceError, NidaanError
-from .inference import create_backend
 from .metrics import Metrics
 from .model_repository import load_repository
 from .pipeline import Pipeline
 from .status import StatusServer
+from .studies import Studies
 
 log = logging.getLogger("nidaan.server")
 
@@ -109,12 +105,22 @@ class NidaanServer:
         self._busy_lock = threading.Lock()
         self._busy: set[str] = set()
         self._again: set[str] = set()
+        self.studies = Studies(
+            config,
+            self.pipeline,
+            self.router,
+            self.state,
+            self.spool,
+            self.metrics,
+            device_uid=self.device_uid,
+            wake_outbox=lambda: self.outbox.wake(),
+        )
         self.assembler = StudyAssembler(config.dicom.study_idle_timeout_s, self._study_complete)
         self.scp = StorageSCP(
             config.dicom.ae_title,
             self.spool,
             self.state,
-            inspect=self._inspect,
+            inspect=self.studies.inspect,
             on_instance=self.assembler.instance_received,
             on_association_end=self.assembler.association_ended,
             on_outcome=self._count_store,
@@ -240,10 +246,8 @@ class NidaanServer:
     def _api_server(self) -> ApiServer:
         g = self.config.grpc
         service = InferenceService(
-            self.pipeline,
+            self.studies,
             self.spool,
-            device_observer_uid=self.device_uid,
-            series_number=self.config.reports.series_number,
             limits=ApiLimits(g.max_instances, self.config.dicom.max_pixels),
             on_request=self._api_request,
         )
@@ -310,13 +314,6 @@ class NidaanServer:
             attempt=item.attempts + 1,
         )
 
-    def _inspect(self, ds: Dataset, calling_ae: str) -> bool:
-        """SCP hook: route the instance, then let the pipeline prepare it for its models."""
-        decision = self.router.decide(ds, calling_ae)
-        if decision is None:
-            return False  # no routing rule matches: stored, not analysed
-        return self.pipeline.inspect(ds, decision.models)
-
     def _study_complete(self, study_uid: str) -> None:
         self.state.set_study_state(study_uid, "complete")
         self._queue.put(study_uid)
@@ -353,7 +350,7 @@ class NidaanServer:
         """Analyse one study; failures leave it waiting (backend down) or visibly failed."""
         started = time.monotonic()
         try:
-            self.process_study(study)
+            self.studies.report_study(study)
         except InferenceError as exc:
             # The backend (e.g. a Triton cluster) is down: the study waits, it is not lost.
             self.state.set_study_state(study, "complete", f"waiting for inference: {exc}")
@@ -377,93 +374,3 @@ class NidaanServer:
         self.state.set_study_state(study_uid, "failed", reason)
         self.metrics.studies.labels("failed").inc()
         log.error("study %s failed: %s", ref(study_uid), reason)
-
-    # --- the work --------------------------------------------------------------------------------
-
-    def destinations(self, calling_ae: str, named: Sequence[str] | None = None) -> list[str]:
-        """AE titles a study's report goes to (``@source`` = the sender, when it is a peer)."""
-        out: list[str] = []
-        for d in self.config.reports.destinations if named is None else named:
-            ae = calling_ae if d == SOURCE else d
-            if self.config.peer(ae) is not None and ae not in out:
-                out.append(ae)
-        return out
-
-    def process_study(self, study_uid: str) -> None:
-        """Analyse a complete study, write its report and queue it for delivery."""
-        info = self.state.study(study_uid)
-        if info is None:
-            return
-        _, _, calling_ae = info
-        records = [r for r in self.state.instances(study_uid) if r.is_image]
-        if not records:
-            self.state.set_study_state(study_uid, "skipped", "no image that a model applies to")
-            self.metrics.studies.labels("skipped").inc()
-            return
-        paths = {r.sop_instance_uid: r.path for r in records}
-        headers = [dcmread(r.path, stop_before_pixels=True) for r in records]
-
-        def load_pixels(ds: Dataset) -> Dataset:
-            return dcmread(paths[str(ds.SOPInstanceUID)])
-
-        decisions = {str(h.SOPInstanceUID): self.router.decide(h, calling_ae) for h in headers}
-        headers = [h for h in headers if decisions[str(h.SOPInstanceUID)] is not None]
-
-        def allowed(ds: Dataset) -> frozenset[str] | None:
-            decision = decisions[str(ds.SOPInstanceUID)]
-            return None if decision is None else decision.models
-
-        analyses = self.pipeline.analyse(headers, load_pixels=load_pixels, allowed=allowed)
-        if not analyses:
-            self.state.set_study_state(study_uid, "skipped", "no image that a model applies to")
-            self.metrics.studies.labels("skipped").inc()
-            return
-        self.state.set_study_state(study_uid, "analysed")
-        log.info(
-            "study %s analysed: %s",
-            ref(study_uid),
-            "; ".join(
-                f"{a.algorithm.name}: "
-                + ", ".join(
-                    f"{f.label} {'present' if f.present else 'absent'} ({f.probability:.2f})"
-                    for f in a.findings
-                )
-                for a in analyses
-            ),
-        )
-        # The report UIDs derive from the study, the models' versions and the analysed
-        # instances, so a re-sent report is the same object and never duplicates in the PACS.
-        series_uid, sop_uid = report_uids(study_uid, report_key(analyses, paths))
-        report = build_report(
-            analyses,
-            series_instance_uid=series_uid,
-            sop_instance_uid=sop_uid,
-            series_number=self.config.reports.series_number,
-            device_observer_uid=self.device_uid,
-            institution_name=self.config.reports.institution_name or None,
-        )
-        path = self.spool.reports_dir / f"{sop_uid}.dcm"
-        atomic_write(path, [_encode(report)])
-        named = [d for dec in decisions.values() if dec is not None for d in dec.destinations]
-        destinations = self.destinations(calling_ae, named)
-        if not destinations:
-            self.state.set_study_state(
-                study_uid,
-                "reported",
-                "no destination configured for the sending AE; report kept in the data dir",
-            )
-            log.warning("study %s reported but no destination is configured", ref(study_uid))
-            return
-        for dest in destinations:
-            self.state.enqueue(study_uid, path, sop_uid, dest)
-        self.state.set_study_state(study_uid, "reported")
-        self.metrics.studies.labels("reported").inc()
-        self.outbox.wake()
-
-
-def _encode(ds: Dataset) -> bytes:
-    from io import BytesIO
-
-    buf = BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()

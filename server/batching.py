@@ -30,8 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InferenceError, QueueFullError
-from .inference import InferenceBackend, concatenate
+from nidaan.core.errors import InferenceError, QueueFullError
+
+from .inference import InferenceBackend, concatenate, split_batch
 from .model_repository import ModelSpec
 
 log = logging.getLogger("nidaan.batching")
@@ -272,10 +273,8 @@ class DynamicBatcher:
         queue = self._queues.get(model.name)
         if queue is None:
             raise InferenceError(f"model {model.name!r} is not in the batcher's repository")
-        step = model.max_batch_size
         futures = [
-            queue.submit(batch[i : i + step], self.queue_timeout_s)
-            for i in range(0, int(batch.shape[0]), step)
+            queue.submit(chunk, self.queue_timeout_s) for chunk in split_batch(model, batch)
         ]
         parts = [f.result() for f in futures]
         if len(parts) == 1:

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import Config, load_config
-from .errors import NidaanError
+from nidaan.core.config import Config, load_config
+from nidaan.core.errors import NidaanError
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -63,7 +63,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from pydicom.errors import InvalidDicomError
     from tqdm import tqdm
 
-    from .inference import create_backend
+    from .backends import create_backend
     from .model_repository import load_repository
     from .pipeline import Pipeline
 

@@ -13,10 +13,9 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
+from nidaan.core.errors import DecodeError, UnsupportedError
 from nidaan.kernels import PixelTransform
 from nidaan.kernels.transform import LookupTable
-
-from .errors import DecodeError, UnsupportedError
 
 _GREYSCALE = ("MONOCHROME1", "MONOCHROME2")
 

@@ -11,13 +11,14 @@ import logging
 import math
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
 
-from .config import InferenceConfig
-from .errors import InferenceError
+from nidaan.core.config import InferenceConfig
+from nidaan.core.errors import InferenceError
+
 from .model_repository import ModelSpec
 
 log = logging.getLogger("nidaan.inference")
@@ -38,6 +39,12 @@ class InferenceBackend(Protocol):
 def is_device_array(a: Any) -> bool:
     """Whether ``a`` lives on a GPU (a CuPy array or anything with the CUDA array interface)."""
     return hasattr(a, "__cuda_array_interface__")
+
+
+def split_batch(model: ModelSpec, batch: Any) -> list[Any]:
+    """``batch`` in chunks of at most the model's ``max_batch_size`` (views, no copies)."""
+    step = model.max_batch_size
+    return [batch[i : i + step] for i in range(0, int(batch.shape[0]), step)]
 
 
 def concatenate(parts: Sequence[Any]) -> Any:
@@ -188,11 +195,10 @@ class OnnxRuntimeBackend:
             [model.heatmap_output] if model.heatmap_output else []
         )
         parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
-        step = model.max_batch_size
-        for start in range(0, int(batch.shape[0]), step):
+        for chunk in split_batch(model, batch):
             try:
                 # ``held`` keeps the bound buffer alive until the run has read it.
-                binding, held = self._bind(sess, model, batch[start : start + step], names)
+                binding, held = self._bind(sess, model, chunk, names)
                 sess.run_with_iobinding(binding)
                 outs = binding.copy_outputs_to_cpu()
             except InferenceError:
@@ -432,8 +438,7 @@ class TritonBackend:
         names = [model.probabilities_output] + (
             [model.heatmap_output] if model.heatmap_output else []
         )
-        step = model.max_batch_size
-        chunks = [batch[i : i + step] for i in range(0, int(batch.shape[0]), step)]
+        chunks = split_batch(model, batch)
         results = await asyncio.gather(*(self._infer_chunk(model, c, names) for c in chunks))
         return {n: np.concatenate([r[k] for r in results]) for k, n in enumerate(names)}
 
@@ -466,25 +471,3 @@ def _cupy_usable() -> bool:
         return bool(cupy.cuda.runtime.getDeviceCount() > 0)
     except Exception:
         return False
-
-
-def create_backend(
-    config: InferenceConfig,
-    models: Sequence[ModelSpec] = (),
-    observe: Callable[[str, int, float], None] | None = None,
-) -> InferenceBackend:
-    """The backend the config asks for. The embedded one batches concurrent requests per model
-    as its config.pbtxt says (Triton batches on its side)."""
-    if config.backend == "onnxruntime":
-        from .batching import DynamicBatcher
-
-        return DynamicBatcher(
-            OnnxRuntimeBackend(config),
-            models,
-            default_queue_images=config.max_queue_images,
-            queue_timeout_s=config.queue_timeout_s,
-            observe=observe,
-        )
-    if config.backend == "triton":
-        return TritonBackend(config, models)
-    raise InferenceError(f"inference backend {config.backend!r} is not available in this build")

@@ -22,8 +22,8 @@ from typing import Any
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from .errors import ModelRepositoryError
-from .findings import AlgorithmInfo, CodedValue
+from nidaan.core.errors import ModelRepositoryError
+from nidaan.core.findings import AlgorithmInfo, CodedValue
 
 _CODING_SCHEMES = {"SCT", "DCM", "RADLEX", "LN", "UMLS", "99NIDAAN"}
 

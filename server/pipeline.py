@@ -1,28 +1,33 @@
 """The analysis pipeline: decode, preprocess (kernels), infer (backend), postprocess, findings.
 
 The same :class:`Pipeline` serves the DICOM path (the SCP inspects each instance on arrival and
-the study is analysed on completion) and the offline ``nidaan analyze`` command.
+the study is analysed on completion), the gRPC API and the offline ``nidaan analyze`` command.
 
-Images are decoded once: on arrival the SCP's inspection decodes and preprocesses an image into
-the model tensors, which wait in a bounded in-memory cache until the study is complete; only an
-image that fell out of the cache (or arrived before a restart) is decoded again from the spool.
+Images are decoded once. On the DICOM path, the SCP's inspection decodes and preprocesses an
+image on arrival into the model tensors, which wait in a bounded in-memory cache (the DICOM
+route's staging area) until the study is complete; an image that fell out of the cache (or
+arrived before a restart) is decoded again from the spool. A cached entry is used only when it
+holds exactly the models the analysis asks for, so a hit can never change which models run. The
+gRPC path passes its request's tensors to :meth:`Pipeline.analyse` itself (``prepared``) and
+never touches the cache.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 from pydicom.dataset import Dataset
 
+from nidaan.core.attributes import text
+from nidaan.core.findings import BoundingBox, Finding, ImageAnalysis
 from nidaan.kernels import InputLayout, Placement, peak_region, preprocess, to_host
 
 from .decode import decode, is_image
-from .findings import BoundingBox, Finding, ImageAnalysis
 from .inference import InferenceBackend, is_device_array, stack
 from .model_repository import ModelSpec
 
@@ -39,11 +44,6 @@ def layout_of(model: ModelSpec) -> InputLayout:
     """The kernels' view of a model's input spec."""
     i = model.input
     return InputLayout(i.height, i.width, i.resize, i.pad_value, i.mean, i.std, i.windows, i.dtype)
-
-
-def _text(ds: Dataset, keyword: str) -> str:
-    value = ds.get(keyword, "")
-    return "" if value is None else str(value).strip()
 
 
 class Pipeline:
@@ -72,11 +72,15 @@ class Pipeline:
     def models_for(self, ds: Dataset, allowed: frozenset[str] | None = None) -> list[ModelSpec]:
         """Models whose sidecar accepts this image (modality, body part, view), among
         ``allowed`` (model names a routing rule chose; None = any)."""
-        if not is_image(ds):
-            return []
-        modality = _text(ds, "Modality")
-        body_part = _text(ds, "BodyPartExamined")
-        view = _text(ds, "ViewPosition")
+        return self.models_accepting(ds, allowed) if is_image(ds) else []
+
+    def models_accepting(
+        self, ds: Dataset, allowed: frozenset[str] | None = None
+    ) -> list[ModelSpec]:
+        """:meth:`models_for` from the header alone (the caller knows the instance is an image)."""
+        modality = text(ds, "Modality")
+        body_part = text(ds, "BodyPartExamined")
+        view = text(ds, "ViewPosition")
         return [
             m
             for m in self.models
@@ -134,10 +138,6 @@ class Pipeline:
         with self._lock:
             return self._cache_bytes
 
-    def forget(self, sop_uid: str) -> None:
-        """Drop an instance's cached tensors (its request failed; nothing will analyse it)."""
-        self._take(sop_uid)
-
     def _take(self, sop_uid: str) -> dict[str, Prepared] | None:
         with self._lock:
             prepared = self._cache.pop(sop_uid, None)
@@ -153,22 +153,30 @@ class Pipeline:
         *,
         load_pixels: Callable[[Dataset], Dataset] | None = None,
         allowed: Callable[[Dataset], frozenset[str] | None] | None = None,
+        prepared: Mapping[str, dict[str, Prepared]] | None = None,
     ) -> list[ImageAnalysis]:
         """Analyse the images of one study with every applicable model, batched per model.
 
         ``datasets`` may be headers only (no pixel data) when ``load_pixels(ds)`` can return the
         full dataset for an image whose tensors are no longer cached; ``allowed(ds)`` gives the
-        model names a routing rule chose for it (None = any).
+        model names a routing rule chose for it (None = any). ``prepared`` (by SOP Instance UID)
+        gives tensors a caller made itself, in place of the arrival cache.
         """
         jobs: dict[str, list[tuple[Dataset, Prepared]]] = {}
         for ds in datasets:
-            prepared = self._take(str(ds.SOPInstanceUID))
-            if prepared is None:
-                prepared = self.prepare(
-                    ds if load_pixels is None else load_pixels(ds),
-                    None if allowed is None else allowed(ds),
+            uid = str(ds.SOPInstanceUID)
+            chosen = None if allowed is None else allowed(ds)
+            wanted = {m.name for m in self.models_accepting(ds, chosen)}
+            ready = prepared.get(uid) if prepared is not None else self._take(uid)
+            if ready is None or set(ready) != wanted:
+                # Not cached, or cached for other models (another route's choice): prepare
+                # for exactly the models this analysis runs.
+                ready = (
+                    self.prepare(ds if load_pixels is None else load_pixels(ds), chosen)
+                    if wanted
+                    else {}
                 )
-            for name, p in prepared.items():
+            for name, p in ready.items():
                 jobs.setdefault(name, []).append((ds, p))
         active = [m for m in self.models if jobs.get(m.name)]
         batches = {m.name: stack([p.tensor for _, p in jobs[m.name]]) for m in active}

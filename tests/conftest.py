@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from nidaan.server.config import Config, Peer, load_config  # noqa: E402
+from nidaan.core.config import Config, Peer, load_config  # noqa: E402
 
 from peers import need  # noqa: E402
 

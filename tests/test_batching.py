@@ -11,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from nidaan.core.errors import InferenceError, QueueFullError
 from nidaan.server.batching import DynamicBatcher
-from nidaan.server.errors import InferenceError, QueueFullError
 from nidaan.server.inference import OnnxRuntimeBackend, cgroup_cpu_limit, usable_cores
 from nidaan.server.model_repository import ModelSpec
 

@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from nidaan.server.config import SOURCE, load_config
-from nidaan.server.errors import ConfigError
+from nidaan.core.config import SOURCE, load_config
+from nidaan.core.errors import ConfigError
 
 
 def test_embedded_defaults_match_the_contract() -> None:

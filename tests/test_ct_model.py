@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from nidaan.core.config import InferenceConfig
+from nidaan.core.findings import ImageAnalysis
 from nidaan.pacs_bridge.reports import build_report, report_uids
-from nidaan.server.config import InferenceConfig
-from nidaan.server.findings import ImageAnalysis
-from nidaan.server.inference import create_backend
+from nidaan.server.backends import create_backend
 from nidaan.server.pipeline import Pipeline
 
 from factory import save, synthetic_ct_series, synthetic_cxr

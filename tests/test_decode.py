@@ -10,9 +10,9 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
+from nidaan.core.errors import DecodeError, UnsupportedError
 from nidaan.kernels import InputLayout, preprocess
 from nidaan.server.decode import decode, pixel_transform
-from nidaan.server.errors import DecodeError, UnsupportedError
 
 from factory import sample_file, save, synthetic_cxr
 from peers import need

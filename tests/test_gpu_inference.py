@@ -13,8 +13,8 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
+from nidaan.core.config import InferenceConfig
 from nidaan.kernels.preprocess import cuda_available
-from nidaan.server.config import InferenceConfig
 from nidaan.server.inference import OnnxRuntimeBackend, TritonBackend, is_device_array
 from nidaan.server.pipeline import Pipeline
 
@@ -87,3 +87,39 @@ def test_gpu_tensors_reach_a_local_triton_through_cuda_shared_memory(
         _images()
     )
     _same(served, embedded)
+
+
+def test_sixteen_threads_each_get_their_own_tensors_from_the_gpu_executor() -> None:
+    """As association threads, analysis workers and gRPC workers call it: every image's tensor
+    from the shared executor equals the CPU kernels' for that image."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from nidaan.kernels import InputLayout, PixelTransform, preprocess, to_host
+
+    rng = np.random.default_rng(9)
+    layouts = [
+        InputLayout(256, 256, "letterbox", 0.0, 0.5, 0.25),
+        InputLayout(
+            256, 256, "letterbox", 0.0, 0.5, 0.25, windows=((-600.0, 1500.0), (40.0, 400.0))
+        ),
+    ]
+    jobs = []
+    for k in range(64):
+        h, w = int(rng.integers(200, 1200)), int(rng.integers(200, 1200))
+        if k % 2:
+            src = rng.integers(-1024, 2000, (h, w)).astype(np.int16)
+            t = PixelTransform(slope=1.0, intercept=0.0, padding=(-1024, -1024))
+        else:
+            src = rng.integers(0, 4096, (h, w)).astype(np.uint16)
+            t = PixelTransform(window_centre=float(rng.integers(500, 3500)), window_width=2000.0)
+        jobs.append((src, t, layouts[k % 2]))
+
+    def gpu(job):  # type: ignore[no-untyped-def]
+        src, t, layout = job
+        return to_host(preprocess([src], [t], layout, backend="cuda")[0])
+
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(gpu, jobs))
+    for (src, t, layout), g in zip(jobs, got, strict=True):
+        want, _ = preprocess([src], [t], layout, backend="cpu")
+        np.testing.assert_allclose(g, want, atol=1e-4)

@@ -19,9 +19,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import generate_latest
 
+from nidaan.client import Client
+from nidaan.core.errors import InferenceError, InputError, NidaanError, QueueFullError
 from nidaan.server.api import status_code
-from nidaan.server.client import Client
-from nidaan.server.errors import InferenceError, InputError, NidaanError, QueueFullError
 
 from conftest import MODELS, make_config
 from factory import sample_file, synthetic_ct_series, synthetic_cxr
@@ -230,7 +230,7 @@ def test_error_codes_map_both_ways() -> None:
 
 
 def test_the_generated_protobuf_code_matches_the_proto(tmp_path: Path) -> None:
-    proto = ROOT / "server" / "proto"
+    proto = ROOT / "client" / "proto"
     shutil.copy(proto / "inference.proto", tmp_path)
     run = subprocess.run(
         [
@@ -248,7 +248,7 @@ def test_the_generated_protobuf_code_matches_the_proto(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr
     for name in ("inference_pb2.py", "inference_pb2.pyi"):
         assert (tmp_path / name).read_text() == (proto / name).read_text(), (
-            f"server/proto/{name} is stale: run scripts/gen_proto.sh"
+            f"client/proto/{name} is stale: run scripts/gen_proto.sh"
         )
 
 

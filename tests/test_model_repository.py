@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from nidaan.server.errors import ModelRepositoryError
+from nidaan.core.errors import ModelRepositoryError
 from nidaan.server.model_repository import load_model, load_repository
 
 from conftest import MODELS

@@ -13,8 +13,8 @@ from pydicom.data import get_testdata_file
 from pydicom.sr.codedict import codes as dcm_codes
 from pydicom.uid import generate_uid
 
+from nidaan.core.findings import AlgorithmInfo, BoundingBox, CodedValue, Finding, ImageAnalysis
 from nidaan.pacs_bridge.reports import NOT_FOR_DIAGNOSIS, build_report, report_uids
-from nidaan.server.findings import AlgorithmInfo, BoundingBox, CodedValue, Finding, ImageAnalysis
 
 from peers import need
 from srutil import codes, dsrdump_ok, graphics, numbers, texts, walk

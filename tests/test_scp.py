@@ -12,8 +12,8 @@ import pytest
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless, generate_uid
 
+from nidaan.core.config import Config, Peer
 from nidaan.server.app import NidaanServer
-from nidaan.server.config import Config, Peer
 
 from conftest import make_config
 from factory import sample_file, save, synthetic_cxr
@@ -222,7 +222,7 @@ def test_routing_rules_choose_models_and_destinations(
     tmp_path: Path,
     start_server,  # type: ignore[no-untyped-def]
 ) -> None:
-    from nidaan.server.config import Route
+    from nidaan.core.config import Route
 
     ward = Pacs(free_port(), tmp_path / "archive")
     radiology = Pacs(free_port(), tmp_path / "pacs")
@@ -271,9 +271,9 @@ def test_routing_rules_choose_models_and_destinations(
 
 
 def test_routes_naming_unknown_models_or_bad_patterns_are_refused(tmp_path: Path) -> None:
+    from nidaan.core.config import Route
+    from nidaan.core.errors import ConfigError
     from nidaan.server.app import NidaanServer
-    from nidaan.server.config import Route
-    from nidaan.server.errors import ConfigError
 
     cfg = make_config(tmp_path)
     cfg.routes = [Route(name="ct", models=["no_such_model"])]

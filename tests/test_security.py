@@ -9,7 +9,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from nidaan.server.config import Peer
+from nidaan.core.config import Peer
 
 from conftest import make_config
 from factory import sample_file, save, synthetic_cxr

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pydicom
 
-from nidaan.server.config import Peer
+from nidaan.core.config import Peer
 
 from conftest import make_config
 from factory import save, synthetic_cxr

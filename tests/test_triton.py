@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nidaan.server.config import InferenceConfig
-from nidaan.server.errors import InferenceError
+from nidaan.core.config import InferenceConfig
+from nidaan.core.errors import InferenceError
 from nidaan.server.inference import OnnxRuntimeBackend, TritonBackend
 from nidaan.server.pipeline import Pipeline
 

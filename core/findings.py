@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from pydicom.dataset import Dataset
+if TYPE_CHECKING:  # only a type here: nidaan.core imports no third-party package at run time
+    from pydicom.dataset import Dataset
 
 
 @dataclass(frozen=True)

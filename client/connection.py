@@ -1,13 +1,13 @@
 """A small client for Nidaan's gRPC API (``nidaan.v1.Inference``).
 
-    from nidaan.server.client import Client
+    from nidaan.client import Client
 
     with Client("127.0.0.1:50051") as nidaan:
         response = nidaan.analyze(["study/ct-001.dcm", "study/ct-002.dcm"], report=True)
         for result in response.results:
             print(result.model, [(f.label, f.present) for f in result.findings])
 
-Failures raise the same exceptions the server uses (:mod:`nidaan.server.errors`): InputError for
+Failures raise the same exceptions the server uses (:mod:`nidaan.core.errors`): InputError for
 INVALID_ARGUMENT, QueueFullError for RESOURCE_EXHAUSTED, InferenceError for UNAVAILABLE (the
 server or its inference backend cannot be reached; a refused TLS handshake too) and
 DEADLINE_EXCEEDED, NidaanError otherwise; the message is gRPC's or the server's.
@@ -22,7 +22,8 @@ from typing import Any
 
 import grpc
 
-from .errors import InferenceError, InputError, NidaanError, QueueFullError
+from nidaan.core.errors import InferenceError, InputError, NidaanError, QueueFullError
+
 from .proto import inference_pb2 as pb
 
 SERVICE = "nidaan.v1.Inference"

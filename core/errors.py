@@ -38,6 +38,13 @@ class InputError(NidaanError):
     """
 
     status: int = 0xC000
+    #: Which instance of a gRPC request it is about (its position), when the request held several.
+    index: int | None = None
+
+    def __init__(self, *args: object, status: int | None = None) -> None:
+        super().__init__(*args)
+        if status is not None:
+            self.status = status
 
 
 class DecodeError(InputError):

@@ -1,0 +1,213 @@
+"""The use-cases: analyse a study and report it, whichever entrance it came through.
+
+- :meth:`Studies.report_study`: a study received over DICOM is complete: analyse its images
+  (routing rules choose the models), write one SR into the spool and queue it for each
+  destination (the outbox delivers it).
+- :meth:`Studies.analyse_request`: the instances of one gRPC request: prepare each (a bad one is
+  named by its index), analyse them together, and build the SR the PACS would get, if asked.
+
+Both run the same :class:`~nidaan.server.pipeline.Pipeline`, so their images share the models'
+batchers. The entrances (``pacs_bridge.scp``, ``server.api``) only admit input and call these;
+``server.app`` only wires them together.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from nidaan.core.config import SOURCE, Config
+from nidaan.core.errors import InputError
+from nidaan.core.findings import ImageAnalysis
+from nidaan.pacs_bridge.reports import build_report, encode, report_key, report_uids
+from nidaan.pacs_bridge.routing import Router
+from nidaan.pacs_bridge.spool import Spool, atomic_write
+from nidaan.pacs_bridge.state import StateStore
+from nidaan.pacs_bridge.uids import ref
+
+from .metrics import Metrics
+from .pipeline import Pipeline, Prepared
+
+log = logging.getLogger("nidaan.studies")
+
+
+@dataclass(frozen=True)
+class RequestResult:
+    """What one gRPC request's instances gave: per-image analyses and, if asked, the SR."""
+
+    study_uid: str
+    analyses: list[ImageAnalysis]
+    not_analysed: list[str]
+    report: bytes | None
+
+
+class Studies:
+    """The study use-cases over one pipeline, state store and spool."""
+
+    def __init__(
+        self,
+        config: Config,
+        pipeline: Pipeline,
+        router: Router,
+        state: StateStore,
+        spool: Spool,
+        metrics: Metrics,
+        *,
+        device_uid: str,
+        wake_outbox: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.config = config
+        self.pipeline = pipeline
+        self.router = router
+        self.state = state
+        self.spool = spool
+        self.metrics = metrics
+        self.device_uid = device_uid
+        self._wake_outbox = wake_outbox
+
+    # --- a DICOM study ---------------------------------------------------------------------------
+
+    def inspect(self, ds: Dataset, calling_ae: str) -> bool:
+        """On arrival: route the instance, then let the pipeline prepare it for its models.
+
+        Returns whether a model will analyse it; InputError if it is an image that cannot be used.
+        """
+        decision = self.router.decide(ds, calling_ae)
+        if decision is None:
+            return False  # no routing rule matches: stored, not analysed
+        return self.pipeline.inspect(ds, decision.models)
+
+    def destinations(self, calling_ae: str, named: Sequence[str] | None = None) -> list[str]:
+        """AE titles a study's report goes to (``@source`` = the sender, when it is a peer)."""
+        out: list[str] = []
+        for d in self.config.reports.destinations if named is None else named:
+            ae = calling_ae if d == SOURCE else d
+            if self.config.peer(ae) is not None and ae not in out:
+                out.append(ae)
+        return out
+
+    def report_study(self, study_uid: str) -> None:
+        """Analyse a complete study, write its report and queue it for delivery."""
+        info = self.state.study(study_uid)
+        if info is None:
+            return
+        _, _, calling_ae = info
+        records = [r for r in self.state.instances(study_uid) if r.is_image]
+        if not records:
+            self._skip(study_uid)
+            return
+        paths = {r.sop_instance_uid: r.path for r in records}
+        headers = [dcmread(r.path, stop_before_pixels=True) for r in records]
+
+        def load_pixels(ds: Dataset) -> Dataset:
+            return dcmread(paths[str(ds.SOPInstanceUID)])
+
+        decisions = {str(h.SOPInstanceUID): self.router.decide(h, calling_ae) for h in headers}
+        headers = [h for h in headers if decisions[str(h.SOPInstanceUID)] is not None]
+
+        def allowed(ds: Dataset) -> frozenset[str] | None:
+            decision = decisions[str(ds.SOPInstanceUID)]
+            return None if decision is None else decision.models
+
+        analyses = self.pipeline.analyse(headers, load_pixels=load_pixels, allowed=allowed)
+        if not analyses:
+            self._skip(study_uid)
+            return
+        self.state.set_study_state(study_uid, "analysed")
+        log.info("study %s analysed: %s", ref(study_uid), _summary(analyses))
+        # The report UIDs derive from the study, the models' versions and the analysed
+        # instances, so a re-sent report is the same object and never duplicates in the PACS.
+        series_uid, sop_uid = report_uids(study_uid, report_key(analyses, paths))
+        report = build_report(
+            analyses,
+            series_instance_uid=series_uid,
+            sop_instance_uid=sop_uid,
+            series_number=self.config.reports.series_number,
+            device_observer_uid=self.device_uid,
+            institution_name=self.config.reports.institution_name or None,
+        )
+        path = self.spool.reports_dir / f"{sop_uid}.dcm"
+        atomic_write(path, [encode(report)])
+        named = [d for dec in decisions.values() if dec is not None for d in dec.destinations]
+        destinations = self.destinations(calling_ae, named)
+        if not destinations:
+            self.state.set_study_state(
+                study_uid,
+                "reported",
+                "no destination configured for the sending AE; report kept in the data dir",
+            )
+            log.warning("study %s reported but no destination is configured", ref(study_uid))
+            return
+        for dest in destinations:
+            self.state.enqueue(study_uid, path, sop_uid, dest)
+        self.state.set_study_state(study_uid, "reported")
+        self.metrics.studies.labels("reported").inc()
+        self._wake_outbox()
+
+    def _skip(self, study_uid: str) -> None:
+        self.state.set_study_state(study_uid, "skipped", "no image that a model applies to")
+        self.metrics.studies.labels("skipped").inc()
+
+    # --- a gRPC request --------------------------------------------------------------------------
+
+    def analyse_request(
+        self, datasets: Sequence[Dataset], models: frozenset[str] | None, *, report: bool
+    ) -> RequestResult:
+        """Analyse one request's instances (all of one study) with ``models`` (None = any).
+
+        Each instance is decoded and preprocessed in turn, so that a bad one is named: the
+        InputError says which (``index``). Its tensors stay in this call (never in the DICOM
+        path's arrival cache), so a request can only ever run the models it asked for.
+        """
+        studies = {str(ds.StudyInstanceUID) for ds in datasets}
+        if len(studies) != 1:
+            raise InputError(
+                f"the instances belong to {len(studies)} studies; send one study per request"
+            )
+        study_uid = studies.pop()
+        prepared: dict[str, dict[str, Prepared]] = {}
+        for i, ds in enumerate(datasets):
+            try:
+                prepared[str(ds.SOPInstanceUID)] = self.pipeline.prepare(ds, models)
+            except InputError as exc:
+                error = type(exc)(f"instance {i}: {exc}", status=exc.status)
+                error.index = i
+                raise error from exc
+        analyses = self.pipeline.analyse(datasets, allowed=lambda ds: models, prepared=prepared)
+        analysed = {str(a.source.SOPInstanceUID) for a in analyses}
+        not_analysed = [
+            str(ds.SOPInstanceUID) for ds in datasets if str(ds.SOPInstanceUID) not in analysed
+        ]
+        sr = self._request_report(study_uid, analyses) if report and analyses else None
+        return RequestResult(study_uid, analyses, not_analysed, sr)
+
+    def _request_report(self, study_uid: str, analyses: list[ImageAnalysis]) -> bytes:
+        key = report_key(analyses, (str(a.source.SOPInstanceUID) for a in analyses))
+        series_uid, sop_uid = report_uids(study_uid, "grpc|" + key)
+        try:
+            report = build_report(
+                analyses,
+                series_instance_uid=series_uid,
+                sop_instance_uid=sop_uid,
+                series_number=self.config.reports.series_number,
+                device_observer_uid=self.device_uid,
+            )
+        except ValueError as exc:  # e.g. the instances name two patients
+            raise InputError(f"no report: {exc}") from exc
+        return encode(report)
+
+
+def _summary(analyses: list[ImageAnalysis]) -> str:
+    """Findings for the log: labels and probabilities, no patient data."""
+    return "; ".join(
+        f"{a.algorithm.name}: "
+        + ", ".join(
+            f"{f.label} {'present' if f.present else 'absent'} ({f.probability:.2f})"
+            for f in a.findings
+        )
+        for a in analyses
+    )
