@@ -7,11 +7,13 @@ ENV PYTHONUNBUFFERED=1 NIDAAN_STORAGE_DATA_DIR=/var/lib/nidaan NIDAAN_MODELS_REP
     NUMBA_CACHE_DIR=/var/cache/nidaan/numba
 WORKDIR /opt/nidaan
 COPY pyproject.toml README.md ./
+COPY core core
+COPY client client
 COPY kernels kernels
 COPY server server
 COPY pacs_bridge pacs_bridge
 COPY models models
-RUN pip install --no-cache-dir . ${ORT} \
+RUN pip install --no-cache-dir '.[server]' ${ORT} \
     && useradd --system --home /var/lib/nidaan nidaan \
     && mkdir -p /var/lib/nidaan /var/cache/nidaan/numba \
     && chown -R nidaan /var/lib/nidaan /var/cache/nidaan
