@@ -88,3 +88,30 @@ def test_inspected_images_are_not_decoded_again(pipeline: Pipeline) -> None:
     second = pipeline.analyse([header], load_pixels=load)
     assert loads == [ds.SOPInstanceUID]  # consumed: now read from the spool
     assert first[0].findings == second[0].findings
+
+
+def test_a_cached_instance_runs_only_the_models_the_analysis_asks_for(
+    pipeline: Pipeline,
+) -> None:
+    """The DICOM route caches an arriving radiograph's tensors for cxr_screen; an analysis of the
+    same instance that asks for other models (another route, another routing rule) must not run
+    cxr_screen from that cache."""
+    ds, _ = synthetic_cxr(601, nodule=True)
+    assert pipeline.inspect(ds, frozenset({"cxr_screen"})) is True
+    assert pipeline.analyse([ds], allowed=lambda _: frozenset({"ct_nodule"})) == []
+    # And the other way round: cached for no model, analysed for cxr_screen.
+    assert pipeline.inspect(ds, frozenset()) is False
+    (analysis,) = pipeline.analyse([ds], allowed=lambda _: frozenset({"cxr_screen"}))
+    assert analysis.algorithm.name == pipeline.models_for(ds)[0].algorithm.name
+
+
+def test_a_request_s_own_tensors_are_used_and_the_arrival_cache_left_alone(
+    pipeline: Pipeline,
+) -> None:
+    ds, _ = synthetic_cxr(602)
+    assert pipeline.inspect(ds) is True
+    cached = pipeline.cached_bytes
+    mine = {str(ds.SOPInstanceUID): pipeline.prepare(ds)}
+    (analysis,) = pipeline.analyse([ds], prepared=mine)
+    assert pipeline.cached_bytes == cached  # the DICOM route's entry is still waiting
+    assert [f.label for f in analysis.findings] == ["nodule", "tb"]
