@@ -13,29 +13,27 @@ from __future__ import annotations
 import argparse
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-from factory import save, synthetic_cxr  # noqa: E402
-from peers import (  # noqa: E402
+from workload import (
     DCMTK_ENV,
+    ROOT,
+    dcmtk,
     free_port,
-    need,
     nidaan_config,
+    save,
     start_nidaan,
     stop,
+    synthetic_cxr,
     wait_for_port,
 )
 
 
 def _send(port: int, path: Path, called: str) -> None:
     run = subprocess.run(
-        [need("storescu"), "-aet", "MODALITY", "-aec", called, "127.0.0.1", str(port), str(path)],
+        [dcmtk("storescu"), "-aet", "MODALITY", "-aec", called, "127.0.0.1", str(port), str(path)],
         env=DCMTK_ENV,
         capture_output=True,
         text=True,
@@ -61,13 +59,13 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="nidaan-bench-"))
     files, burst_files = [], []
     for i in range(2 * args.studies):
-        ds, _ = synthetic_cxr(1000 + i, nodule=i % 2 == 0, rows=args.rows, columns=args.columns)
+        ds = synthetic_cxr(1000 + i, nodule=i % 2 == 0, rows=args.rows, columns=args.columns)
         (files if i < args.studies else burst_files).append(save(ds, work / "in" / f"{i}.dcm"))
     pacs_port, nidaan_port = free_port(), free_port()
     pacs_dir = work / "pacs"
     pacs_dir.mkdir()
     pacs = subprocess.Popen(
-        [need("storescp"), "-aet", "PACS", "-od", str(pacs_dir), "+xa", str(pacs_port)],
+        [dcmtk("storescp"), "-aet", "PACS", "-od", str(pacs_dir), "+xa", str(pacs_port)],
         env=DCMTK_ENV,
     )
     wait_for_port(pacs_port, proc=pacs)

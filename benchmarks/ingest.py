@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import copy
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -23,16 +22,13 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-from factory import sample_file  # noqa: E402
-from peers import (  # noqa: E402
+from workload import (
     DCMTK_ENV,
+    ROOT,
+    dcmtk,
     free_port,
-    need,
     nidaan_config,
+    sample_file,
     start_nidaan,
     stop,
     wait_for_port,
@@ -70,7 +66,7 @@ def rss_kib(pid: int) -> int:
 def send(port: int, called: str, files: list[Path]) -> float:
     start = time.perf_counter()
     run = subprocess.run(
-        [need("storescu"), "-aec", called, "127.0.0.1", str(port), *map(str, files)],
+        [dcmtk("storescu"), "-aec", called, "127.0.0.1", str(port), *map(str, files)],
         env=DCMTK_ENV,
         capture_output=True,
         text=True,
@@ -91,7 +87,7 @@ def main() -> None:
     port = free_port()
     (work / "scp").mkdir()
     scp = subprocess.Popen(
-        [need("storescp"), "-od", str(work / "scp"), "+xa", str(port)], env=DCMTK_ENV
+        [dcmtk("storescp"), "-od", str(work / "scp"), "+xa", str(port)], env=DCMTK_ENV
     )
     try:
         wait_for_port(port, proc=scp)

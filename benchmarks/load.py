@@ -26,12 +26,18 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # workload.py, also when not run as a script
 
-from workload import MIX, ct_studies, radiograph_studies  # noqa: E402
-
-from peers import free_port, nidaan_config, start_nidaan, stop, wait_for_port  # noqa: E402
+from workload import (  # noqa: E402
+    MIX,
+    ct_studies,
+    free_port,
+    nidaan_config,
+    radiograph_studies,
+    start_nidaan,
+    stop,
+    wait_for_port,
+)
 
 
 def in_process(users: int, seconds: float) -> tuple[float, list[float]]:

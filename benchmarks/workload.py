@@ -1,21 +1,130 @@
-"""The studies the load benchmarks send: synthetic chest radiographs and small chest CT studies
-from the demo models' generator, as Part 10 bytes."""
+"""What the benchmarks send and run, self-contained (benchmarks do not import from tests/):
+
+- studies: synthetic chest radiographs and small chest CT studies with real headers (pydicom-data's
+  CR, pydicom's CT) and pixels from the demo models' generator (models/training/synthetic.py);
+- processes: dcmtk's tools found unambiguously, ``nidaan serve`` on free loopback ports.
+"""
 
 from __future__ import annotations
 
+import copy
+import importlib.util
 import io
+import os
+import socket
+import subprocess
 import sys
+import time
+from functools import cache
 from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from factory import synthetic_ct_series, synthetic_cxr  # noqa: E402
+import numpy as np
+import pydicom
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+ROOT = Path(__file__).resolve().parents[1]
 
 #: Relative weights of the two kinds of study.
 MIX = {"radiograph": 3, "ct": 1}
 POOL = 8
 
+# --- studies -------------------------------------------------------------------------------------
 
-def _bytes(ds) -> bytes:  # type: ignore[no-untyped-def]
+
+def sample_file(name: str) -> Path:
+    """A file from pydicom's test data or pydicom-data (e.g. RG1_UNCR.dcm, CT_small.dcm)."""
+    path = get_testdata_file(name)
+    if path is None:
+        raise FileNotFoundError(f"{name} is not in pydicom's test data (pip install pydicom-data)")
+    return Path(str(path))
+
+
+def save(ds: Dataset, path: Path) -> Path:
+    """Write ``ds`` as a Part 10 file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@cache
+def _generator() -> Any:
+    """The demo models' NumPy-only generator, loaded by path (models/ is not a package)."""
+    path = ROOT / "models" / "training" / "synthetic.py"
+    spec = importlib.util.spec_from_file_location("nidaan_synthetic", path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@cache
+def _cr_header() -> Dataset:
+    return pydicom.dcmread(sample_file("RG1_UNCR.dcm"), stop_before_pixels=True)
+
+
+@cache
+def _ct_header() -> Dataset:
+    from pydicom import examples
+
+    ds = copy.deepcopy(examples.ct)
+    del ds.PixelData
+    return ds
+
+
+def synthetic_cxr(
+    seed: int, *, nodule: bool = False, rows: int = 1024, columns: int = 900
+) -> Dataset:
+    """A 12-bit MONOCHROME2 chest radiograph with a real CR header and synthetic pixels."""
+    rng = np.random.default_rng(seed)
+    img, _ = _generator().synthesize_radiograph(rng, rows, columns, nodule=nodule, tb=False)
+    ds = copy.deepcopy(_cr_header())
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.Rows, ds.Columns = rows, columns
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.WindowCenter, ds.WindowWidth = 2048, 4096
+    for kw in ("RescaleSlope", "RescaleIntercept"):
+        if kw in ds:
+            delattr(ds, kw)
+    ds.PixelData = np.clip(np.round(img * 4095.0), 0, 4095).astype(np.uint16).tobytes()
+    ds["PixelData"].VR = "OW"
+    return ds
+
+
+def synthetic_ct_series(
+    seed: int, nodule_slices: tuple[int, ...] = (), *, slices: int = 4, size: int = 512
+) -> list[Dataset]:
+    """An axial chest CT series (signed 16-bit, Rescale Intercept -1024) with a real CT header;
+    a planted nodule in each slice listed in ``nodule_slices``."""
+    rng = np.random.default_rng(seed)
+    study, series = generate_uid(), generate_uid()
+    out = []
+    for k in range(slices):
+        hu, _ = _generator().synthesize_ct_slice(rng, size, nodule=k in nodule_slices)
+        ds = copy.deepcopy(_ct_header())
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.InstanceNumber = k + 1
+        ds.ImagePositionPatient = [-250.0, -250.0, -100.0 - 5.0 * k]
+        ds.SliceLocation = -100.0 - 5.0 * k
+        ds.BodyPartExamined = "CHEST"
+        ds.Rows = ds.Columns = size
+        ds.PixelSpacing = [500.0 / size, 500.0 / size]
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+        ds.PixelData = np.round(hu + 1024.0).astype(np.int16).tobytes()
+        ds["PixelData"].VR = "OW"
+        out.append(ds)
+    return out
+
+
+def _bytes(ds: Dataset) -> bytes:
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
@@ -24,7 +133,7 @@ def _bytes(ds) -> bytes:  # type: ignore[no-untyped-def]
 def radiograph_studies(n: int = POOL) -> list[list[bytes]]:
     """One-image 1024 x 1024 chest radiograph studies, half with a planted nodule."""
     return [
-        [_bytes(synthetic_cxr(500 + i, nodule=i % 2 == 0, rows=1024, columns=1024)[0])]
+        [_bytes(synthetic_cxr(500 + i, nodule=i % 2 == 0, rows=1024, columns=1024))]
         for i in range(n)
     ]
 
@@ -32,6 +141,98 @@ def radiograph_studies(n: int = POOL) -> list[list[bytes]]:
 def ct_studies(n: int = POOL) -> list[list[bytes]]:
     """Four-slice 512 x 512 chest CT studies with a nodule in one slice."""
     return [
-        [_bytes(ds) for ds in synthetic_ct_series(600 + i, (1,), slices=4, size=512)[0]]
+        [_bytes(ds) for ds in synthetic_ct_series(600 + i, (1,), slices=4, size=512)]
         for i in range(n)
     ]
+
+
+# --- processes -----------------------------------------------------------------------------------
+
+#: dcmtk stalls about 40 ms per file on loopback without TCP_NODELAY.
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+#: Searched for dcmtk's tools, then PATH; never a virtual environment's bin, where pynetdicom
+#: installs console scripts of the same names (storescp, storescu, echoscu, findscu).
+SYSTEM_BIN_DIRS = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
+
+NIDAAN = Path(sys.executable).parent / "nidaan"
+
+
+@cache
+def dcmtk(program: str) -> str:
+    """The path of dcmtk's ``program`` (it prints "$dcmtk: <program> v..." for --version)."""
+    in_venv = sys.prefix != sys.base_prefix
+    venv = {Path(sys.executable).parent.resolve(), (Path(sys.prefix) / "bin").resolve()}
+    path = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p]
+    for folder in (*SYSTEM_BIN_DIRS, *path):
+        candidate = Path(folder) / program
+        if not candidate.is_file() or (in_venv and candidate.resolve().parent in venv):
+            continue
+        try:
+            run = subprocess.run(
+                [str(candidate), "--version"], capture_output=True, text=True, timeout=10
+            )
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if run.stdout.startswith(f"$dcmtk: {program} v"):
+            return str(candidate)
+    raise SystemExit(f"dcmtk's {program} is not installed: apt-get install dcmtk")
+
+
+def free_port() -> int:
+    """A free high TCP port on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on port {port} after {timeout} s")
+
+
+def stop(proc: subprocess.Popen, sig: int = 15, timeout: float = 20.0) -> None:
+    """Stop a process and wait for it."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def nidaan_config(
+    path: Path,
+    *,
+    port: int,
+    data_dir: Path,
+    models: Path,
+    extra: str = "",
+    peers: dict[str, int] | None = None,
+) -> Path:
+    """Write a Nidaan TOML config on loopback; ``peers`` maps AE titles to loopback ports."""
+    text = (
+        f'[dicom]\nbind = "127.0.0.1"\nport = {port}\n'
+        f'[storage]\ndata_dir = "{data_dir}"\n[models]\nrepository = "{models}"\n{extra}'
+    )
+    if "[grpc]" not in extra:  # never the default port: it may be taken
+        text += f'[grpc]\nbind = "127.0.0.1"\nport = {free_port()}\n'
+    for ae, peer_port in (peers or {}).items():
+        text += f'[[peers]]\nae_title = "{ae}"\nhost = "127.0.0.1"\nport = {peer_port}\n'
+    path.write_text(text)
+    return path
+
+
+def start_nidaan(config: Path, log: Path | None = None, *, http: bool = False) -> subprocess.Popen:
+    """``nidaan serve`` (the installed command) in its own process, output to ``log``."""
+    args = [str(NIDAAN), "--config", str(config), "serve"] + ([] if http else ["--no-http"])
+    out = open(log, "ab") if log is not None else subprocess.DEVNULL  # noqa: SIM115
+    return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)

@@ -101,6 +101,9 @@ class GrpcConfig:
     max_message_mb: int = 512
     #: Instances one Analyze call may hold.
     max_instances: int = 1000
+    #: A refused instance bigger than this is not kept in quarantine (its reason is): whoever
+    #: can reach the port could otherwise fill the disk. 0 keeps only reasons.
+    max_quarantine_mb: int = 64
     #: Serve over TLS with the node's certificate and key (dicom.tls_certificate/_private_key),
     #: and accept only clients whose certificate dicom.tls_ca signed (mutual TLS).
     tls: bool = False
@@ -110,6 +113,8 @@ class GrpcConfig:
         for key in ("workers", "max_concurrent_rpcs", "max_message_mb", "max_instances"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"grpc.{key} must be at least 1")
+        if self.max_quarantine_mb < 0:
+            raise ConfigError("grpc.max_quarantine_mb must not be negative")
 
 
 @dataclass

@@ -6,6 +6,10 @@ Public API::
     peak_region(heatmap, placement, fraction) -> box in source pixels | None
     regions(heatmap, placement, threshold) -> [Region(box, outline, peak, cells)]
     PixelTransform, InputLayout, Placement
+
+Compiled CPU kernels are cached on disk where ``NUMBA_CACHE_DIR`` says when this package is
+imported (Numba fixes each cached kernel's directory as the kernel is decorated): set it before
+importing this package or Numba; :func:`configure_cache` checks that it was.
 """
 
 from .geometry import Placement

@@ -11,6 +11,10 @@ association:
   are kept in the quarantine folder with the reason.
 
 Error Comment (0000,0902) carries a short reason that names the problem and no patient data.
+
+Incoming data sets are staged in the data dir's ``tmp/`` while they arrive (see
+:func:`_staged_file`), never in the system temp dir: a staged file is a whole instance, patient
+name included.
 """
 
 from __future__ import annotations
@@ -19,13 +23,22 @@ import logging
 import shutil
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, _config, evt
+from pynetdicom import (
+    AE,
+    ALL_TRANSFER_SYNTAXES,
+    StoragePresentationContexts,
+    _config,
+    dimse_messages,
+    evt,
+)
+from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from nidaan.core.errors import InputError
@@ -76,14 +89,50 @@ Inspector = Callable[[Dataset, str], bool]
 class FileChunks:
     """The bytes of a file in 1 MiB chunks; iterable again and again (store, quarantine)."""
 
-    def __init__(self, path: Path, chunk: int = 1 << 20) -> None:
+    def __init__(self, path: Path, size: int, chunk: int = 1 << 20) -> None:
         self.path = path
+        self.size = size
         self.chunk = chunk
 
     def __iter__(self) -> Iterator[bytes]:
         with open(self.path, "rb") as fh:
             while block := fh.read(self.chunk):
                 yield block
+
+
+#: pynetdicom's own factory for the files its chunked receive writes.
+_NAMED_TEMPORARY_FILE = dimse_messages.NamedTemporaryFile
+#: The Nidaan SCP each AE belongs to (weakly: a stopped SCP is forgotten).
+_SCPS: weakref.WeakKeyDictionary[AE, weakref.ref[StorageSCP]] = weakref.WeakKeyDictionary()
+
+
+def _staged_file(*args: Any, **kwargs: Any) -> Any:
+    """``NamedTemporaryFile`` for pynetdicom's chunked receive, in the receiving SCP's staging
+    folder.
+
+    pynetdicom (``DIMSEMessage.decode_msg``) stages each incoming C-STORE data set with
+    ``NamedTemporaryFile(delete=False)`` in the default temp dir and deletes it only after the
+    C-STORE handler returns: a crash leaves the instance there whole, patient name and ID
+    included, and pynetdicom has no setting for the folder. It opens the file in the
+    association's DUL thread, which names the association and so the AE receiving: a Nidaan
+    SCP's data sets go to its data dir's ``tmp/`` (swept at start), any other AE's where
+    pynetdicom puts them. Changing ``tempfile.tempdir`` instead would move every temporary file
+    of the process, and could not tell two servers in one process apart.
+    """
+    thread = threading.current_thread()
+    assoc = thread if isinstance(thread, Association) else getattr(thread, "assoc", None)
+    ae = getattr(assoc, "ae", None)
+    owner = _SCPS.get(ae) if isinstance(ae, AE) else None
+    scp = owner() if owner is not None else None
+    if scp is None:
+        return _NAMED_TEMPORARY_FILE(*args, **kwargs)
+    kwargs["dir"] = scp.spool.staging_dir
+    fh = _NAMED_TEMPORARY_FILE(*args, **kwargs)
+    scp._staged(assoc, Path(fh.name))
+    return fh
+
+
+dimse_messages.NamedTemporaryFile = _staged_file
 
 
 def _status(code: int, comment: str = "") -> Dataset:
@@ -131,6 +180,9 @@ class StorageSCP:
         self._assoc_ids: dict[int, int] = {}
         self._next_id = 0
         self._ids_lock = threading.Lock()
+        # Files staged per association (by id) that no C-STORE handler has taken yet.
+        self._staging: dict[int, set[Path]] = {}
+        _SCPS[self.ae] = weakref.ref(self)
 
     def start(self, bind: str, port: int, ssl_context: Any = None) -> None:
         """Start listening in background threads."""
@@ -181,9 +233,23 @@ class StorageSCP:
             )
             event.assoc.acse.send_reject(0x01, 0x01, 0x03)
 
+    def _staged(self, assoc: Any, path: Path) -> None:
+        """A data set of ``assoc`` is being staged at ``path`` (see :func:`_staged_file`)."""
+        with self._ids_lock:
+            self._staging.setdefault(id(assoc), set()).add(path)
+
     def _handle_close(self, event: Any) -> None:
         with self._ids_lock:
             assoc_id = self._assoc_ids.pop(id(event.assoc), None)
+            left = self._staging.pop(id(event.assoc), set())
+        # A data set still arriving when the connection ended (the peer aborted or vanished)
+        # never reaches a handler, and pynetdicom deletes only what a handler was given.
+        for path in left:
+            path.unlink(missing_ok=True)
+        if left:
+            log.warning(
+                "removed %d data set(s) left half-received by a closed connection", len(left)
+            )
         if assoc_id is not None:
             self._on_association_end(assoc_id)
 
@@ -201,14 +267,22 @@ class StorageSCP:
             )
         )
 
-    def _refuse(
-        self, event: Any, chunks: Iterable[bytes] | None, status: int, reason: str
-    ) -> Dataset:
+    def _refuse(self, event: Any, chunks: FileChunks | None, status: int, reason: str) -> Dataset:
         where = ""
         if chunks is not None:
             try:
-                name = self.spool.quarantine(chunks, reason, status=status).name
-                where = f" (quarantined as {name})"
+                kept = self.spool.quarantine(
+                    chunks,
+                    reason,
+                    status=status,
+                    size=chunks.size,
+                    min_free_bytes=self.limits.min_free_bytes,
+                )
+                where = (
+                    f" (quarantined as {kept.name})"
+                    if kept.kept
+                    else f" (not quarantined: {kept.not_kept}; reason in {kept.name}.json)"
+                )
             except OSError as exc:
                 where = f" (could not quarantine: {exc.strerror})"
         log.warning("refused an instance with 0x%04X: %s%s", status, reason, where)
@@ -220,6 +294,8 @@ class StorageSCP:
         # to a temporary Part 10 file: memory holds at most a few chunks of it, whatever its size.
         try:
             received = Path(event.dataset_path)
+            with self._ids_lock:  # the handler has it now; pynetdicom deletes it after us
+                self._staging.get(id(event.assoc), set()).discard(received)
             size = received.stat().st_size
         except (AttributeError, OSError) as exc:  # the request itself is unusable
             return self._refuse(
@@ -229,7 +305,7 @@ class StorageSCP:
             return self._refuse(
                 event, None, OUT_OF_RESOURCES, f"instance of {size} bytes exceeds the size limit"
             )
-        chunks = FileChunks(received)
+        chunks = FileChunks(received, size)
         try:
             # Values over DEFER_BYTES stay on disk until something reads them (the decoder).
             admitted = admit(read_file(received), size, self.limits.max_pixels)

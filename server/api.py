@@ -10,25 +10,40 @@ The standard health (``grpc.health.v1``) and reflection services are offered too
 Errors follow pynetdicom's rule that a handler's failure becomes a proper status, never a broken
 connection: each :class:`~nidaan.core.errors.NidaanError` maps to a gRPC code with a message
 that names the problem and carries no patient data; an instance that cannot be read or decoded is
-kept in quarantine with its reason, as over DICOM.
+kept in quarantine with its reason, as over DICOM (up to ``grpc.max_quarantine_mb``, and never
+below ``dicom.min_free_bytes`` of free disk).
+
+Every call of the Inference service is counted and audited (``on_request``), refused ones too:
+Nidaan applies ``grpc.max_concurrent_rpcs`` itself (:class:`CallSlots`) instead of leaving it to
+grpcio, which refuses a call before any handler runs.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pydicom.dataset import Dataset
 
 from nidaan.client.proto import inference_pb2 as pb
-from nidaan.core.errors import InferenceError, InputError, NidaanError, QueueFullError
+from nidaan.core.errors import (
+    ConfigError,
+    InferenceError,
+    InputError,
+    NidaanError,
+    QueueFullError,
+)
 from nidaan.core.findings import CodedValue, Finding, ImageAnalysis
 from nidaan.pacs_bridge.admission import admit, read_bytes
 from nidaan.pacs_bridge.spool import Spool
@@ -63,6 +78,10 @@ class ApiLimits:
 
     max_instances: int = 1000
     max_pixels: int = 250_000_000  # per instance, Rows x Columns x Frames, before decoding
+    #: A refused instance's bytes are kept in quarantine up to this size (its reason always)...
+    max_quarantine_bytes: int = 64 << 20
+    #: ...and only while the disk keeps this much free (``dicom.min_free_bytes``).
+    min_free_bytes: int = 1 << 30
 
 
 class _Refused(Exception):
@@ -81,6 +100,83 @@ def read_instance(data: bytes, index: int, limits: ApiLimits) -> Dataset:
         return admit(read_bytes(data), len(data), limits.max_pixels).dataset
     except InputError as exc:
         raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"instance {index}: {exc}", data) from exc
+
+
+class CallSlots:
+    """``grpc.max_concurrent_rpcs`` and ``grpc.workers``, applied by Nidaan.
+
+    A call of the Inference service takes a slot when grpcio hands it over (in grpcio's polling
+    thread, :meth:`_InferenceHandlers.service`) and leaves it when its handler returns: at most
+    ``limit`` calls are in flight, running or waiting for one of the ``workers``, so memory stays
+    bounded. A call past the limit is still given a handler, which answers RESOURCE_EXHAUSTED at
+    once through the same path as every other call, so it is counted and audited.
+
+    The slot is never lost: the handlers take the request as a stream (grpcio calls a
+    request-streaming handler for every call it was handed, even one cancelled meanwhile, where
+    a unary handler is skipped when its request never arrives), and the handler leaves its
+    slot in a ``finally``.
+    """
+
+    def __init__(self, limit: int, workers: int) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._workers = threading.BoundedSemaphore(workers)
+
+    @property
+    def in_flight(self) -> int:
+        """Calls holding a slot now."""
+        with self._lock:
+            return self._in_flight
+
+    def enter(self) -> bool:
+        """Take a slot if one is free."""
+        with self._lock:
+            if self._in_flight >= self.limit:
+                return False
+            self._in_flight += 1
+            return True
+
+    def leave(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+
+    @contextmanager
+    def worker(self, context: grpc.ServicerContext) -> Iterator[None]:
+        """Wait for one of the workers; _Refused(CANCELLED) if the caller goes away meanwhile."""
+        while not self._workers.acquire(timeout=0.2):
+            if not context.is_active():
+                raise _Refused(
+                    grpc.StatusCode.CANCELLED, "the call ended while it waited for a worker"
+                )
+        try:
+            yield
+        finally:
+            self._workers.release()
+
+
+def _one_request(requests: Iterator[bytes], kind: type[Any]) -> Any:
+    """The call's request message, parsed (the handlers take requests as a stream of bytes)."""
+    try:
+        data = next(requests)
+    except StopIteration:
+        raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "the call carries no request") from None
+    except grpc.RpcError:
+        # The call ended first: the client cancelled it, its deadline passed, or gRPC's core
+        # refused a request over grpc.max_message_mb (that caller was told RESOURCE_EXHAUSTED;
+        # grpcio does not say which, so all three are counted as CANCELLED).
+        raise _Refused(
+            grpc.StatusCode.CANCELLED,
+            "the call ended before its request was read (cancelled, past its deadline, or "
+            "larger than grpc.max_message_mb)",
+        ) from None
+    try:
+        return kind.FromString(data)
+    except DecodeError:
+        raise _Refused(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"the request is not a {kind.DESCRIPTOR.full_name} message",
+        ) from None
 
 
 def _code(c: CodedValue) -> pb.CodedConcept:
@@ -121,15 +217,51 @@ class InferenceService:
 
     # --- handlers --------------------------------------------------------------------------------
 
-    def Analyze(self, request: pb.AnalyzeRequest, context: grpc.ServicerContext) -> Any:  # noqa: N802
-        """Analyse one study's instances; see the proto for the contract."""
-        return self._handle("Analyze", context, lambda: self._analyze(request, context))
+    def serve(
+        self,
+        method: str,
+        slots: CallSlots,
+        requests: Iterator[bytes],
+        context: grpc.ServicerContext,
+    ) -> Any:
+        """A call that holds one of ``slots``: wait for a worker, read the request, answer it
+        (``Analyze``: one study's instances, see the proto; ``ListModels``: the repository)."""
+        try:
+            return self._handle(
+                method, context, lambda: self._run(method, slots, requests, context)
+            )
+        finally:
+            slots.leave()
 
-    def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> Any:  # noqa: N802
-        """The repository's models."""
-        return self._handle("ListModels", context, self._list_models)
+    def refuse(
+        self, method: str, limit: int, requests: Iterator[bytes], context: grpc.ServicerContext
+    ) -> Any:
+        """A call past ``grpc.max_concurrent_rpcs``: RESOURCE_EXHAUSTED straight away, its
+        request never read."""
+
+        def busy() -> Any:
+            raise _Refused(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the server is serving its limit of {limit} calls at once "
+                "(grpc.max_concurrent_rpcs): try again later",
+            )
+
+        return self._handle(method, context, busy)
 
     # --- work ------------------------------------------------------------------------------------
+
+    def _run(
+        self,
+        method: str,
+        slots: CallSlots,
+        requests: Iterator[bytes],
+        context: grpc.ServicerContext,
+    ) -> Any:
+        with slots.worker(context):
+            if method == "Analyze":
+                return self._analyze(_one_request(requests, pb.AnalyzeRequest), context)
+            _one_request(requests, pb.ListModelsRequest)
+            return self._list_models()
 
     def _handle(self, method: str, context: grpc.ServicerContext, work: Callable[[], Any]) -> Any:
         started = time.monotonic()
@@ -141,7 +273,7 @@ class InferenceService:
         except _Refused as exc:
             code, detail = exc.code, str(exc)
             if exc.data is not None:
-                self.spool.quarantine([exc.data], detail, status=f"gRPC {code.name}")
+                self._quarantine(exc.data, detail, code)
         except NidaanError as exc:
             code, detail = status_code(exc), str(exc)
         except Exception as exc:  # keep serving; the caller learns it was our fault
@@ -159,6 +291,20 @@ class InferenceService:
                 f" (study {ref(study)})" if study else "",
             )
         context.abort(code, detail)
+
+    def _quarantine(self, data: bytes, reason: str, code: grpc.StatusCode) -> None:
+        """Keep a refused instance's bytes, within this API's limits, and its reason."""
+        try:
+            self.spool.quarantine(
+                [data],
+                reason,
+                status=f"gRPC {code.name}",
+                size=len(data),
+                min_free_bytes=self.limits.min_free_bytes,
+                max_bytes=self.limits.max_quarantine_bytes,
+            )
+        except OSError as exc:  # the answer still names the problem; the disk is the operator's
+            log.error("could not quarantine a refused instance: %s", exc.strerror)
 
     def _analyze(self, request: pb.AnalyzeRequest, context: grpc.ServicerContext) -> Any:
         if not request.instances:
@@ -239,23 +385,38 @@ def server_credentials(certificate: str, private_key: str, ca: str) -> grpc.Serv
         )
 
 
-def _handlers(service: InferenceService) -> grpc.GenericRpcHandler:
-    """The service's methods, wired from the proto's messages (no generated servicer needed)."""
-    return grpc.method_handlers_generic_handler(
-        SERVICE,
-        {
-            "Analyze": grpc.unary_unary_rpc_method_handler(
-                service.Analyze,
-                request_deserializer=pb.AnalyzeRequest.FromString,
-                response_serializer=pb.AnalyzeResponse.SerializeToString,
-            ),
-            "ListModels": grpc.unary_unary_rpc_method_handler(
-                service.ListModels,
-                request_deserializer=pb.ListModelsRequest.FromString,
-                response_serializer=pb.ListModelsResponse.SerializeToString,
-            ),
-        },
-    )
+#: The service's methods and their response messages (the proto's ``rpc`` lines).
+_METHODS: dict[str, Any] = {"Analyze": pb.AnalyzeResponse, "ListModels": pb.ListModelsResponse}
+
+
+class _InferenceHandlers(grpc.GenericRpcHandler):
+    """The service's methods, wired from the proto's messages (no generated servicer needed):
+    a handler that holds a slot, or, when none is free, one that refuses (see CallSlots)."""
+
+    def __init__(self, service: InferenceService, slots: CallSlots) -> None:
+        self._slots = slots
+        self._served: dict[str, grpc.RpcMethodHandler] = {}
+        self._refused: dict[str, grpc.RpcMethodHandler] = {}
+        for name, response in _METHODS.items():
+            # Requests arrive as a stream of raw bytes, parsed by the handler (_one_request): a
+            # unary client's single message is such a stream on the wire.
+            path = f"/{SERVICE}/{name}"
+            self._served[path] = grpc.stream_unary_rpc_method_handler(
+                functools.partial(service.serve, name, slots),
+                response_serializer=response.SerializeToString,
+            )
+            self._refused[path] = grpc.stream_unary_rpc_method_handler(
+                functools.partial(service.refuse, name, slots.limit),
+                response_serializer=response.SerializeToString,
+            )
+
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        path = handler_call_details.method
+        if path not in self._served:
+            return None  # another service's, or unknown (grpcio answers UNIMPLEMENTED)
+        return self._served[path] if self._slots.enter() else self._refused[path]
 
 
 class ApiServer:
@@ -269,16 +430,23 @@ class ApiServer:
         max_concurrent_rpcs: int = 64,
         max_message_bytes: int = 512 << 20,
     ) -> None:
-        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="nidaan-grpc")
+        # Nidaan applies max_concurrent_rpcs and workers itself (CallSlots): grpcio's own limit
+        # would refuse calls before any handler runs, uncounted and unaudited. Every call in
+        # flight has a thread (running, or waiting for a worker), and `workers` more threads
+        # answer refusals and health checks at once instead of queueing them behind those.
+        self.slots = CallSlots(max_concurrent_rpcs, workers)
+        self._executor = ThreadPoolExecutor(
+            max_concurrent_rpcs + workers, thread_name_prefix="nidaan-grpc"
+        )
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
+            # grpcio sets SO_REUSEPORT by default: a second server on the same port would start
+            # and take a share of the calls. Refuse the port like the DICOM and HTTP ports do.
+            ("grpc.so_reuseport", 0),
         ]
-        # Past max_concurrent_rpcs, gRPC answers RESOURCE_EXHAUSTED at once: bounded work.
-        self.server = grpc.server(
-            self._executor, options=options, maximum_concurrent_rpcs=max_concurrent_rpcs
-        )
-        self.server.add_generic_rpc_handlers((_handlers(service),))
+        self.server = grpc.server(self._executor, options=options)
+        self.server.add_generic_rpc_handlers((_InferenceHandlers(service, self.slots),))
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -290,12 +458,19 @@ class ApiServer:
         """Listen on ``bind:port`` (0 = any free port), over TLS with ``credentials``; returns
         the port."""
         address = f"[{bind}]:{port}" if ":" in bind else f"{bind}:{port}"
-        if credentials is None:
-            self.port = self.server.add_insecure_port(address)
-        else:
-            self.port = self.server.add_secure_port(address, credentials)
+        try:
+            if credentials is None:
+                self.port = self.server.add_insecure_port(address)
+            else:
+                self.port = self.server.add_secure_port(address, credentials)
+        except RuntimeError:  # grpcio raises "Failed to bind"; older ones returned port 0
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"gRPC cannot listen on {address}")
+            # A NidaanError, so that `nidaan serve` says so in one line and exits.
+            raise ConfigError(
+                f"grpc.port: cannot listen on {address}: the port is in use (another server?) "
+                "or the address is not this host's"
+            )
         self.server.start()
         for name in ("", SERVICE):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)

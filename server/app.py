@@ -44,6 +44,13 @@ log = logging.getLogger("nidaan.server")
 #: Seconds before a study whose inference failed (backend down) is tried again.
 INFERENCE_RETRY_S = 5.0
 
+#: What each background thread the node needs does, by name prefix (for /healthz).
+THREAD_ROLES = {
+    "nidaan-worker": "analysis worker",
+    "nidaan-timer": "study completion timer",
+    "nidaan-outbox": "report delivery (outbox)",
+}
+
 
 def scp_limits(config: Config) -> Limits:
     """The SCP's admission rules and size limits from the config.
@@ -146,14 +153,19 @@ class NidaanServer:
 
     def start(self, *, http: bool = True, grpc: bool = True) -> None:
         """Warm the kernels, recover unfinished work, and start listening."""
+        self.spool.sweep()  # what a crash left (staged data sets, partial writes): first
         self._warm_up()
         self._recover()
         for t in self._threads:
             t.start()
         self.outbox.start()
-        self.scp.start(
-            self.config.dicom.bind, self.config.dicom.port, server_context(self.config.dicom)
-        )
+        d = self.config.dicom
+        try:
+            self.scp.start(d.bind, d.port, server_context(d))
+        except OSError as exc:  # a taken port: one line naming it, not a traceback
+            raise ConfigError(
+                f"dicom.port: cannot listen on {d.bind}:{d.port}: {exc.strerror or exc}"
+            ) from exc
         if grpc:
             self.api = self._api_server()
             d = self.config.dicom
@@ -164,8 +176,15 @@ class NidaanServer:
             )
             self.api.start(self.config.grpc.bind, self.config.grpc.port, credentials)
         if http:
-            self.http = StatusServer(self.metrics.registry, self.snapshot, self.serving)
-            self.http.start(self.config.http.bind, self.config.http.port)
+            self.http = StatusServer(self.metrics.registry, self.snapshot, self.health)
+            h = self.config.http
+            try:
+                self.http.start(h.bind, h.port)
+            except OSError as exc:
+                self.http = None
+                raise ConfigError(
+                    f"http.port: cannot listen on {h.bind}:{h.port}: {exc.strerror or exc}"
+                ) from exc
         self._started_at = time.monotonic()
         log.info(
             "listening as %s on port %d (gRPC %s); %d model(s): %s",
@@ -187,7 +206,8 @@ class NidaanServer:
         for _ in range(self.config.inference.workers):
             self._queue.put(None)
         for t in self._threads:
-            t.join(timeout=30)
+            if t.ident is not None:  # started (start() may have failed before)
+                t.join(timeout=30)
         self.outbox.stop()
         if self.http is not None:
             self.http.stop()
@@ -196,17 +216,42 @@ class NidaanServer:
             sys.modules["nidaan.kernels.executor"].close_executors()
         self.state.close()
         self.audit.close()
+        self.spool.close()  # its lock on the staging folder: the next server may sweep
+
+    def health(self) -> list[str]:
+        """What keeps the node from doing its work (for /healthz); empty when it serves.
+
+        A node whose analysis workers, timer or outbox thread has ended still answers C-STORE,
+        but its studies would never be analysed or its reports never delivered: a probe must see
+        that, and the answer names the thread.
+        """
+        if self._stop.is_set():
+            return ["the node is stopping"]
+        problems = []
+        for t in [*self._threads, self.outbox.thread]:
+            if not t.is_alive():
+                role = next(
+                    (r for p, r in THREAD_ROLES.items() if t.name.startswith(p)),
+                    "background thread",
+                )
+                state = "has not started" if t.ident is None else "has stopped"
+                problems.append(f"thread {t.name} ({role}) {state}")
+        return problems
 
     def serving(self) -> bool:
-        """Whether the node accepts work (for /healthz)."""
-        return not self._stop.is_set()
+        """Whether the node accepts work and every thread it needs runs."""
+        return not self.health()
 
     def snapshot(self) -> dict[str, Any]:
         """What the node is doing, in counts (the status page and /status.json): no patient data
         and no UIDs."""
         batches = self.backend.stats() if isinstance(self.backend, DynamicBatcher) else {}
+        problems = self.health()
         return {
-            "status": "serving" if self.serving() else "stopping",
+            "status": "serving"
+            if not problems
+            else ("stopping" if self._stop.is_set() else "not serving"),
+            "problems": problems,
             "node": {
                 "ae_title": self.config.dicom.ae_title,
                 "dicom_port": self.scp.port,
@@ -248,7 +293,12 @@ class NidaanServer:
         service = InferenceService(
             self.studies,
             self.spool,
-            limits=ApiLimits(g.max_instances, self.config.dicom.max_pixels),
+            limits=ApiLimits(
+                g.max_instances,
+                self.config.dicom.max_pixels,
+                max_quarantine_bytes=g.max_quarantine_mb << 20,
+                min_free_bytes=self.config.dicom.min_free_bytes,
+            ),
             on_request=self._api_request,
         )
         return ApiServer(

@@ -273,9 +273,7 @@ class DynamicBatcher:
         queue = self._queues.get(model.name)
         if queue is None:
             raise InferenceError(f"model {model.name!r} is not in the batcher's repository")
-        futures = [
-            queue.submit(chunk, self.queue_timeout_s) for chunk in split_batch(model, batch)
-        ]
+        futures = [queue.submit(chunk, self.queue_timeout_s) for chunk in split_batch(model, batch)]
         parts = [f.result() for f in futures]
         if len(parts) == 1:
             return parts[0]

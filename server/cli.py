@@ -16,20 +16,47 @@ from pathlib import Path
 from typing import Any
 
 from nidaan.core.config import Config, load_config
-from nidaan.core.errors import NidaanError
+from nidaan.core.errors import ConfigError, NidaanError
 
 
 def _config(args: argparse.Namespace) -> Config:
-    return load_config(args.config)
+    """The config, with ``kernels.cache_dir`` put into effect.
+
+    Numba fixes each ``cache=True`` kernel's cache directory from ``NUMBA_CACHE_DIR`` when the
+    kernel is decorated, i.e. when ``nidaan.kernels`` is imported: so every command loads its
+    config before it imports anything that imports the kernels or Numba (this module imports
+    neither at the top), and the directory goes into the environment here.
+    """
+    cfg = load_config(args.config)
+    _use_kernel_cache(cfg.kernels.cache_dir)
+    return cfg
+
+
+def _use_kernel_cache(cache_dir: str) -> None:
+    """Point ``NUMBA_CACHE_DIR`` at ``cache_dir`` (empty: leave the environment's or Numba's
+    default), before the kernels are imported; ``configure_cache`` later checks it took."""
+    if not cache_dir:
+        return
+    path = os.path.abspath(cache_dir)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"kernels.cache_dir {path}: cannot create it: {exc.strerror}") from exc
+    os.environ["NUMBA_CACHE_DIR"] = path
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the server until SIGINT/SIGTERM."""
+    cfg = _config(args)  # first: it sets NUMBA_CACHE_DIR, which must precede the kernels' import
+
     from .app import NidaanServer
 
-    cfg = _config(args)
     server = NidaanServer(cfg)
-    server.start(http=not args.no_http, grpc=not args.no_grpc)
+    try:
+        server.start(http=not args.no_http, grpc=not args.no_grpc)
+    except BaseException:  # e.g. a taken port (a ConfigError naming it): undo what started
+        server.stop()
+        raise
     grpc_port = server.api.port if server.api else "off"
     print(
         f"nidaan: AE {cfg.dicom.ae_title} on DICOM port {server.scp.port}, gRPC port {grpc_port}, "
@@ -57,17 +84,21 @@ def _files(paths: Sequence[str]) -> list[Path]:
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     """Analyse DICOM files offline and print the findings (JSON lines with --json)."""
+    cfg = _config(args)  # first: it sets NUMBA_CACHE_DIR, which must precede the kernels' import
+
     from concurrent.futures import ThreadPoolExecutor
 
     from pydicom import dcmread
     from pydicom.errors import InvalidDicomError
     from tqdm import tqdm
 
+    from nidaan.kernels import configure_cache
+
     from .backends import create_backend
     from .model_repository import load_repository
     from .pipeline import Pipeline
 
-    cfg = _config(args)
+    configure_cache(cfg.kernels.cache_dir)  # warns if something imported the kernels too early
     models = load_repository(cfg.models.repository)
     pipeline = Pipeline(
         models,
@@ -349,6 +380,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NidaanError as exc:
         print(f"nidaan: error: {exc}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as exc:
+        # Installed without extras, the distribution is the client only (``nidaan.client``).
+        if exc.name and exc.name.split(".")[0] in _SERVER_MODULES:
+            print(
+                f"nidaan: error: {args.command} needs the server's dependencies ({exc.name} is "
+                "not installed): pip install 'nidaan[server]'",
+                file=sys.stderr,
+            )
+            return 2
+        raise
+
+
+#: Third-party modules of the ``server`` extra (a missing one means a client-only install).
+_SERVER_MODULES = frozenset(
+    {"numpy", "numba", "pydicom", "pynetdicom", "highdicom", "onnxruntime", "tritonclient",
+     "prometheus_client", "grpc_health", "grpc_reflection", "tqdm", "pylibjpeg"}
+)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """The HTTP side of ``nidaan serve`` (``http.port``, 8080): metrics, health and a status page.
 
 - ``/metrics``: Prometheus text format.
-- ``/healthz``: ``{"status": "serving"}`` with 200 while the node accepts work, 503 otherwise (for
-  load balancers, Kubernetes probes and monitoring).
+- ``/healthz``: ``{"status": "serving"}`` with 200 while the node accepts work and every
+  background thread it needs (analysis workers, timer, outbox) runs; otherwise 503 with
+  ``{"status": "not serving", "problems": [...]}`` naming what is wrong, e.g. which thread ended
+  (for load balancers, Kubernetes probes and monitoring).
 - ``/status.json`` and ``/``: what the node is doing, as JSON and as a plain HTML page: models (and
   whether they are for diagnosis), studies by state, report deliveries by state, each model's
   queue and batches, the tensor cache. Counts only: no patient data and no UIDs.
@@ -23,6 +25,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 log = logging.getLogger("nidaan.status")
 
 Snapshot = Callable[[], dict[str, Any]]
+#: What keeps the node from serving (see :meth:`NidaanServer.health`); empty when it serves.
+Health = Callable[[], list[str]]
 
 
 def _table(rows: list[list[Any]], head: list[str]) -> str:
@@ -56,6 +60,8 @@ def render(status: dict[str, Any]) -> str:
         ],
         ["model", "images", "batches", "mean batch", "queued images", "refused"],
     )
+    items = "".join(f"<li>{html.escape(p)}</li>" for p in status.get("problems", []))
+    problems = f"<ul>{items}</ul>" if items else ""
     n = status["node"]
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>Nidaan {html.escape(n["ae_title"])}</title>
@@ -63,6 +69,7 @@ def render(status: dict[str, Any]) -> str:
 table{{border-collapse:collapse;margin:.5em 0 1.5em}}
 td,th{{border:1px solid #bbb;padding:.2em .6em;text-align:left}}</style></head><body>
 <h1>Nidaan {html.escape(n["ae_title"])}: {html.escape(status["status"])}</h1>
+{problems}
 <p>DICOM port {n["dicom_port"]}, gRPC port {n["grpc_port"]}, up {n["uptime_s"]:.0f} s,
 inference backend {html.escape(status["inference"]["backend"])},
 tensor cache {status["tensor_cache_bytes"] / 2**20:.1f} MiB.</p>
@@ -78,12 +85,10 @@ tensor cache {status["tensor_cache_bytes"] / 2**20:.1f} MiB.</p>
 class StatusServer:
     """A small threaded HTTP server for metrics, health and status."""
 
-    def __init__(
-        self, registry: CollectorRegistry, snapshot: Snapshot, serving: Callable[[], bool]
-    ) -> None:
+    def __init__(self, registry: CollectorRegistry, snapshot: Snapshot, health: Health) -> None:
         self._registry = registry
         self._snapshot = snapshot
-        self._serving = serving
+        self._health = health
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.port = 0
@@ -98,9 +103,11 @@ class StatusServer:
                     if path == "/metrics":
                         self._send(200, CONTENT_TYPE_LATEST, generate_latest(outer._registry))
                     elif path == "/healthz":
-                        ok = outer._serving()
-                        body = {"status": "serving" if ok else "not serving"}
-                        self._send(200 if ok else 503, "application/json", json.dumps(body))
+                        problems = outer._health()
+                        body: dict[str, Any] = {"status": "serving"}
+                        if problems:
+                            body = {"status": "not serving", "problems": problems}
+                        self._send(503 if problems else 200, "application/json", json.dumps(body))
                     elif path == "/status.json":
                         self._send(200, "application/json", json.dumps(outer._snapshot()))
                     elif path in ("/", "/index.html"):

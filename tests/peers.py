@@ -6,6 +6,7 @@ Debian package to install, and is skipped with that message elsewhere: never sil
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -19,30 +20,134 @@ from pathlib import Path
 
 import pytest
 
-PACKAGES = {
-    "Orthanc": "orthanc",
-    "storescu": "dcmtk",
-    "storescp": "dcmtk",
-    "echoscu": "dcmtk",
-    "dsrdump": "dcmtk",
-    "dcmcjpeg": "dcmtk",
-    "dcmcrle": "dcmtk",
-    "dcmconv": "dcmtk",
-    "dciodvfy": "dicom3tools",
-    "openssl": "openssl",
+
+@dataclass(frozen=True)
+class PeerProgram:
+    """The Debian package that provides a peer program, and how to tell the right program: run
+    with ``version_argument``, the first line it prints (stdout, else stderr) starts with
+    ``banner``."""
+
+    package: str
+    version_argument: str
+    banner: str  # "{program}" is replaced by the program's name
+
+
+DCMTK = PeerProgram("dcmtk", "--version", "$dcmtk: {program} v")  # "$dcmtk: storescp v3.6.7 ..."
+
+#: Every peer program the tests run. The banner check matters: pynetdicom installs console
+#: scripts named like dcmtk's tools (storescp, storescu, echoscu, findscu) in the venv's bin.
+PROGRAMS = {
+    "Orthanc": PeerProgram("orthanc", "--version", "Orthanc "),
+    **{
+        name: DCMTK
+        for name in ("storescu", "storescp", "echoscu", "dsrdump", "dcmcjpeg", "dcmcrle", "dcmconv")
+    },
+    "dciodvfy": PeerProgram("dicom3tools", "-version", "dicom3tools Version:"),
+    "openssl": PeerProgram("openssl", "version", "OpenSSL "),
 }
+PACKAGES = {name: program.package for name, program in PROGRAMS.items()}
+
+#: Where system packages install programs (Debian's default PATH order), searched before PATH.
+SYSTEM_BIN_DIRS: tuple[str, ...] = (
+    "/usr/local/sbin",
+    "/usr/local/bin",
+    "/usr/sbin",
+    "/usr/bin",
+    "/sbin",
+    "/bin",
+)
 
 #: dcmtk stalls about 40 ms per file on loopback without TCP_NODELAY (see shared/design.md).
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
+def _venv_bins() -> set[Path]:
+    """Bin directories of virtual environments (this interpreter's, an activated one's): never
+    searched. A system bin directory is never among them (a candidate there is checked by its
+    banner like any other)."""
+    bins = {Path(sys.executable).parent}
+    if sys.prefix != sys.base_prefix:
+        bins.add(Path(sys.prefix) / "bin")
+    if os.environ.get("VIRTUAL_ENV"):
+        bins.add(Path(os.environ["VIRTUAL_ENV"]) / "bin")
+    system = {Path(d).resolve() for d in SYSTEM_BIN_DIRS}
+    return {b.resolve() for b in bins} - system
+
+
+def _banner(path: str, spec: PeerProgram) -> str:
+    """The first line ``path`` prints when asked its version ("" if it cannot say)."""
+    try:
+        run = subprocess.run(
+            [path, spec.version_argument],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            stdin=subprocess.DEVNULL,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    for stream in (run.stdout, run.stderr):
+        lines = stream.strip().splitlines()
+        if lines:
+            # Some (Orthanc) start with the path they were run as: keep only its name.
+            first, space, rest = lines[0].partition(" ")
+            return f"{os.path.basename(first)}{space}{rest}"
+    return ""
+
+
+@functools.cache
+def _locate(program: str, dirs: tuple[str, ...]) -> tuple[str | None, tuple[str, ...]]:
+    """The first ``program`` in ``dirs`` whose version banner is the expected one, and the
+    impostors met on the way (path: what they printed)."""
+    spec = PROGRAMS.get(program)
+    excluded = _venv_bins()
+    impostors = []
+    seen: set[Path] = set()
+    for folder in dirs:
+        candidate = Path(folder) / program
+        if not (candidate.is_file() and os.access(candidate, os.X_OK)):
+            continue
+        real = candidate.resolve()
+        if real in seen:
+            continue
+        seen.add(real)
+        if real.parent in excluded or Path(folder).resolve() in excluded:
+            impostors.append(f"{candidate}, in a virtual environment's bin")
+            continue
+        if spec is None:
+            return str(candidate), tuple(impostors)
+        banner = _banner(str(candidate), spec)
+        if banner.startswith(spec.banner.format(program=program)):
+            return str(candidate), tuple(impostors)
+        impostors.append(f"{candidate}, which printed {banner[:60]!r}")
+    return None, tuple(impostors)
+
+
+def search_path() -> tuple[str, ...]:
+    """Where peers are looked for: the system's bin directories, then PATH (a virtual
+    environment's bin is skipped, wherever it appears)."""
+    path = tuple(p for p in os.environ.get("PATH", "").split(os.pathsep) if p)
+    return SYSTEM_BIN_DIRS + tuple(p for p in path if p not in SYSTEM_BIN_DIRS)
+
+
+def locate(program: str) -> str | None:
+    """The path of the real ``program`` (identified by its version banner), or None."""
+    return _locate(program, search_path())[0]
+
+
 def need(program: str) -> str:
-    """The path of ``program``; fail (under CI) or skip with the Debian package to install."""
-    path = shutil.which(program)
+    """The path of the real ``program``; fail (under CI) or skip naming the Debian package.
+
+    Programs are looked up in the system's bin directories first, then on PATH, never in a
+    virtual environment's bin, and each candidate must print its project's version banner:
+    pynetdicom's ``storescp`` is not dcmtk's."""
+    path, impostors = _locate(program, search_path())
     if path is None:
+        package = PACKAGES.get(program, program)
+        found = f" (passed over: {'; '.join(impostors)})" if impostors else ""
         msg = (
-            f"{program} is not installed: apt-get install {PACKAGES.get(program, program)} "
-            "(the README's test command does this)"
+            f"{program} from Debian's {package} package is not installed{found}: "
+            f"apt-get install {package} (the README's test command does this)"
         )
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(msg)

@@ -6,7 +6,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -226,10 +228,43 @@ def test_a_container_cpu_quota_caps_the_threads(tmp_path) -> None:  # type: igno
     assert cgroup_cpu_limit(str(tmp_path / "absent")) is None
 
 
-def test_cpu_sessions_use_the_cores_this_process_may_run_on(cxr) -> None:
-    opts = OnnxRuntimeBackend().session_options(cxr)
-    assert opts.intra_op_num_threads == usable_cores() <= len(os.sched_getaffinity(0))
-    assert opts.inter_op_num_threads == 1
+@contextmanager
+def _running_on(cpus: list[int]) -> Iterator[None]:
+    """This thread (which calls usable_cores) may run only on ``cpus`` while inside."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux CPU affinity")
+def test_cpu_sessions_use_the_cores_this_process_may_run_on(cxr, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # The truth is set here, not read back from the code under test: this thread's CPU affinity,
+    # and a cgroup cpu.max file of the test's own in place of /sys/fs/cgroup/cpu.max.
+    from nidaan.server import inference
+
+    cpu_max = tmp_path / "cpu.max"
+    read_limit = inference.cgroup_cpu_limit
+    monkeypatch.setattr(inference, "cgroup_cpu_limit", lambda path="": read_limit(str(cpu_max)))
+    one = dataclasses.replace(cxr, instance_count=1)
     two = dataclasses.replace(cxr, instance_count=2)
-    shared = OnnxRuntimeBackend().session_options(two).intra_op_num_threads
-    assert shared == max(1, usable_cores() // 2)
+
+    def threads(model: ModelSpec) -> int:
+        opts = OnnxRuntimeBackend().session_options(model)
+        assert opts.inter_op_num_threads == 1
+        return int(opts.intra_op_num_threads)
+
+    allowed = sorted(os.sched_getaffinity(0))
+    cpu_max.write_text("max 100000\n")  # no quota
+    with _running_on(allowed[:1]):
+        assert (usable_cores(), threads(one), threads(two)) == (1, 1, 1)
+    if len(allowed) < 2:
+        pytest.skip("one CPU: affinity cannot show more than one core")
+    with _running_on(allowed[:2]):
+        assert (usable_cores(), threads(one), threads(two)) == (2, 2, 1)
+        cpu_max.write_text("100000 100000\n")  # docker run --cpus 1: the quota caps affinity
+        assert (usable_cores(), threads(one), threads(two)) == (1, 1, 1)
+        cpu_max.write_text("300000 100000\n")  # a quota above the affinity caps nothing
+        assert (usable_cores(), threads(one)) == (2, 2)

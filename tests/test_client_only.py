@@ -80,8 +80,18 @@ def test_the_client_alone_analyses_a_study_without_the_server_dependencies(
         check=True,
     )
     installed = {p["name"].lower() for p in json.loads(freeze.stdout)}
-    server_side = {"numpy", "numba", "pydicom", "pynetdicom", "highdicom", "onnxruntime",
-                   "tritonclient", "prometheus-client", "pylibjpeg", "grpcio-health-checking"}  # fmt: skip
+    server_side = {
+        "numpy",
+        "numba",
+        "pydicom",
+        "pynetdicom",
+        "highdicom",
+        "onnxruntime",
+        "tritonclient",
+        "prometheus-client",
+        "pylibjpeg",
+        "grpcio-health-checking",
+    }
     assert {"nidaan", "grpcio", "protobuf"} <= installed and not installed & server_side
     server = start_server(make_config(tmp_path))
     ds, _ = synthetic_cxr(11, rows=600, columns=500)
@@ -102,3 +112,17 @@ def test_the_client_alone_analyses_a_study_without_the_server_dependencies(
     assert "cxr_screen" in out["models"] and out["results"] == ["cxr_screen"]
     assert out["refused"].startswith("INVALID_ARGUMENT: instance 0: not a readable DICOM")
     assert out["hierarchy"] and {"Client", "InputError", "NidaanError"} <= set(out["exports"])
+
+
+def test_the_server_command_in_a_client_only_install_says_what_to_install(
+    client_venv: Path, tmp_path: Path
+) -> None:
+    run = subprocess.run(
+        [str(client_venv.parent / "nidaan"), "serve"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 2, run.stderr
+    assert "pip install 'nidaan[server]'" in run.stderr and "Traceback" not in run.stderr

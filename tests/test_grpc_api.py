@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pydicom
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -190,36 +191,55 @@ def test_a_full_queue_answers_resource_exhausted_and_loses_nothing(
     assert 'nidaan_inference_rejected_total{model="cxr_screen"} 1.0' in metrics
 
 
-def test_dicom_and_grpc_requests_share_the_models_batches(tmp_path: Path, start_server) -> None:  # type: ignore[no-untyped-def]
-    # The radiograph model waits up to 300 ms for company, so that the concurrent requests below
-    # reliably meet in its queue.
+def test_dicom_and_grpc_requests_share_the_models_batches(
+    tmp_path: Path, start_server, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    # Every batch ONNX Runtime runs is recorded, and each image in it traced back, by its tensor,
+    # to the route that sent it: a batch must hold images from both routes. (Counting batches
+    # alone proves nothing: the six gRPC calls batch among themselves without any DICOM image.)
+    from nidaan.server.inference import OnnxRuntimeBackend
+
+    ran: list[np.ndarray] = []
+    lock = threading.Lock()
+    engine_infer = OnnxRuntimeBackend.infer
+
+    def recording(self, model, batch):  # type: ignore[no-untyped-def]
+        if model.name == "cxr_screen":
+            with lock:
+                ran.append(np.array(batch, copy=True))
+        return engine_infer(self, model, batch)
+
+    monkeypatch.setattr(OnnxRuntimeBackend, "infer", recording)
+    # A batch goes as soon as all eight images are queued (preferred size 8); the oldest waits up
+    # to 5 s for the rest, so that the two routes' requests reliably meet.
     cfg = make_config(tmp_path, idle_timeout_s=0.5)
-    cfg.models.repository = _repository_with_delay(tmp_path, 300_000)
+    cfg.models.repository = _repository_with_delay(tmp_path, 5_000_000, "[ 8 ]")
     server = start_server(cfg)
     study = [synthetic_cxr(30 + i, rows=300, columns=300)[0] for i in range(2)]
-    calls = [_bytes(synthetic_cxr(40 + i, rows=300, columns=300)[0]) for i in range(6)]
+    calls = [synthetic_cxr(40 + i, rows=300, columns=300)[0] for i in range(6)]
+    sent = [("dicom", ds) for ds in study] + [("grpc", ds) for ds in calls]
+    tensors = [(route, server.pipeline.prepare(ds)["cxr_screen"].tensor) for route, ds in sent]
+    with lock:
+        ran.clear()  # the server's warm-up runs
     client = Client(f"127.0.0.1:{server.api.port}")
-    before = server.backend.stats()["cxr_screen"]
-    threads = [threading.Thread(target=client.analyze, args=([c],)) for c in calls]
+    threads = [threading.Thread(target=client.analyze, args=([_bytes(ds)],)) for ds in calls]
     sender = threading.Thread(target=c_store, args=(server.scp.port, study))
     for t in [sender, *threads]:
         t.start()
     for t in [sender, *threads]:
         t.join(60)
     client.close()
-    after = wait_until(
-        lambda: (
-            (s := server.backend.stats()["cxr_screen"]).inference_count - before.inference_count
-            >= 8
-            and s
-        ),
-        60,
-        "8 radiographs through the batcher",
-    )
-    images = after.inference_count - before.inference_count
-    batches = after.execution_count - before.execution_count
-    assert images == 8
-    assert batches < images, "every request ran alone"
+    wait_until(lambda: sum(len(b) for b in ran) >= len(sent), 60, "8 radiographs run")
+
+    def route_of(image: np.ndarray) -> str:
+        distance, route = min((float(np.abs(image - t).max()), r) for r, t in tensors)
+        assert distance < 1e-4, "a batch held an image that was not sent"
+        return route
+
+    batches = [[route_of(image) for image in batch] for batch in ran]
+    assert sorted(r for b in batches for r in b) == sorted(r for r, _ in sent), batches
+    mixed = [b for b in batches if {"dicom", "grpc"} <= set(b)]
+    assert mixed, f"no batch held images from both routes: {batches}"
 
 
 def test_error_codes_map_both_ways() -> None:
