@@ -308,6 +308,28 @@ def preprocess(
                 np.float32(layout.mean),
                 inv_std,
             )
+        elif not plan.use_table and not plan.sigmoid:
+            # Signed or padded pixels under LINEAR windows: the fused loops of resample_plain.
+            cpu.resample_affine(
+                np.ascontiguousarray(src),
+                target,
+                *plan.ytaps,
+                *plan.xtaps,
+                plan.xfactor,
+                plan.placement.offset_y,
+                plan.placement.offset_x,
+                plan.mask,
+                plan.sign_bit,
+                plan.signed,
+                plan.flip,
+                plan.pad_lo,
+                plan.pad_hi,
+                plan.offset,
+                plan.coeffs,
+                np.float32(layout.pad_value),
+                np.float32(layout.mean),
+                inv_std,
+            )
         else:
             cpu.resample(
                 np.ascontiguousarray(src),
@@ -375,8 +397,42 @@ def to_host(batch: Any) -> np.ndarray:
     return batch.get()  # CuPy
 
 
-def configure_cache(cache_dir: str) -> None:
-    """Point Numba's kernel cache at ``cache_dir`` (must run before the kernels first compile)."""
-    if cache_dir:
-        os.makedirs(cache_dir, exist_ok=True)
-        os.environ["NUMBA_CACHE_DIR"] = cache_dir
+def configure_cache(cache_dir: str) -> bool:
+    """Check that Numba caches the compiled kernels in ``cache_dir`` ("" asks for nothing).
+
+    It cannot move the cache: Numba fixes each ``cache=True`` kernel's cache directory when the
+    kernel is decorated, at the import of :mod:`nidaan.kernels` (which this function is part of),
+    from ``NUMBA_CACHE_DIR``. So that variable must be set before anything imports the kernels or
+    Numba, as the ``nidaan`` command does after loading its config. If the kernels were decorated
+    with another directory, this warns (``RuntimeWarning`` and the log) and returns False, rather
+    than set the variable and pretend it took; True when the kernels are cached in ``cache_dir``.
+    """
+    import logging
+    import warnings
+    from pathlib import Path
+
+    from numba.core.dispatcher import Dispatcher
+
+    from . import cpu, geometry
+
+    if not cache_dir:
+        return True
+    wanted = Path(os.path.realpath(cache_dir))
+    # Where the decorated kernels really cache (Dispatcher.stats is Numba's public view of it).
+    used = {
+        Path(os.path.realpath(kernel.stats.cache_path))
+        for module in (cpu, geometry)
+        for kernel in vars(module).values()
+        if isinstance(kernel, Dispatcher) and kernel.stats.cache_path
+    }
+    elsewhere = sorted(str(p) for p in used if not p.is_relative_to(wanted))
+    if not elsewhere:
+        return True
+    message = (
+        f"kernels.cache_dir {wanted} has no effect: nidaan.kernels was imported before "
+        f"NUMBA_CACHE_DIR named it, so compiled kernels are cached in {elsewhere[0]}. Set "
+        "NUMBA_CACHE_DIR before importing nidaan.kernels or numba (the nidaan command does)."
+    )
+    warnings.warn(message, RuntimeWarning, stacklevel=2)
+    logging.getLogger("nidaan.kernels").warning("%s", message)
+    return False
