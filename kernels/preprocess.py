@@ -292,33 +292,24 @@ def preprocess(
         if not src.dtype.isnative:
             src = src.astype(src.dtype.newbyteorder("="))
         target = out[n] if scratch is None else scratch
+        # Every CPU kernel starts with the geometry and ends with the normalisation.
+        where = (
+            np.ascontiguousarray(src),
+            target,
+            *plan.ytaps,
+            *plan.xtaps,
+            plan.xfactor,
+            plan.placement.offset_y,
+            plan.placement.offset_x,
+            plan.mask,
+        )
+        norm = (np.float32(layout.pad_value), np.float32(layout.mean), inv_std)
         if plan.plain and src.dtype.kind == "u":
-            cpu.resample_plain(
-                np.ascontiguousarray(src),
-                target,
-                *plan.ytaps,
-                *plan.xtaps,
-                plan.xfactor,
-                plan.placement.offset_y,
-                plan.placement.offset_x,
-                plan.mask,
-                plan.offset,
-                plan.coeffs,
-                np.float32(layout.pad_value),
-                np.float32(layout.mean),
-                inv_std,
-            )
+            cpu.resample_plain(*where, plan.offset, plan.coeffs, *norm)
         elif not plan.use_table and not plan.sigmoid:
             # Signed or padded pixels under LINEAR windows: the fused loops of resample_plain.
             cpu.resample_affine(
-                np.ascontiguousarray(src),
-                target,
-                *plan.ytaps,
-                *plan.xtaps,
-                plan.xfactor,
-                plan.placement.offset_y,
-                plan.placement.offset_x,
-                plan.mask,
+                *where,
                 plan.sign_bit,
                 plan.signed,
                 plan.flip,
@@ -326,20 +317,11 @@ def preprocess(
                 plan.pad_hi,
                 plan.offset,
                 plan.coeffs,
-                np.float32(layout.pad_value),
-                np.float32(layout.mean),
-                inv_std,
+                *norm,
             )
         else:
             cpu.resample(
-                np.ascontiguousarray(src),
-                target,
-                *plan.ytaps,
-                *plan.xtaps,
-                plan.xfactor,
-                plan.placement.offset_y,
-                plan.placement.offset_x,
-                plan.mask,
+                *where,
                 plan.sign_bit,
                 plan.signed,
                 plan.offset,
@@ -351,9 +333,7 @@ def preprocess(
                 plan.flip,
                 plan.pad_lo,
                 plan.pad_hi,
-                np.float32(layout.pad_value),
-                np.float32(layout.mean),
-                inv_std,
+                *norm,
             )
         if scratch is not None:
             out[n] = scratch

@@ -5,8 +5,6 @@ ended."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import threading
 import urllib.error
@@ -26,30 +24,13 @@ from netutil import c_store
 from peers import DCMTK_ENV, StoreSCP, free_port, need, wait_for_port, wait_until
 
 
-def dcmtk_storescp() -> str:
-    """dcmtk's storescp from the system's bin directories: with a venv's bin first on PATH,
-    ``shutil.which`` finds pynetdicom's console script of the same name (shared/design.md)."""
-    for folder in ("/usr/bin", "/usr/local/bin", "/bin"):
-        path = shutil.which("storescp", path=folder)
-        if path is None:
-            continue
-        banner = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10)
-        if "dcmtk" in banner.stdout.lower():
-            return path
-    need("storescp")  # none at all: fails under CI, else skips, naming the Debian package
-    msg = "dcmtk's storescp is not in /usr/bin: apt-get install dcmtk"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(msg)
-    pytest.skip(msg)
-
-
 class Pacs(StoreSCP):
     """dcmtk's storescp (never pynetdicom's) as the PACS that reports go to."""
 
     def start(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
-            [dcmtk_storescp(), "-aet", self.aet, "-od", str(self.folder), "+xa", str(self.port)],
+            [need("storescp"), "-aet", self.aet, "-od", str(self.folder), "+xa", str(self.port)],
             env=DCMTK_ENV,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
