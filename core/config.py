@@ -39,6 +39,12 @@ def _check_port(value: int, where: str) -> int:
 class DicomConfig:
     """The DICOM SCP that receives studies."""
 
+    def receiver_count(self) -> int:
+        """How many receiving processes ``receivers`` asks for (0: the main process)."""
+        if self.receivers == "auto":
+            return min(8, len(os.sched_getaffinity(0)))
+        return int(self.receivers)
+
     ae_title: str = "NIDAAN"
     bind: str = "0.0.0.0"
     port: int = 11112
@@ -53,6 +59,10 @@ class DicomConfig:
     require_known_callers: bool = False
     #: At most this many associations at once; more are rejected (transient, local limit).
     max_associations: int = 16
+    #: Processes receiving C-STORE: the main process accepts each connection and hands it to
+    #: the receiver with the fewest associations. ``"auto"``: one per core this process may use
+    #: (at most 8); ``0``: receive in the main process itself.
+    receivers: int | str = "auto"
     #: Limits on what one instance or study may be; beyond them the C-STORE is refused.
     max_instance_bytes: int = 2_147_483_648
     max_pixels: int = 250_000_000  # Rows x Columns x Number of Frames
@@ -75,6 +85,16 @@ class DicomConfig:
             if path and not os.path.isfile(path):
                 raise ConfigError(f"dicom.{key}: {path} is not a file")
         _check_port(self.port, "dicom.port")
+        if self.receivers != "auto":
+            try:
+                self.receivers = int(self.receivers)
+            except (TypeError, ValueError):
+                raise ConfigError(
+                    f"dicom.receivers is {self.receivers!r}; use 'auto' or a number (0 = in the "
+                    "main process)"
+                ) from None
+            if not 0 <= self.receivers <= 64:
+                raise ConfigError("dicom.receivers must be between 0 and 64")
         if self.study_idle_timeout_s <= 0:
             raise ConfigError("dicom.study_idle_timeout_s must be positive")
         for key in (
@@ -96,9 +116,18 @@ class GrpcConfig:
     port: int = 50051
     #: Threads serving calls; calls past ``max_concurrent_rpcs`` get RESOURCE_EXHAUSTED at once.
     workers: int = 8
-    max_concurrent_rpcs: int = 64
-    #: Largest request or response (a study's instances travel in one message).
+    #: Calls in flight at once (each waits for a worker and for room in ``max_inflight_mb``).
+    max_concurrent_rpcs: int = 256
+    #: Largest message: an Analyze request (one study), or one instance of AnalyzeStudy.
     max_message_mb: int = 512
+    #: Bytes the calls in flight may hold while they are read, decoded and preprocessed; a call
+    #: that would exceed it waits up to ``admission_timeout_s``, then gets RESOURCE_EXHAUSTED.
+    max_inflight_mb: int = 256
+    admission_timeout_s: float = 30.0
+    #: Bearer tokens, one per line ('#' starts a comment): when set, every call of
+    #: nidaan.v1.Inference must carry ``authorization: Bearer <token>`` (health stays open).
+    #: An alternative to mutual TLS for callers behind a gateway; the file is read at start.
+    tokens_file: str = ""
     #: Instances one Analyze call may hold.
     max_instances: int = 1000
     #: A refused instance bigger than this is not kept in quarantine (its reason is): whoever
@@ -110,11 +139,42 @@ class GrpcConfig:
 
     def validate(self) -> None:
         _check_port(self.port, "grpc.port")
-        for key in ("workers", "max_concurrent_rpcs", "max_message_mb", "max_instances"):
+        for key in (
+            "workers",
+            "max_concurrent_rpcs",
+            "max_message_mb",
+            "max_instances",
+            "max_inflight_mb",
+        ):
             if getattr(self, key) < 1:
                 raise ConfigError(f"grpc.{key} must be at least 1")
         if self.max_quarantine_mb < 0:
             raise ConfigError("grpc.max_quarantine_mb must not be negative")
+        if self.admission_timeout_s < 0:
+            raise ConfigError("grpc.admission_timeout_s must not be negative")
+        if self.tokens_file:
+            read_tokens(self.tokens_file)  # a missing, unreadable or empty file stops here
+
+
+def read_tokens(path: str) -> list[str]:
+    """The bearer tokens in ``path`` (``grpc.tokens_file``): one per line, blank lines and
+    '#' comments ignored. ConfigError naming the file (never a token) if it has none."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = fh.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"grpc.tokens_file: cannot read {path}: {exc}") from exc
+    tokens = [t.strip() for t in lines if t.strip() and not t.strip().startswith("#")]
+    if not tokens:
+        raise ConfigError(f"grpc.tokens_file: {path} holds no token")
+    for n, token in enumerate(tokens, 1):
+        if len(token) < 16 or any(c.isspace() or not c.isprintable() for c in token):
+            # The token itself is never quoted: it is a secret.
+            raise ConfigError(
+                f"grpc.tokens_file: token {n} in {path} is shorter than 16 characters or holds "
+                "spaces or control characters"
+            )
+    return tokens
 
 
 @dataclass
@@ -160,9 +220,11 @@ class InferenceConfig:
     intra_op_threads: int = 0
     #: Studies analysed at the same time; their images meet in the models' batchers.
     workers: int = 2
-    #: Preprocessed tensors kept from arrival until their study is analysed (least recently
-    #: stored dropped first; a dropped image is decoded again from the spool).
-    tensor_cache_mb: int = 1024
+    #: Processes decoding compressed pixel data (the codecs hold the GIL, so they run apart
+    #: from the server's threads); 0 = one per core this process may use.
+    decode_workers: int = 0
+    #: A decode running longer than this fails its image (the worker is replaced).
+    decode_timeout_s: float = 60.0
     #: Images a model's queue holds when its config.pbtxt sets no default_queue_policy.
     max_queue_images: int = 256
     #: How long a caller waits for room in a full queue before QueueFullError.
@@ -186,7 +248,11 @@ class InferenceConfig:
                 f"inference.triton_shared_memory is {self.triton_shared_memory!r}; "
                 "use 'auto', 'system', 'cuda' or 'none'"
             )
-        for name in ("workers", "max_queue_images", "tensor_cache_mb"):
+        if self.decode_workers < 0:
+            raise ConfigError("inference.decode_workers must be 0 (one per core) or more")
+        if self.decode_timeout_s <= 0:
+            raise ConfigError("inference.decode_timeout_s must be positive")
+        for name in ("workers", "max_queue_images"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"inference.{name} must be at least 1")
         if self.queue_timeout_s < 0:
@@ -279,6 +345,12 @@ class ReportsConfig:
     #: After this many failed attempts a report becomes a dead letter: kept, visible in
     #: ``nidaan outbox``, re-sent by ``nidaan outbox --resend``; 0 = retry for ever.
     max_attempts: int = 100
+    #: Associations the outbox holds open to one peer at once (each carries several reports):
+    #: a PACS limits its associations per calling AE, so this stays small.
+    max_associations_per_peer: int = 2
+    #: Associations the outbox holds open in all, to every peer together; a peer that hangs
+    #: occupies at most ``max_associations_per_peer`` of them, so the others go on delivering.
+    max_associations: int = 8
     series_number: int = 9901
     institution_name: str = ""
 
@@ -287,6 +359,10 @@ class ReportsConfig:
             raise ConfigError("reports: need 0 < retry_initial_s <= retry_max_s")
         if self.max_attempts < 0:
             raise ConfigError("reports.max_attempts must be 0 (for ever) or more")
+        if self.max_associations_per_peer < 1:
+            raise ConfigError("reports.max_associations_per_peer must be 1 or more")
+        if self.max_associations < 1:
+            raise ConfigError("reports.max_associations must be 1 or more")
 
 
 @dataclass

@@ -10,6 +10,10 @@ row), so LLVM vectorises it: that loop is where the time goes.
 Pixel Padding, LINEAR) sum up to four source rows per pass over x and write the row buffer once
 (``_fused``); ``resample`` (SIGMOID, lookup tables) adds one source row per pass. Kernels compile
 lazily on first use (no eager signatures) and are cached on disk in ``NUMBA_CACHE_DIR``.
+
+The entry points run without the GIL (``nogil=True``): a study's images are prepared on several
+threads at once, and a kernel must not stall the associations and the outbox meanwhile. Numba's
+``omp`` threading layer is thread-safe for such concurrent launches (``workqueue`` is not).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ _ONE = np.float32(1.0)
 _ROWS_PER_BLOCK = 8
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def resample(  # noqa: PLR0913 - a kernel takes its parameters flat
     src,
     out,
@@ -108,7 +112,7 @@ def resample(  # noqa: PLR0913 - a kernel takes its parameters flat
             )
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def resample_plain(
     src,
     out,
@@ -135,7 +139,7 @@ def resample_plain(
            coeffs, pad_display, mean, inv_std)  # fmt: skip
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def resample_affine(
     src,
     out,
@@ -167,7 +171,7 @@ def resample_affine(
            coeffs, pad_display, mean, inv_std)  # fmt: skip
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _fused(src, out, ystart, ycount, yw, xstart, xw_t, xfactor, off_y, off_x, pix, offset,
            coeffs, pad_display, mean, inv_std):  # fmt: skip
     """The fused kernels: ``out[C, H, W]`` from ``src[h, w]`` under LINEAR windows.
@@ -369,7 +373,7 @@ def _store_row(acc, o, xstart, xw_t, xfactor, off_x, nw, pad_norm, mean, inv_std
             row[j] = (row[j] * ys - mean) * inv_std
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def min_max(src, mask, sign_bit, signed, flip, pad_lo, pad_hi):
     """Smallest and largest stored value of an image (for images without a VOI window).
 

@@ -3,14 +3,21 @@
 Handler errors become DICOM statuses (PS3.4 Annex B.2.3, PS3.7 C.4.2.1.4), never a broken
 association:
 
-* 0x0000 Success: the instance is durably stored and recorded (and, for an image a model will
-  read, decoded successfully).
+* 0x0000 Success: the instance is durably stored and recorded. Nothing slow runs before it:
+  pixel data is decoded later, when the study is analysed, and an image that cannot be decoded
+  then becomes a visible failure (quarantine, audit log, the study's state).
 * 0xA700 Out of Resources: it could not be stored (disk, database); nothing partial is kept.
 * 0xA900 Data Set does not match SOP Class: required UIDs are missing or malformed.
-* 0xC000-0xCFFF Cannot understand: the data set or its pixel data cannot be decoded. The bytes
-  are kept in the quarantine folder with the reason.
+* 0xC000-0xCFFF Cannot understand: the data set cannot be read, or its header breaks a limit.
+  The bytes are kept in the quarantine folder with the reason.
 
 Error Comment (0000,0902) carries a short reason that names the problem and no patient data.
+
+Every rejected association (A-ASSOCIATE-RJ, PS3.8 7.1.1.9) is logged at warning level with its
+reason and the caller's host and AE title (no patient data) and reported to ``on_rejected``
+for the metrics. The SCP either listens itself (:meth:`StorageSCP.start`) or serves connections
+another process accepted and handed over (:meth:`StorageSCP.serve_handed`, see
+``pacs_bridge.receivers``).
 
 Incoming data sets are staged in the data dir's ``tmp/`` while they arrive (see
 :func:`_staged_file`), never in the system temp dir: a staged file is a whole instance, patient
@@ -21,8 +28,10 @@ from __future__ import annotations
 
 import logging
 import shutil
+import socket
 import sqlite3
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -40,10 +49,12 @@ from pynetdicom import (
 )
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
 
 from nidaan.core.errors import InputError
 
 from .admission import DOES_NOT_MATCH_SOP_CLASS, admit, read_file
+from .audit import AuditLog
 from .spool import Spool
 from .state import InstanceRecord, StateStore
 from .uids import ref
@@ -82,8 +93,50 @@ class StoreOutcome:
 
 
 #: Called for each instance before Success is sent: returns whether it is an image to analyse,
-#: raises InputError if it is one that cannot be used.
+#: raises InputError if it is one that cannot be used. It must be quick (header only).
 Inspector = Callable[[Dataset, str], bool]
+
+#: A-ASSOCIATE-RJ (result, source, reason/diag.) -> the reason as logged and counted (PS3.8
+#: 9.3.4, Table 9-21).
+REJECT_REASONS = {
+    (0x01, 0x01, 0x03): "calling AE title not recognised",
+    (0x01, 0x01, 0x07): "called AE title not recognised",
+    (0x02, 0x03, 0x02): "too many associations",
+    (0x02, 0x02, 0x01): "user identity not accepted",
+}
+
+
+def has_pixels(ds: Dataset, calling_ae: str) -> bool:
+    """The default :data:`Inspector`: whether the instance carries pixel data to analyse (SRs,
+    presentation states and key objects do not). Which model reads it is decided at analysis."""
+    return any(kw in ds for kw in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
+
+
+def _reject_now(assoc: Any, result: int, source: int, diagnostic: int) -> None:
+    """Send A-ASSOCIATE-RJ from an EVT_REQUESTED handler and wait until it is on the wire.
+
+    pynetdicom closes the connection as soon as the handler returns, while its DUL thread may
+    not have sent the PDU yet: the caller would read an abort, not the rejection and its reason.
+    Once sent, the DUL is in Sta13, awaiting the transport close (PS3.8 9.2, action AE-8).
+    """
+    assoc.acse.send_reject(result, source, diagnostic)
+    deadline = time.monotonic() + 2.0
+    while assoc.dul.state_machine.current_state != "Sta13" and time.monotonic() < deadline:
+        time.sleep(0.002)
+
+
+class _HandedServer(ThreadedAssociationServer):
+    """pynetdicom's association server without a socket of its own: it serves connections that
+    another process accepted (``server_bind``/``server_activate`` do nothing)."""
+
+    def server_bind(self) -> None:
+        pass
+
+    def server_activate(self) -> None:
+        pass
+
+    def server_close(self) -> None:
+        pass
 
 
 class FileChunks:
@@ -152,20 +205,29 @@ class StorageSCP:
         spool: Spool,
         state: StateStore,
         *,
-        inspect: Inspector,
+        inspect: Inspector = has_pixels,
         on_instance: Callable[[int, str, str, int | None], None],
         on_association_end: Callable[[int], None],
         on_outcome: Callable[[StoreOutcome], None] = lambda o: None,
+        on_rejected: Callable[[str], None] = lambda reason: None,
+        on_connection_closed: Callable[[], None] = lambda: None,
+        audit: AuditLog | None = None,
         max_pdu: int = 4_194_304,
         limits: Limits | None = None,
     ) -> None:
         self.limits = limits or Limits()
         self.spool = spool
         self.state = state
+        self.audit = audit
         self._inspect = inspect
         self._on_instance = on_instance
         self._on_association_end = on_association_end
         self._on_outcome = on_outcome
+        self._on_rejected = on_rejected
+        self._on_connection_closed = on_connection_closed
+        self._ssl_context: Any = None
+        # Handed-over connections to refuse at once (the node is at max_associations): by fd.
+        self._over_limit: set[int] = set()
         # Receive data sets into temporary files rather than memory (a process-wide setting).
         _config.STORE_RECV_CHUNKED_DATASET = True
         self.ae = AE(ae_title=ae_title)
@@ -184,17 +246,65 @@ class StorageSCP:
         self._staging: dict[int, set[Path]] = {}
         _SCPS[self.ae] = weakref.ref(self)
 
-    def start(self, bind: str, port: int, ssl_context: Any = None) -> None:
-        """Start listening in background threads."""
-        handlers: list[Any] = [
+    def _handlers(self) -> list[Any]:
+        return [
             (evt.EVT_C_ECHO, lambda event: SUCCESS),
             (evt.EVT_C_STORE, self._handle_store),
             (evt.EVT_REQUESTED, self._handle_requested),
             (evt.EVT_CONN_CLOSE, self._handle_close),
         ]
+
+    def start(self, bind: str, port: int, ssl_context: Any = None) -> None:
+        """Start listening in background threads."""
         self._server = self.ae.start_server(
-            (bind, port), block=False, evt_handlers=handlers, ssl_context=ssl_context
+            (bind, port), block=False, evt_handlers=self._handlers(), ssl_context=ssl_context
         )
+
+    def serve_handed(self, address: tuple[str, int], ssl_context: Any = None) -> None:
+        """Serve connections given to :meth:`take` instead of listening (a receiver process);
+        ``address`` is where the accepting process listens."""
+        self._ssl_context = ssl_context
+        self._server = _HandedServer(
+            self.ae,
+            address,
+            self.ae.ae_title,
+            self.ae.supported_contexts,
+            None,  # TLS is wrapped in take()'s thread, not in an accept loop
+            self._handlers(),
+        )
+        self._server.socket.close()  # socketserver made one; this server never listens
+
+    def take(self, sock: socket.socket, address: Any, *, over_limit: bool = False) -> None:
+        """Serve one connection another process accepted (its association runs in a thread).
+
+        ``over_limit``: the node already carries ``max_associations``; the association is
+        rejected (transient, local limit exceeded, PS3.8 7.1.1.9) once it is requested.
+        """
+        threading.Thread(
+            target=self._serve_one,
+            args=(sock, address, over_limit),
+            name="nidaan-handed-connection",
+            daemon=True,
+        ).start()
+
+    def _serve_one(self, sock: socket.socket, address: Any, over_limit: bool) -> None:
+        try:
+            if self._ssl_context is not None:
+                # The handshake here, in the connection's own thread: a slow or hostile client
+                # delays only itself.
+                sock.settimeout(30)
+                sock = self._ssl_context.wrap_socket(sock, server_side=True)
+                sock.settimeout(None)
+            if over_limit:
+                with self._ids_lock:
+                    self._over_limit.add(sock.fileno())
+            self._server.finish_request(sock, address)
+        except Exception as exc:  # e.g. the TLS handshake failed: this connection only
+            log.warning("a connection from %s ended before association: %s", address[0], exc)
+            try:
+                sock.close()
+            finally:
+                self._on_connection_closed()
 
     @property
     def port(self) -> int:
@@ -202,9 +312,14 @@ class StorageSCP:
         return int(self._server.server_address[1])
 
     def stop(self) -> None:
-        if self._server is not None:
+        if self._server is None:
+            return
+        if isinstance(self._server, _HandedServer):
+            for assoc in self._server.active_associations:
+                assoc.abort()
+        else:
             self._server.shutdown()
-            self._server = None
+        self._server = None
 
     def _assoc_id(self, assoc: Any) -> int:
         with self._ids_lock:
@@ -219,19 +334,39 @@ class StorageSCP:
 
         A stranger gets A-ASSOCIATE-RJ rejected-permanent, service-user, "calling AE title not
         recognized" (PS3.8 9.3.4), whether its title or its host is wrong, so a probe learns
-        nothing about which.
+        nothing about which. A connection handed over while the node is at its association
+        limit gets rejected-transient, "local-limit-exceeded".
         """
+        assoc = event.assoc
+        # At this point only the A-ASSOCIATE-RQ primitive carries the calling AE title.
+        calling = str(assoc.requestor.primitive.calling_ae_title).strip()
+        host = str(assoc.requestor.address)
+        send_reject = assoc.acse.send_reject
+
+        def logged_reject(result: int, source: int, diagnostic: int) -> None:
+            # Every rejection, pynetdicom's own (called AE title, its association limit) and
+            # ours, passes here: each is logged and counted with its reason.
+            reason = REJECT_REASONS.get(
+                (result, source, diagnostic), f"rejected ({result}, {source}, {diagnostic})"
+            )
+            log.warning("rejected an association from %s calling as %r: %s", host, calling, reason)
+            self._on_rejected(reason)
+            send_reject(result, source, diagnostic)
+
+        assoc.acse.send_reject = logged_reject
+        raw = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+        fileno = raw.fileno() if raw is not None else -1
+        with self._ids_lock:
+            over_limit = fileno in self._over_limit
+            self._over_limit.discard(fileno)
+        if over_limit:
+            _reject_now(assoc, 0x02, 0x03, 0x02)
+            return
         known = self.limits.known_callers
         if known is None:
             return
-        # At this point only the A-ASSOCIATE-RQ primitive carries the calling AE title.
-        calling = str(event.assoc.requestor.primitive.calling_ae_title).strip()
-        host = str(event.assoc.requestor.address)
         if host not in known.get(calling, set()):
-            log.warning(
-                "rejected an association from %s calling as %r: not a known peer", host, calling
-            )
-            event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+            _reject_now(assoc, 0x01, 0x01, 0x03)
 
     def _staged(self, assoc: Any, path: Path) -> None:
         """A data set of ``assoc`` is being staged at ``path`` (see :func:`_staged_file`)."""
@@ -252,20 +387,31 @@ class StorageSCP:
             )
         if assoc_id is not None:
             self._on_association_end(assoc_id)
+        self._on_connection_closed()
 
     def _outcome(self, event: Any, status: int, reason: str = "", study_uid: str = "") -> None:
         """Report a C-STORE outcome (metrics, audit) with who sent what."""
         requestor = event.assoc.requestor
-        self._on_outcome(
-            StoreOutcome(
-                status,
-                reason,
-                str(requestor.ae_title).strip(),
-                str(requestor.address),
-                study_uid,
-                str(getattr(event.request, "AffectedSOPInstanceUID", "") or ""),
-            )
+        outcome = StoreOutcome(
+            status,
+            reason,
+            str(requestor.ae_title).strip(),
+            str(requestor.address),
+            study_uid,
+            str(getattr(event.request, "AffectedSOPInstanceUID", "") or ""),
         )
+        if self.audit is not None:
+            # Before the answer goes out: the audit trail holds every C-STORE answered.
+            self.audit.record(
+                "instance",
+                status=f"0x{status:04X}",
+                reason=reason,
+                calling_ae=outcome.calling_ae,
+                host=outcome.host,
+                study=study_uid,
+                sop_instance=outcome.sop_instance_uid,
+            )
+        self._on_outcome(outcome)
 
     def _refuse(self, event: Any, chunks: FileChunks | None, status: int, reason: str) -> Dataset:
         where = ""

@@ -167,6 +167,7 @@ class Spool:
         size: int,
         min_free_bytes: int,
         max_bytes: int | None = None,
+        stage: str = "admission",
     ) -> Quarantined:
         """Keep a refused object (``size`` bytes) with a JSON sidecar saying why.
 
@@ -175,6 +176,9 @@ class Spool:
         ``min_free_bytes`` free after them: whoever can send can otherwise fill the disk with
         refused objects. The sidecar (a few hundred bytes) is always written; it gives the size,
         and says when and why the bytes were not kept. OSError if even that fails.
+
+        ``stage`` says when it was refused: ``admission`` (before any answer: the sender was
+        told) or ``analysis`` (acknowledged and stored, then found unusable when decoded).
 
         Quarantined files are named by time, not by their (untrusted) UIDs.
         """
@@ -193,6 +197,7 @@ class Spool:
         info: dict[str, object] = {
             "reason": reason,
             "status": shown,
+            "stage": stage,
             "received_at": time.time(),
             "size": size,
             "kept": not not_kept,

@@ -282,3 +282,19 @@ class StateStore:
             args.extend(item_ids)
         with self._tx() as db:
             return db.execute(query, args).rowcount
+
+    # --- GetStudy (gRPC) ---
+
+    def latest_report(self, study_uid: str) -> tuple[Path, str] | None:
+        """(path, SOP Instance UID) of the study's newest report queued for delivery, or None.
+
+        Read-only. A study analysed again gets a new report, so the newest row is the one that
+        describes every instance received so far.
+        """
+        with self._lock:
+            row = self._db.execute(
+                "SELECT report_path, sop_instance_uid FROM outbox WHERE study_uid = ?"
+                " ORDER BY id DESC LIMIT 1",
+                (study_uid,),
+            ).fetchone()
+        return None if row is None else (Path(row[0]), str(row[1]))

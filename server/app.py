@@ -1,9 +1,12 @@
 """The ``nidaan serve`` process: SCP, study assembly, analysis worker, report outbox, metrics.
 
-Everything runs in one process with no external service (the embedded default). Threads:
-pynetdicom's association threads receive; ``inference.workers`` workers analyse complete studies
-(a study is never analysed by two at once) and their images meet in each model's batcher; the
-outbox thread delivers reports; a timer completes idle studies.
+One node with no external service (the embedded default). Processes: ``dicom.receivers``
+receiver processes serve the associations the main process accepts (``pacs_bridge.receivers``;
+with ``receivers = 0`` pynetdicom's association threads do it here), and
+``inference.decode_workers`` processes decode compressed pixel data (``server.decode_pool``).
+Threads of the main process: ``inference.workers`` workers analyse complete studies (a study is
+never analysed by two at once) and their images meet in each model's batcher; the outbox
+delivers reports; a timer completes idle studies; the accept and receiver-event threads.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from nidaan.kernels import configure_cache, resolve_backend
 from nidaan.pacs_bridge.assembly import StudyAssembler
 from nidaan.pacs_bridge.audit import AuditLog
 from nidaan.pacs_bridge.outbox import Outbox
+from nidaan.pacs_bridge.receivers import Receivers
 from nidaan.pacs_bridge.routing import Router
 from nidaan.pacs_bridge.scp import Limits, StorageSCP, StoreOutcome
 from nidaan.pacs_bridge.spool import Spool
@@ -33,6 +37,7 @@ from nidaan.pacs_bridge.uids import derived_uid, ref
 from .api import ApiLimits, ApiServer, InferenceService, server_credentials
 from .backends import create_backend
 from .batching import DynamicBatcher
+from .decode_pool import DecodePool
 from .metrics import Metrics
 from .model_repository import load_repository
 from .pipeline import Pipeline
@@ -49,6 +54,8 @@ THREAD_ROLES = {
     "nidaan-worker": "analysis worker",
     "nidaan-timer": "study completion timer",
     "nidaan-outbox": "report delivery (outbox)",
+    "nidaan-accept": "DICOM connection acceptor",
+    "nidaan-receiver-events": "DICOM receivers' events",
 }
 
 
@@ -94,13 +101,16 @@ class NidaanServer:
         self.backend = create_backend(config.inference, self.models, self.metrics.observe_batch)
         if isinstance(self.backend, DynamicBatcher):
             self.metrics.watch_batcher(self.backend.stats)
+        self.decoder = DecodePool(
+            config.inference.decode_workers, config.inference.decode_timeout_s
+        )
         self.pipeline = Pipeline(
             self.models,
             self.backend,
             kernel_backend=config.kernels.backend,
-            cache_bytes=config.inference.tensor_cache_mb << 20,
+            decoder=self.decoder,
+            prepare_threads=self.decoder.workers,
         )
-        self.metrics.watch_tensor_cache(lambda: self.pipeline.cached_bytes)
         self.router = Router(config, {m.name for m in self.models})
         data = Path(config.storage.data_dir)
         self.spool = Spool(data)
@@ -119,21 +129,37 @@ class NidaanServer:
             self.state,
             self.spool,
             self.metrics,
+            self.audit,
             device_uid=self.device_uid,
             wake_outbox=lambda: self.outbox.wake(),
         )
         self.assembler = StudyAssembler(config.dicom.study_idle_timeout_s, self._study_complete)
-        self.scp = StorageSCP(
-            config.dicom.ae_title,
-            self.spool,
-            self.state,
-            inspect=self.studies.inspect,
-            on_instance=self.assembler.instance_received,
-            on_association_end=self.assembler.association_ended,
-            on_outcome=self._count_store,
-            max_pdu=config.dicom.max_pdu,
-            limits=scp_limits(config),
-        )
+        limits = scp_limits(config)
+        receivers = config.dicom.receiver_count()
+        self.scp: StorageSCP | Receivers
+        if receivers:
+            self.scp = Receivers(
+                config,
+                receivers,
+                limits,
+                on_instance=self.assembler.instance_received,
+                on_association_end=self.assembler.association_ended,
+                on_outcome=self._count_store,
+                on_rejected=self._count_rejected,
+            )
+        else:
+            self.scp = StorageSCP(
+                config.dicom.ae_title,
+                self.spool,
+                self.state,
+                on_instance=self.assembler.instance_received,
+                on_association_end=self.assembler.association_ended,
+                on_outcome=self._count_store,
+                on_rejected=self._count_rejected,
+                audit=self.audit,
+                max_pdu=config.dicom.max_pdu,
+                limits=limits,
+            )
         self.outbox = Outbox(
             config,
             self.state,
@@ -161,7 +187,10 @@ class NidaanServer:
         self.outbox.start()
         d = self.config.dicom
         try:
-            self.scp.start(d.bind, d.port, server_context(d))
+            if isinstance(self.scp, Receivers):
+                self.scp.start(d.bind, d.port)  # each receiver makes its own TLS context
+            else:
+                self.scp.start(d.bind, d.port, server_context(d))
         except OSError as exc:  # a taken port: one line naming it, not a traceback
             raise ConfigError(
                 f"dicom.port: cannot listen on {d.bind}:{d.port}: {exc.strerror or exc}"
@@ -211,6 +240,8 @@ class NidaanServer:
         self.outbox.stop()
         if self.http is not None:
             self.http.stop()
+        self.pipeline.close()
+        self.decoder.close()
         self.backend.close()
         if "nidaan.kernels.executor" in sys.modules:  # a GPU executor may have started
             sys.modules["nidaan.kernels.executor"].close_executors()
@@ -228,7 +259,8 @@ class NidaanServer:
         if self._stop.is_set():
             return ["the node is stopping"]
         problems = []
-        for t in [*self._threads, self.outbox.thread]:
+        receiving = self.scp.threads if isinstance(self.scp, Receivers) else []
+        for t in [*self._threads, self.outbox.thread, *receiving]:
             if not t.is_alive():
                 role = next(
                     (r for p, r in THREAD_ROLES.items() if t.name.startswith(p)),
@@ -236,6 +268,8 @@ class NidaanServer:
                 )
                 state = "has not started" if t.ident is None else "has stopped"
                 problems.append(f"thread {t.name} ({role}) {state}")
+        if isinstance(self.scp, Receivers):
+            problems += self.scp.health()
         return problems
 
     def serving(self) -> bool:
@@ -285,7 +319,11 @@ class NidaanServer:
                     for name, st in batches.items()
                 },
             },
-            "tensor_cache_bytes": self.pipeline.cached_bytes,
+            "decoder": {"workers": self.decoder.workers, "restarts": self.decoder.restarts},
+            "receivers": {
+                "processes": self.scp.count if isinstance(self.scp, Receivers) else 0,
+                "restarts": self.scp.restarts if isinstance(self.scp, Receivers) else 0,
+            },
         }
 
     def _api_server(self) -> ApiServer:
@@ -341,16 +379,11 @@ class NidaanServer:
     # --- events ----------------------------------------------------------------------------------
 
     def _count_store(self, outcome: StoreOutcome) -> None:
+        # The SCP wrote the audit line (in whichever process received it) before answering.
         self.metrics.instances.labels(f"0x{outcome.status:04X}").inc()
-        self.audit.record(
-            "instance",
-            status=f"0x{outcome.status:04X}",
-            reason=outcome.reason,
-            calling_ae=outcome.calling_ae,
-            host=outcome.host,
-            study=outcome.study_uid,
-            sop_instance=outcome.sop_instance_uid,
-        )
+
+    def _count_rejected(self, reason: str) -> None:
+        self.metrics.associations_rejected.labels(reason).inc()
 
     def _delivery_attempt(self, item: OutboxItem, ok: bool, error: str) -> None:
         self.metrics.deliveries.labels("delivered" if ok else "failed").inc()
@@ -369,7 +402,8 @@ class NidaanServer:
         self._queue.put(study_uid)
 
     def _study_delivered(self, study_uid: str) -> None:
-        self.state.set_study_state(study_uid, "delivered")
+        info = self.state.study(study_uid)  # keep what analysis noted (images not analysed)
+        self.state.set_study_state(study_uid, "delivered", info[1] if info else "")
         self.metrics.studies.labels("delivered").inc()
         log.info("study %s delivered", ref(study_uid))
 

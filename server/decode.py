@@ -8,14 +8,20 @@ analysed today; anything else raises :class:`UnsupportedError`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-from nidaan.core.errors import DecodeError, UnsupportedError
+from nidaan.core.errors import DecodeError, InputError, UnsupportedError
 from nidaan.kernels import PixelTransform
 from nidaan.kernels.transform import LookupTable
+
+from .decode_pool import is_compressed
+
+if TYPE_CHECKING:
+    from .decode_pool import DecodePool
 
 _GREYSCALE = ("MONOCHROME1", "MONOCHROME2")
 
@@ -113,8 +119,12 @@ def pixel_transform(ds: Dataset) -> PixelTransform:
         raise UnsupportedError(f"cannot interpret the pixel transform attributes: {exc}") from exc
 
 
-def decode(ds: Dataset) -> SourceImage:
-    """Decode the first frame of a greyscale image; raise an :class:`InputError` naming why not."""
+def decode(ds: Dataset, pool: DecodePool | None = None) -> SourceImage:
+    """Decode the first frame of a greyscale image; raise an :class:`InputError` naming why not.
+
+    With a ``pool``, compressed pixel data is decoded in its worker processes (the codecs hold
+    the GIL); native pixel data is always read here.
+    """
     if not is_image(ds):
         raise UnsupportedError("the instance has no pixel data")
     photometric = str(ds.get("PhotometricInterpretation", ""))
@@ -129,7 +139,12 @@ def decode(ds: Dataset) -> SourceImage:
     ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     try:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
-        arr = _first_frame(ds, frames)
+        if pool is not None and is_compressed(ds):
+            arr = pool.first_frame(ds, frames)
+        else:
+            arr = _first_frame(ds, frames)
+    except InputError:
+        raise  # the pool's own verdict (a worker crashed, a time-out) says why already
     except NotImplementedError as exc:
         raise DecodeError(f"no decoder for transfer syntax {ts}: {exc}") from exc
     except Exception as exc:  # decoders raise many types for corrupt data

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -19,6 +19,17 @@ class Metrics:
             "nidaan_instances_received",
             "C-STORE requests answered, by status",
             ["status"],
+            registry=self.registry,
+        )
+        self.images_failed = Counter(
+            "nidaan_images_failed",
+            "Acknowledged images that could not be decoded or preprocessed at analysis",
+            registry=self.registry,
+        )
+        self.associations_rejected = Counter(
+            "nidaan_associations_rejected",
+            "Associations refused (A-ASSOCIATE-RJ), by reason",
+            ["reason"],
             registry=self.registry,
         )
         self.studies = Counter(
@@ -63,15 +74,6 @@ class Metrics:
         """The embedded batcher's observer: one batch of ``images`` ran for ``model``."""
         self.batch_images.labels(model).observe(images)
         self.queue_seconds.labels(model).observe(queued_s)
-
-    def watch_tensor_cache(self, cached_bytes: Callable[[], float]) -> None:
-        """Export the pipeline's tensor cache size at each scrape."""
-        gauge = Gauge(
-            "nidaan_tensor_cache_bytes",
-            "Preprocessed tensors waiting for their study to be analysed",
-            registry=self.registry,
-        )
-        gauge.set_function(cached_bytes)
 
     def watch_batcher(self, stats: Callable[[], Mapping[str, Any]]) -> None:
         """Export the embedded batcher's counters (``DynamicBatcher.stats``) at each scrape."""

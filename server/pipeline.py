@@ -1,35 +1,41 @@
 """The analysis pipeline: decode, preprocess (kernels), infer (backend), postprocess, findings.
 
-The same :class:`Pipeline` serves the DICOM path (the SCP inspects each instance on arrival and
-the study is analysed on completion), the gRPC API and the offline ``nidaan analyze`` command.
+The same :class:`Pipeline` serves the DICOM path (a complete study is analysed from the spool),
+the gRPC API and the offline ``nidaan analyze`` command.
 
-Images are decoded once. On the DICOM path, the SCP's inspection decodes and preprocesses an
-image on arrival into the model tensors, which wait in a bounded in-memory cache (the DICOM
-route's staging area) until the study is complete; an image that fell out of the cache (or
-arrived before a restart) is decoded again from the spool. A cached entry is used only when it
-holds exactly the models the analysis asks for, so a hit can never change which models run. The
-gRPC path passes its request's tensors to :meth:`Pipeline.analyse` itself (``prepared``) and
-never touches the cache.
+Nothing is decoded on an association's thread: the SCP stores and records an instance and
+answers, and the images are decoded when their study is analysed, several at once (native pixel
+data in threads, the Numba kernels run without the GIL; compressed pixel data in the
+:class:`~nidaan.server.decode_pool.DecodePool`'s processes, because the codecs hold it). An image
+that cannot be decoded then fails alone: ``on_error`` hears of it and the study's other images
+are analysed. The gRPC path passes its request's tensors to :meth:`Pipeline.analyse` itself
+(``prepared``).
 """
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from pydicom.dataset import Dataset
 
 from nidaan.core.attributes import text
+from nidaan.core.errors import InputError
 from nidaan.core.findings import BoundingBox, Finding, ImageAnalysis
 from nidaan.kernels import InputLayout, Placement, peak_region, preprocess, to_host
 
 from .decode import decode, is_image
 from .inference import InferenceBackend, is_device_array, stack
 from .model_repository import ModelSpec
+
+if TYPE_CHECKING:
+    from .decode_pool import DecodePool
+
+#: Called with an image that cannot be analysed and why; the study's other images go on.
+ImageError = Callable[[Dataset, InputError], None]
 
 
 @dataclass(frozen=True)
@@ -55,17 +61,24 @@ class Pipeline:
         backend: InferenceBackend,
         *,
         kernel_backend: str = "auto",
-        cache_bytes: int = 1 << 30,
+        decoder: DecodePool | None = None,
+        prepare_threads: int = 2,
     ) -> None:
         self.models = list(models)
         self.backend = backend
         self.kernel_backend = kernel_backend
-        self._cache: OrderedDict[str, dict[str, Prepared]] = OrderedDict()
-        self._cache_bytes = 0
-        self._cache_limit = cache_bytes
-        self._lock = threading.Lock()
+        self.decoder = decoder
+        #: Images of a study prepared at once: decodes wait on the pool's processes and the CPU
+        #: kernels release the GIL, so a study's images overlap on every core.
+        self._prepare = ThreadPoolExecutor(
+            max(1, prepare_threads), thread_name_prefix="nidaan-prepare"
+        )
         #: The backend binds GPU arrays by device pointer: keep the kernels' output on the GPU.
         self._device_tensors = bool(getattr(backend, "accepts_device_arrays", False))
+
+    def close(self) -> None:
+        """Stop the preparation threads (the decoder belongs to whoever made it)."""
+        self._prepare.shutdown(wait=True, cancel_futures=True)
 
     # --- routing ---------------------------------------------------------------------------------
 
@@ -94,7 +107,7 @@ class Pipeline:
         models = self.models_for(ds, allowed)
         if not models:
             return {}
-        image = decode(ds)
+        image = decode(ds, self.decoder)
         prepared = {}
         for m in models:
             batch, placements = preprocess(
@@ -110,41 +123,6 @@ class Pipeline:
             prepared[m.name] = Prepared(tensor, placements[0])
         return prepared
 
-    def inspect(self, ds: Dataset, allowed: frozenset[str] | None = None) -> bool:
-        """SCP hook: prepare an arriving instance and keep the tensors for its study's analysis.
-
-        Returns whether the instance is an image some model will analyse.
-        """
-        prepared = self.prepare(ds, allowed)
-        if prepared:
-            self._remember(str(ds.SOPInstanceUID), prepared)
-        return bool(prepared)
-
-    def _remember(self, sop_uid: str, prepared: dict[str, Prepared]) -> None:
-        size = sum(p.tensor.nbytes for p in prepared.values())
-        with self._lock:
-            old = self._cache.pop(sop_uid, None)
-            if old is not None:
-                self._cache_bytes -= sum(p.tensor.nbytes for p in old.values())
-            self._cache[sop_uid] = prepared
-            self._cache_bytes += size
-            while self._cache_bytes > self._cache_limit and self._cache:
-                _, evicted = self._cache.popitem(last=False)
-                self._cache_bytes -= sum(p.tensor.nbytes for p in evicted.values())
-
-    @property
-    def cached_bytes(self) -> int:
-        """Bytes of preprocessed tensors waiting for their study's analysis."""
-        with self._lock:
-            return self._cache_bytes
-
-    def _take(self, sop_uid: str) -> dict[str, Prepared] | None:
-        with self._lock:
-            prepared = self._cache.pop(sop_uid, None)
-            if prepared is not None:
-                self._cache_bytes -= sum(p.tensor.nbytes for p in prepared.values())
-            return prepared
-
     # --- analysis --------------------------------------------------------------------------------
 
     def analyse(
@@ -154,29 +132,43 @@ class Pipeline:
         load_pixels: Callable[[Dataset], Dataset] | None = None,
         allowed: Callable[[Dataset], frozenset[str] | None] | None = None,
         prepared: Mapping[str, dict[str, Prepared]] | None = None,
+        on_error: ImageError | None = None,
     ) -> list[ImageAnalysis]:
         """Analyse the images of one study with every applicable model, batched per model.
 
-        ``datasets`` may be headers only (no pixel data) when ``load_pixels(ds)`` can return the
-        full dataset for an image whose tensors are no longer cached; ``allowed(ds)`` gives the
-        model names a routing rule chose for it (None = any). ``prepared`` (by SOP Instance UID)
-        gives tensors a caller made itself, in place of the arrival cache.
+        ``datasets`` may be headers only (no pixel data) when ``load_pixels(ds)`` returns the
+        full dataset; ``allowed(ds)`` gives the model names a routing rule chose for it (None =
+        any). ``prepared`` (by SOP Instance UID) gives tensors a caller made itself. An image
+        that cannot be decoded or preprocessed raises its InputError, or, with ``on_error``, is
+        passed to it and left out while the others are analysed.
         """
+        wanted: list[tuple[Dataset, frozenset[str] | None]] = []
         jobs: dict[str, list[tuple[Dataset, Prepared]]] = {}
+        ready: dict[str, dict[str, Prepared]] = {}
         for ds in datasets:
             uid = str(ds.SOPInstanceUID)
             chosen = None if allowed is None else allowed(ds)
-            wanted = {m.name for m in self.models_accepting(ds, chosen)}
-            ready = prepared.get(uid) if prepared is not None else self._take(uid)
-            if ready is None or set(ready) != wanted:
-                # Not cached, or cached for other models (another route's choice): prepare
-                # for exactly the models this analysis runs.
-                ready = (
-                    self.prepare(ds if load_pixels is None else load_pixels(ds), chosen)
-                    if wanted
-                    else {}
-                )
-            for name, p in ready.items():
+            if prepared is not None and uid in prepared:
+                ready[uid] = prepared[uid]
+            elif self.models_accepting(ds, chosen):
+                wanted.append((ds, chosen))
+
+        def prepare_one(item: tuple[Dataset, frozenset[str] | None]) -> dict[str, Prepared]:
+            ds, chosen = item
+            return self.prepare(ds if load_pixels is None else load_pixels(ds), chosen)
+
+        pending = [(ds, self._prepare.submit(prepare_one, (ds, c))) for ds, c in wanted]
+        for ds, future in pending:
+            try:
+                ready[str(ds.SOPInstanceUID)] = future.result()
+            except InputError as exc:
+                if on_error is None:
+                    for _, f in pending:
+                        f.cancel()
+                    raise
+                on_error(ds, exc)
+        for ds in datasets:  # in the study's order, whatever order they were prepared in
+            for name, p in ready.get(str(ds.SOPInstanceUID), {}).items():
                 jobs.setdefault(name, []).append((ds, p))
         active = [m for m in self.models if jobs.get(m.name)]
         batches = {m.name: stack([p.tensor for _, p in jobs[m.name]]) for m in active}

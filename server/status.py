@@ -7,7 +7,7 @@
   (for load balancers, Kubernetes probes and monitoring).
 - ``/status.json`` and ``/``: what the node is doing, as JSON and as a plain HTML page: models (and
   whether they are for diagnosis), studies by state, report deliveries by state, each model's
-  queue and batches, the tensor cache. Counts only: no patient data and no UIDs.
+  queue and batches, the receiver and decoder processes. Counts only: no patient data and no UIDs.
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ def render(status: dict[str, Any]) -> str:
     items = "".join(f"<li>{html.escape(p)}</li>" for p in status.get("problems", []))
     problems = f"<ul>{items}</ul>" if items else ""
     n = status["node"]
+    r = status["receivers"]
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>Nidaan {html.escape(n["ae_title"])}</title>
 <style>body{{font-family:sans-serif;margin:2em}}
@@ -72,7 +73,8 @@ td,th{{border:1px solid #bbb;padding:.2em .6em;text-align:left}}</style></head><
 {problems}
 <p>DICOM port {n["dicom_port"]}, gRPC port {n["grpc_port"]}, up {n["uptime_s"]:.0f} s,
 inference backend {html.escape(status["inference"]["backend"])},
-tensor cache {status["tensor_cache_bytes"] / 2**20:.1f} MiB.</p>
+{r["processes"]} receiver process(es) ({r["restarts"]} restarted),
+{status["decoder"]["workers"]} decoder process(es) ({status["decoder"]["restarts"]} restarts).</p>
 <h2>Models</h2>{models}
 <h2>Studies</h2>{studies}
 <h2>Report deliveries</h2>{outbox}

@@ -14,8 +14,9 @@ batchers. The entrances (``pacs_bridge.scp``, ``server.api``) only admit input a
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -23,6 +24,7 @@ from pydicom.dataset import Dataset
 from nidaan.core.config import SOURCE, Config
 from nidaan.core.errors import InputError
 from nidaan.core.findings import ImageAnalysis
+from nidaan.pacs_bridge.audit import AuditLog
 from nidaan.pacs_bridge.reports import build_report, encode, report_key, report_uids
 from nidaan.pacs_bridge.routing import Router
 from nidaan.pacs_bridge.spool import Spool, atomic_write
@@ -56,6 +58,7 @@ class Studies:
         state: StateStore,
         spool: Spool,
         metrics: Metrics,
+        audit: AuditLog,
         *,
         device_uid: str,
         wake_outbox: Callable[[], None] = lambda: None,
@@ -66,20 +69,11 @@ class Studies:
         self.state = state
         self.spool = spool
         self.metrics = metrics
+        self.audit = audit
         self.device_uid = device_uid
         self._wake_outbox = wake_outbox
 
     # --- a DICOM study ---------------------------------------------------------------------------
-
-    def inspect(self, ds: Dataset, calling_ae: str) -> bool:
-        """On arrival: route the instance, then let the pipeline prepare it for its models.
-
-        Returns whether a model will analyse it; InputError if it is an image that cannot be used.
-        """
-        decision = self.router.decide(ds, calling_ae)
-        if decision is None:
-            return False  # no routing rule matches: stored, not analysed
-        return self.pipeline.inspect(ds, decision.models)
 
     def destinations(self, calling_ae: str, named: Sequence[str] | None = None) -> list[str]:
         """AE titles a study's report goes to (``@source`` = the sender, when it is a peer)."""
@@ -113,11 +107,24 @@ class Studies:
             decision = decisions[str(ds.SOPInstanceUID)]
             return None if decision is None else decision.models
 
-        analyses = self.pipeline.analyse(headers, load_pixels=load_pixels, allowed=allowed)
+        failures: list[str] = []
+
+        def failed(ds: Dataset, exc: InputError) -> None:
+            failures.append(str(exc))
+            self._image_failed(study_uid, ds, paths[str(ds.SOPInstanceUID)], exc)
+
+        analyses = self.pipeline.analyse(
+            headers, load_pixels=load_pixels, allowed=allowed, on_error=failed
+        )
+        note = ""
+        if failures:
+            note = f"{len(failures)} image(s) could not be analysed: {failures[0]}"
         if not analyses:
+            if failures:  # acknowledged images, none usable: a visible failure, not a skip
+                raise InputError(note)
             self._skip(study_uid)
             return
-        self.state.set_study_state(study_uid, "analysed")
+        self.state.set_study_state(study_uid, "analysed", note)
         log.info("study %s analysed: %s", ref(study_uid), _summary(analyses))
         # The report UIDs derive from the study, the models' versions and the analysed
         # instances, so a re-sent report is the same object and never duplicates in the PACS.
@@ -144,9 +151,33 @@ class Studies:
             return
         for dest in destinations:
             self.state.enqueue(study_uid, path, sop_uid, dest)
-        self.state.set_study_state(study_uid, "reported")
+        self.state.set_study_state(study_uid, "reported", note)
         self.metrics.studies.labels("reported").inc()
         self._wake_outbox()
+
+    def _image_failed(self, study_uid: str, ds: Dataset, path: Path, exc: InputError) -> None:
+        """An acknowledged image that cannot be analysed: kept in quarantine with the reason (the
+        spool keeps the study's copy), in the audit log and the metrics, and named in the log by
+        digest only. Decoding follows Success (nothing slow runs on an association's thread),
+        so this is where an undecodable instance becomes visible."""
+        sop_uid = str(ds.SOPInstanceUID)
+        status = f"0x{exc.status:04X}"
+        try:
+            self.spool.quarantine(
+                _file_chunks(path),
+                str(exc),
+                status=exc.status,
+                size=path.stat().st_size,
+                min_free_bytes=self.config.dicom.min_free_bytes,
+                stage="analysis",
+            )
+        except OSError as err:
+            log.error("could not quarantine instance %s: %s", ref(sop_uid), err.strerror)
+        self.metrics.images_failed.inc()
+        self.audit.record(
+            "instance_failed", status=status, reason=str(exc), study=study_uid, sop_instance=sop_uid
+        )
+        log.warning("instance %s of study %s not analysed: %s", ref(sop_uid), ref(study_uid), exc)
 
     def _skip(self, study_uid: str) -> None:
         self.state.set_study_state(study_uid, "skipped", "no image that a model applies to")
@@ -199,6 +230,28 @@ class Studies:
         except ValueError as exc:  # e.g. the instances name two patients
             raise InputError(f"no report: {exc}") from exc
         return encode(report)
+
+    # --- GetStudy (gRPC) ---
+
+    def study_record(self, study_uid: str) -> tuple[str, str, int, str | None, str] | None:
+        """What the node knows of a study received over DICOM: (state, reason, instances
+        stored, the path of its newest report or None, that report's SOP Instance UID or ''), or
+        None for a study it never received. Read-only; the report is the SR in the spool."""
+        info = self.state.study(study_uid)
+        if info is None:
+            return None
+        state, reason, _ = info
+        count = self.state.instance_count(study_uid)
+        report = self.state.latest_report(study_uid)
+        if report is None or not report[0].is_file():
+            return state, reason, count, None, ""
+        return state, reason, count, str(report[0]), report[1]
+
+
+def _file_chunks(path: Path, chunk: int = 1 << 20) -> Iterator[bytes]:
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            yield block
 
 
 def _summary(analyses: list[ImageAnalysis]) -> str:

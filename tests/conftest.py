@@ -40,9 +40,16 @@ def make_config(
     idle_timeout_s: float = 2.0,
     retry_initial_s: float = 0.2,
     retry_max_s: float = 1.0,
+    receivers: int = 0,
 ) -> Config:
-    """A config on an ephemeral DICOM port, with its own data dir."""
+    """A config on an ephemeral DICOM port, with its own data dir.
+
+    ``receivers`` 0 receives in the test's own process (quick to start, and a test may look
+    inside); tests of the receiver processes, and every ``nidaan serve`` a test starts (on the
+    default, ``auto``), receive in processes of their own.
+    """
     cfg = load_config(None, environ={})
+    cfg.dicom.receivers = receivers
     cfg.dicom.port = 0
     cfg.dicom.bind = "127.0.0.1"
     cfg.dicom.study_idle_timeout_s = idle_timeout_s

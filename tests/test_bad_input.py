@@ -18,6 +18,7 @@ from pynetdicom import AE
 from conftest import make_config
 from factory import sample_file, synthetic_cxr
 from netutil import c_store, send_raw
+from peers import wait_until
 
 CR = "1.2.840.10008.5.1.4.1.1.1"
 
@@ -109,7 +110,6 @@ CASES: dict[str, Callable[[Path], Path]] = {
     "element length just beyond the end": _length_just_beyond_end,
     "2000 nested sequences": _deeply_nested,
     "bytes that are not DICOM": _not_dicom,
-    "palette colour, LUT index out of range": _palette_out_of_range,
     "UID that climbs out of the spool": _uid_escape,
 }
 
@@ -140,6 +140,32 @@ def test_malformed_instance_is_refused_quarantined_and_server_goes_on(
     good = synthetic_cxr(42, rows=256, columns=256)[0]
     (ok,) = c_store(server.scp.port, [good])
     assert ok.Status == 0x0000  # the next instance is served as usual
+
+
+def test_an_image_unusable_only_once_decoded_fails_visibly_after_success(
+    tmp_path: Path,
+    start_server,  # type: ignore[no-untyped-def]
+) -> None:
+    """A header that passes admission but pixels that cannot be used (palette colour with LUT
+    indexes out of range): stored and acknowledged (decoding follows Success), then, at analysis,
+    a failed study naming why and the instance in quarantine; the node goes on."""
+    cfg = make_config(tmp_path)
+    server = start_server(cfg)
+    path = _palette_out_of_range(tmp_path)
+    status = send_raw(server.scp.port, path.read_bytes(), CR, SOP_UID)
+    assert status is not None and status.Status == 0x0000
+    study = server.state.study_of(SOP_UID)
+    assert study is not None
+    wait_until(lambda: (server.state.study(study) or ("",))[0] == "failed", 30, "the failure")
+    _, reason, _ = server.state.study(study)
+    assert "could not be analysed" in reason and "greyscale" in reason, reason
+    (entry,) = [
+        json.loads(p.read_text()) for p in (cfg.storage.data_dir / "quarantine").glob("*.json")
+    ]
+    assert entry["stage"] == "analysis" and "greyscale" in entry["reason"]
+    good = synthetic_cxr(43, rows=256, columns=256)[0]
+    (ok,) = c_store(server.scp.port, [good])
+    assert ok.Status == 0x0000
 
 
 def test_association_with_only_unsupported_sop_classes_is_turned_down(

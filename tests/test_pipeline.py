@@ -7,6 +7,7 @@ import copy
 import numpy as np
 import pytest
 
+from nidaan.core.errors import InputError
 from nidaan.server.inference import OnnxRuntimeBackend
 from nidaan.server.pipeline import Pipeline
 
@@ -72,46 +73,68 @@ def test_images_of_one_study_are_batched_and_non_matching_ones_skipped(
     )
 
 
-def test_inspected_images_are_not_decoded_again(pipeline: Pipeline) -> None:
-    ds, _ = synthetic_cxr(501, nodule=True)
-    assert pipeline.inspect(ds) is True
-    header = copy.deepcopy(ds)
-    del header.PixelData  # the worker passes headers; pixels are read only when not cached
+def test_headers_are_analysed_with_pixels_loaded_once_each_in_the_study_s_order(
+    pipeline: Pipeline,
+) -> None:
+    """The DICOM route passes headers; each image's pixels are read once (from the spool), the
+    images are prepared on several threads at once, and results keep the study's order."""
+    images = [synthetic_cxr(501 + i, nodule=i % 2 == 0)[0] for i in range(5)]
+    by_uid = {ds.SOPInstanceUID: ds for ds in images}
+    headers = []
+    for ds in images:
+        header = copy.deepcopy(ds)
+        del header.PixelData
+        headers.append(header)
     loads: list[str] = []
 
     def load(h):  # type: ignore[no-untyped-def]
         loads.append(h.SOPInstanceUID)
-        return ds
+        return by_uid[h.SOPInstanceUID]
 
-    first = pipeline.analyse([header], load_pixels=load)
-    assert loads == []  # the tensor prepared on arrival was used
-    second = pipeline.analyse([header], load_pixels=load)
-    assert loads == [ds.SOPInstanceUID]  # consumed: now read from the spool
-    assert first[0].findings == second[0].findings
+    results = pipeline.analyse(headers, load_pixels=load)
+    assert sorted(loads) == sorted(by_uid)  # each once
+    assert [r.source.SOPInstanceUID for r in results] == [ds.SOPInstanceUID for ds in images]
+    one_by_one = [pipeline.analyse([ds])[0] for ds in images]
+    for together, alone in zip(results, one_by_one, strict=True):
+        np.testing.assert_allclose(
+            [f.probability for f in together.findings],
+            [f.probability for f in alone.findings],
+            atol=1e-5,
+        )
 
 
-def test_a_cached_instance_runs_only_the_models_the_analysis_asks_for(
+def test_an_undecodable_image_fails_alone_with_on_error_and_raises_without(
     pipeline: Pipeline,
 ) -> None:
-    """The DICOM route caches an arriving radiograph's tensors for cxr_screen; an analysis of the
-    same instance that asks for other models (another route, another routing rule) must not run
-    cxr_screen from that cache."""
+    good, _ = synthetic_cxr(611, nodule=True)
+    bad, _ = synthetic_cxr(612)
+    bad.PixelData = bad.PixelData[:1000]  # truncated native pixel data
+    seen: list[tuple[str, str]] = []
+    results = pipeline.analyse(
+        [bad, good], on_error=lambda ds, exc: seen.append((ds.SOPInstanceUID, str(exc)))
+    )
+    assert [r.source.SOPInstanceUID for r in results] == [good.SOPInstanceUID]
+    assert [uid for uid, _ in seen] == [bad.SOPInstanceUID]
+    assert seen[0][1]  # a reason
+    with pytest.raises(InputError):
+        pipeline.analyse([bad, good])
+
+
+def test_a_routing_rule_s_models_are_the_only_ones_run(pipeline: Pipeline) -> None:
     ds, _ = synthetic_cxr(601, nodule=True)
-    assert pipeline.inspect(ds, frozenset({"cxr_screen"})) is True
     assert pipeline.analyse([ds], allowed=lambda _: frozenset({"ct_nodule"})) == []
-    # And the other way round: cached for no model, analysed for cxr_screen.
-    assert pipeline.inspect(ds, frozenset()) is False
     (analysis,) = pipeline.analyse([ds], allowed=lambda _: frozenset({"cxr_screen"}))
     assert analysis.algorithm.name == pipeline.models_for(ds)[0].algorithm.name
 
 
-def test_a_request_s_own_tensors_are_used_and_the_arrival_cache_left_alone(
-    pipeline: Pipeline,
-) -> None:
+def test_a_request_s_own_tensors_are_used_without_loading_pixels(pipeline: Pipeline) -> None:
     ds, _ = synthetic_cxr(602)
-    assert pipeline.inspect(ds) is True
-    cached = pipeline.cached_bytes
+    header = copy.deepcopy(ds)
+    del header.PixelData
     mine = {str(ds.SOPInstanceUID): pipeline.prepare(ds)}
-    (analysis,) = pipeline.analyse([ds], prepared=mine)
-    assert pipeline.cached_bytes == cached  # the DICOM route's entry is still waiting
+
+    def load(h):  # type: ignore[no-untyped-def]
+        raise AssertionError("pixels loaded although the caller prepared the tensors")
+
+    (analysis,) = pipeline.analyse([header], prepared=mine, load_pixels=load)
     assert [f.label for f in analysis.findings] == ["nodule", "tb"]

@@ -67,30 +67,50 @@ def test_c_echo_and_called_ae_check(tmp_path: Path, start_server) -> None:  # ty
     assert wrong.returncode != 0  # association rejected: called AE title not recognised
 
 
+def _broken_j2k(study_uid: str) -> pydicom.Dataset:
+    broken = pydicom.dcmread(sample_file("RG1_J2KR.dcm"))
+    broken.SOPInstanceUID = broken.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    broken.StudyInstanceUID = study_uid
+    # A JPEG 2000 codestream that starts right and then is garbage.
+    broken.PixelData = encapsulate([b"\xff\x4f\xff\x51" + bytes(range(256)) * 8])
+    assert broken.file_meta.TransferSyntaxUID == JPEG2000Lossless
+    return broken
+
+
+def _analysis_quarantine(cfg: Config) -> list[dict]:
+    entries = [
+        json.loads(p.read_text()) | {"file": p.with_suffix(".dcm")}
+        for p in (cfg.storage.data_dir / "quarantine").glob("*.json")
+    ]
+    return [e for e in entries if e["stage"] == "analysis"]
+
+
 def test_undecodable_image_fails_is_quarantined_and_server_keeps_serving(
     tmp_path: Path,
     pacs: Pacs,
     start_server,  # type: ignore[no-untyped-def]
 ) -> None:
+    """Decoding follows Success (nothing slow runs on an association's thread): an acknowledged
+    image that cannot be decoded becomes a visible failure: the study's state and reason, the
+    quarantine (with the bytes as sent), the audit log and the metrics."""
     pacs.start()
     cfg = pacs.config(tmp_path)
     server = start_server(cfg)
-    broken = pydicom.dcmread(sample_file("RG1_J2KR.dcm"))
-    broken.SOPInstanceUID = broken.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    broken.StudyInstanceUID = generate_uid()
-    # A JPEG 2000 codestream that starts right and then is garbage.
-    broken.PixelData = encapsulate([b"\xff\x4f\xff\x51" + bytes(range(256)) * 8])
-    assert broken.file_meta.TransferSyntaxUID == JPEG2000Lossless
+    broken = _broken_j2k(generate_uid())
     (status,) = c_store(server.scp.port, [broken])
-    assert 0xC000 <= status.Status <= 0xCFFF, f"status 0x{status.Status:04X}"
-    assert "cannot be decoded" in status.ErrorComment
-    quarantined = sorted((cfg.storage.data_dir / "quarantine").glob("*.json"))
-    assert len(quarantined) == 1
-    info = json.loads(quarantined[0].read_text())
-    assert "cannot be decoded" in info["reason"] and info["status"].startswith("0xC")
-    kept = pydicom.dcmread(quarantined[0].with_suffix(".dcm"))
+    assert status.Status == 0x0000, f"status 0x{status.Status:04X}"  # stored and recorded
+    wait_state(server, broken.StudyInstanceUID, "failed")
+    _, reason, _ = server.state.study(broken.StudyInstanceUID)
+    assert "1 image(s) could not be analysed" in reason and "cannot be decoded" in reason
+    (entry,) = wait_until(lambda: _analysis_quarantine(cfg), 10, "the quarantine entry")
+    assert "cannot be decoded" in entry["reason"] and entry["status"].startswith("0xC")
+    kept = pydicom.dcmread(entry["file"])
     assert kept.SOPInstanceUID == broken.SOPInstanceUID  # the bytes as sent, not lost
-    assert server.state.study(broken.StudyInstanceUID) is None  # never acknowledged
+    audit = [json.loads(line) for line in (cfg.storage.data_dir / "audit.jsonl").open()]
+    failed = [e for e in audit if e["event"] == "instance_failed"]
+    assert [e["sop_instance"] for e in failed] == [broken.SOPInstanceUID]
+    assert server.metrics.images_failed._value.get() == 1
+    assert pacs.reports() == []  # no report of nothing
 
     # The next study is served as usual, end to end.
     good, _ = synthetic_cxr(7, nodule=True)
@@ -98,6 +118,30 @@ def test_undecodable_image_fails_is_quarantined_and_server_keeps_serving(
     assert done.returncode == 0, done.stderr
     pacs.wait_reports()
     wait_state(server, good.StudyInstanceUID, "delivered")
+
+
+def test_a_study_with_one_undecodable_image_reports_the_others(
+    tmp_path: Path,
+    pacs: Pacs,
+    start_server,  # type: ignore[no-untyped-def]
+) -> None:
+    """One bad image does not cost the study its report: the good one is analysed and
+    delivered, and the study's reason names the image that was not."""
+    pacs.start()
+    cfg = pacs.config(tmp_path)
+    server = start_server(cfg)
+    good, _ = synthetic_cxr(8, nodule=True)
+    broken = _broken_j2k(good.StudyInstanceUID)
+    broken.PatientID, broken.PatientName = good.PatientID, good.PatientName
+    statuses = c_store(server.scp.port, [good, broken])
+    assert [s.Status for s in statuses] == [0x0000, 0x0000]
+    (report,) = pacs.wait_reports()
+    wait_state(server, good.StudyInstanceUID, "delivered")
+    assert evidence(pydicom.dcmread(report)) == {good.SOPInstanceUID}
+    _, reason, _ = server.state.study(good.StudyInstanceUID)
+    assert "1 image(s) could not be analysed" in reason, reason
+    (entry,) = _analysis_quarantine(cfg)
+    assert pydicom.dcmread(entry["file"]).SOPInstanceUID == broken.SOPInstanceUID
 
 
 def test_non_image_objects_are_accepted_and_not_analysed(
