@@ -46,13 +46,17 @@ class Admitted:
     expected: int | None
 
 
-def too_deep(ds: Dataset, limit: int = MAX_SEQUENCE_DEPTH) -> bool:
-    """Whether ``ds`` nests sequences deeper than ``limit`` (checked without recursion)."""
+def too_deep(ds: Dataset, limit: int = MAX_SEQUENCE_DEPTH, top: list | None = None) -> bool:
+    """Whether ``ds`` nests sequences deeper than ``limit`` (checked without recursion).
+
+    ``top``: the top-level tags that may hold sequences, when a scan already found them (the
+    admission's one pass over the elements, :func:`overrun_element`)."""
     stack = [(ds, 0)]
     try:
         while stack:
             current, depth = stack.pop()
-            for tag in current.keys():  # noqa: SIM118 - iterating would convert every element
+            tags = top if current is ds and top is not None else current.keys()
+            for tag in tags:
                 # Only sequences (and values whose VR the raw element does not say) are converted:
                 # pixel data and the other plain values stay as read.
                 raw = current.get_item(tag, keep_deferred=True)
@@ -68,15 +72,18 @@ def too_deep(ds: Dataset, limit: int = MAX_SEQUENCE_DEPTH) -> bool:
     return False
 
 
-def overrun_element(ds: Dataset, file_size: int) -> str:
+def overrun_element(ds: Dataset, file_size: int, sequences: list | None = None) -> str:
     """The first top-level element whose declared length runs past the data, or ''.
 
     pydicom reads what is there and does not complain (PS3.5 7.1 makes the length binding), so
     the check compares each still-raw element's declared length with the bytes it got, or, for a
-    value left on disk (deferred), with where the file ends.
+    value left on disk (deferred), with where the file ends. ``sequences``, if given, collects
+    the tags that may hold sequences (for :func:`too_deep`, sparing it a second pass).
     """
     for tag in ds.keys():  # noqa: SIM118 - iterating a Dataset would convert its elements
         raw = ds.get_item(tag, keep_deferred=True)
+        if sequences is not None and getattr(raw, "VR", None) in (None, "SQ", "UN"):
+            sequences.append(tag)
         length = getattr(raw, "length", None)
         if length in (None, 0xFFFFFFFF):
             continue
@@ -129,10 +136,11 @@ def admit(ds: Dataset, size: int, max_pixels: int) -> Admitted:
         raise InputError(f"missing UID: {exc}"[:64], status=DOES_NOT_MATCH_SOP_CLASS) from exc
     except Exception as exc:  # a corrupt element met while converting
         raise InputError(f"cannot decode data set: {exc}", status=CANNOT_UNDERSTAND) from exc
-    overrun = overrun_element(ds, size)
+    sequences: list = []
+    overrun = overrun_element(ds, size, sequences)
     if overrun:
         raise InputError(overrun, status=CANNOT_UNDERSTAND)
-    if too_deep(ds):
+    if too_deep(ds, top=sequences):
         raise InputError(
             f"sequences nested deeper than {MAX_SEQUENCE_DEPTH} levels", status=CANNOT_UNDERSTAND
         )
