@@ -1,6 +1,7 @@
 """End-to-end latency and throughput of ``nidaan serve``, against plain DICOM transfer.
 
     .venv/bin/python benchmarks/end_to_end.py [--studies 20] [--rows 2048] [--columns 2048]
+                                              [--smoke] [--json PATH]
 
 Starts ``nidaan serve`` with dcmtk's ``storescp`` as the PACS, sends each synthetic one-image
 chest study with ``storescu`` (TCP_NODELAY=1) and times send-start to the report's arrival at the
@@ -11,13 +12,19 @@ straight to ``storescp``: the cost of the DICOM transfer alone. Not a test: noth
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-from workload import (
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # when imported by run_all.py
+
+import report  # noqa: E402
+from workload import (  # noqa: E402
     DCMTK_ENV,
     ROOT,
     dcmtk,
@@ -50,17 +57,15 @@ def _wait_files(folder: Path, pattern: str, n: int, timeout: float = 120.0) -> N
         time.sleep(0.005)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--studies", type=int, default=20)
-    parser.add_argument("--rows", type=int, default=2048)
-    parser.add_argument("--columns", type=int, default=2048)
-    args = parser.parse_args()
+def measure(studies: int, rows: int, columns: int) -> dict[str, Any]:
+    """Baseline transfer times, end-to-end latencies and the back-to-back time (seconds)."""
     work = Path(tempfile.mkdtemp(prefix="nidaan-bench-"))
-    files, burst_files = [], []
-    for i in range(2 * args.studies):
-        ds = synthetic_cxr(1000 + i, nodule=i % 2 == 0, rows=args.rows, columns=args.columns)
-        (files if i < args.studies else burst_files).append(save(ds, work / "in" / f"{i}.dcm"))
+    files: list[Path] = []
+    burst_files: list[Path] = []
+    for i in range(2 * studies):
+        ds = synthetic_cxr(1000 + i, nodule=i % 2 == 0, rows=rows, columns=columns)
+        (files if i < studies else burst_files).append(save(ds, work / "in" / f"{i}.dcm"))
+    mb = files[0].stat().st_size / 1e6
     pacs_port, nidaan_port = free_port(), free_port()
     pacs_dir = work / "pacs"
     pacs_dir.mkdir()
@@ -100,9 +105,21 @@ def main() -> None:
     finally:
         stop(nidaan)
         stop(pacs)
-    mb = files[0].stat().st_size / 1e6
+        shutil.rmtree(work, ignore_errors=True)
+    return {"base": base, "lat": lat, "burst": burst, "mb": mb}
+
+
+def run(
+    smoke: bool = False, *, studies: int = 20, rows: int = 2048, columns: int = 2048
+) -> dict[str, Any]:
+    """The benchmark convention's dict (benchmarks/README.md); ``smoke``: 3 studies of 512 x
+    512."""
+    if smoke:
+        studies, rows, columns = 3, 512, 512
+    m = measure(studies, rows, columns)
+    base, lat, burst = m["base"], m["lat"], m["burst"]
     t_base, t_lat = statistics.median(base), statistics.median(lat)
-    print(f"{args.studies} one-image studies, {args.rows}x{args.columns} 12-bit ({mb:.1f} MB each)")
+    print(f"{studies} one-image studies, {rows}x{columns} 12-bit ({m['mb']:.1f} MB each)")
     print(f"DICOM transfer alone (storescu -> storescp): median {t_base * 1e3:7.1f} ms")
     print(
         f"study sent -> SR at the PACS via nidaan    : median {t_lat * 1e3:7.1f} ms, "
@@ -110,9 +127,49 @@ def main() -> None:
     )
     print(f"ratio (end to end / transfer alone)        : {t_lat / t_base:7.1f}x")
     print(
-        f"back to back: {args.studies} studies reported in {burst:.2f} s = "
-        f"{args.studies / burst:.1f} studies/s"
+        f"back to back: {studies} studies reported in {burst:.2f} s = "
+        f"{studies / burst:.1f} studies/s"
     )
+    args = [] if smoke else [f"--studies {studies}", f"--rows {rows}", f"--columns {columns}"]
+    return report.result(
+        "end_to_end",
+        f"One-image {rows}x{columns} 12-bit chest studies: storescu -> nidaan serve -> SR at a "
+        "storescp PACS, against the DICOM transfer alone",
+        report.command_line("end_to_end.py", smoke, *args),
+        [
+            report.row(
+                "study sent -> SR at the PACS, median",
+                t_lat * 1e3,
+                "ms",
+                baseline="DICOM transfer alone (storescu -> storescp)",
+                baseline_value=t_base * 1e3,
+            ),
+            report.row("study sent -> SR at the PACS, max", max(lat) * 1e3, "ms"),
+            report.row("back to back, reported", studies / burst, "studies/s"),
+        ],
+        report.plot_spec(
+            "line",
+            "Study sent -> SR at the PACS, one study at a time",
+            "study",
+            "ms",
+            list(range(1, studies + 1)),
+            {
+                "nidaan end to end": [t * 1e3 for t in lat],
+                "DICOM transfer alone": [t * 1e3 for t in base],
+            },
+        ),
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--studies", type=int, default=20)
+    parser.add_argument("--rows", type=int, default=2048)
+    parser.add_argument("--columns", type=int, default=2048)
+    report.add_convention_arguments(parser)
+    args = parser.parse_args()
+    data = run(args.smoke, studies=args.studies, rows=args.rows, columns=args.columns)
+    report.write_json(data, args.json)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Preprocessing throughput against this machine's memory-read roofline, measured in one run.
 
     .venv/bin/pip install -e '.[bench]'
-    .venv/bin/python benchmarks/preprocess.py [--images N] [--pairs 9] [--quick]
+    .venv/bin/python benchmarks/preprocess.py [--images N] [--pairs 9] [--quick | --smoke]
+                                              [--json PATH]
 
 One buffer of stored pixels (by default 4x the last-level cache, so that what is measured is DRAM
 bandwidth, not the cache's) is read as five common paths, each through ``preprocess(...,
@@ -44,6 +45,7 @@ import dataclasses
 import glob
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -57,6 +59,9 @@ from numba import njit, prange
 from nidaan.kernels import InputLayout, PixelTransform, preprocess
 from nidaan.kernels.preprocess import cuda_available, plan_image
 from nidaan.kernels.reference import preprocess_one
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # report.py, when imported
+import report  # noqa: E402
 
 #: Words per block of the roofline's parallel loop (256 KB).
 _BLOCK = 1 << 15
@@ -369,23 +374,18 @@ def gpu_report(images: list[np.ndarray], t: PixelTransform, layout: InputLayout)
     ]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=int, help="2048 x 2048 images in the buffer")
-    parser.add_argument("--pairs", type=int, default=9, help="alternating roofline/kernel pairs")
-    parser.add_argument(
-        "--quick", action="store_true", help="4 images (34 MB: cache, not DRAM), 3 pairs"
-    )
-    args = parser.parse_args()
+def measure_all(n_images: int | None, pairs: int, quick: bool) -> dict[str, Any]:
+    """Measure the roofline, its checks and every path, printing the lines as they come; the
+    figures as a dict."""
     l3 = l3_bytes()
     image_bytes = 2048 * 2048 * 2
-    if args.quick:
-        args.images, args.pairs = args.images or 4, 3
-    elif args.images is None:
-        args.images = max(32, -(-4 * (l3 or 256 << 20) // image_bytes))
+    if quick:
+        n_images, pairs = n_images or 4, 3
+    elif n_images is None:
+        n_images = max(32, -(-4 * (l3 or 256 << 20) // image_bytes))
     threads = numba.get_num_threads()
     cores = len(os.sched_getaffinity(0))
-    paths, pixels = make_paths(args.images)
+    paths, pixels = make_paths(n_images)
     words = pixels.view(np.uint64)
     data_mb = pixels.nbytes / 1e6
     if l3 is None:
@@ -396,7 +396,7 @@ def main() -> None:
         level = f"{pixels.nbytes / l3:.1f}x the {l3 / 2**20:.0f} MiB L3: partly cached"
     else:
         level = f"fits in the {l3 / 2**20:.0f} MiB L3: cache bandwidth, not DRAM"
-    rounds = 3 if args.quick else 5
+    rounds = 3 if quick else 5
     check = check_roofline(words, threads, rounds)
     layer = numba.threading_layer()
     print(f"{cores} usable cores, Numba {threads} threads ({layer})")
@@ -416,13 +416,13 @@ def main() -> None:
     )
     print(
         "kernels: (bytes read + bytes written) / time as a fraction of the roofline over the same "
-        f"bytes, median of {args.pairs} alternating pairs (range)",
+        f"bytes, median of {pairs} alternating pairs (range)",
         flush=True,
     )
     results = []
     for path in paths:
-        m = measure(path, args.pairs)
-        results.append(m)
+        m = measure(path, pairs)
+        results.append({"path": path.name, **m})
         print(
             f"  {path.name}: {len(path.images)} images, {path.read_bytes / 1e6:.0f} MB read + "
             f"{path.written_bytes / 1e6:.0f} MB written, {m['images_s']:.0f} images/s, "
@@ -430,14 +430,82 @@ def main() -> None:
             f"({m['roofline']:.2f} GB/s; {m['low']:.1%}-{m['high']:.1%})",
             flush=True,
         )
-    for name, gbs, frac in others(paths[0], results[0]["roofline"]):
+    extra = others(paths[0], results[0]["roofline"])
+    for name, gbs, frac in extra:
         print(f"  {name}, common path: {gbs:.2f} GB/s = {frac:.1%} of its roofline")
+    gpu: list[str] = []
     if cuda_available():
         common = paths[0]
-        for line in gpu_report(common.images[:32], common.transform, common.layout):
+        gpu = gpu_report(common.images[:32], common.transform, common.layout)
+        for line in gpu:
             print(line)
     else:
         print("(no CUDA GPU: GPU section skipped)")
+    return {
+        "images": n_images,
+        "pairs": pairs,
+        "level": level,
+        "check": check,
+        "paths": results,
+        "others": [{"name": n, "gbs": g, "fraction": f} for n, g, f in extra],
+        "gpu": gpu,
+    }
+
+
+def run(smoke: bool = False, *, images: int | None = None, pairs: int = 9) -> dict[str, Any]:
+    """The benchmark convention's dict (benchmarks/README.md); ``smoke`` is ``--quick``."""
+    m = measure_all(images, pairs, smoke)
+    roof = m["check"]["roofline"]
+    rows = [
+        report.row(
+            "read roofline (every 64-byte line read, Numba, all cores)",
+            roof,
+            "GB/s",
+            baseline="NumPy max over uint64 words (independent check)",
+            baseline_value=m["check"]["numpy"],
+        )
+    ]
+    for p in m["paths"]:
+        rows.append(
+            report.row(
+                f"{p['path'].split(':')[0]} path: bytes read+written per second",
+                p["gbs"],
+                "GB/s",
+                baseline="read roofline over the same bytes",
+                baseline_value=p["roofline"],
+                ratio=p["fraction"],  # the median of the pairs' ratios, not of the medians
+            )
+        )
+    args = [] if smoke else [f"--pairs {pairs}"] + ([f"--images {images}"] if images else [])
+    return report.result(
+        "preprocess",
+        f"CPU preprocessing kernels against the memory-read roofline, {m['images']} 2048x2048 "
+        f"uint16 images ({m['level']})",
+        report.command_line("preprocess.py", smoke, *args),
+        rows,
+        report.plot_spec(
+            "bar",
+            "Preprocessing: fraction of the read roofline",
+            "path",
+            "fraction of roofline (%)",
+            [p["path"].split(":")[0] for p in m["paths"]],
+            {"kernel": [100 * p["fraction"] for p in m["paths"]]},
+        ),
+        detail=m,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=int, help="2048 x 2048 images in the buffer")
+    parser.add_argument("--pairs", type=int, default=9, help="alternating roofline/kernel pairs")
+    parser.add_argument(
+        "--quick", action="store_true", help="4 images (34 MB: cache, not DRAM), 3 pairs"
+    )
+    report.add_convention_arguments(parser)
+    args = parser.parse_args()
+    data = run(args.quick or args.smoke, images=args.images, pairs=args.pairs)
+    report.write_json(data, args.json)
 
 
 if __name__ == "__main__":

@@ -10,11 +10,13 @@ from __future__ import annotations
 import copy
 import importlib.util
 import io
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -236,3 +238,120 @@ def start_nidaan(config: Path, log: Path | None = None, *, http: bool = False) -
     args = [str(NIDAAN), "--config", str(config), "serve"] + ([] if http else ["--no-http"])
     out = open(log, "ab") if log is not None else subprocess.DEVNULL  # noqa: SIM115
     return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+
+
+@cache
+def orthanc_program() -> str:
+    """The path of Debian's ``Orthanc`` (it prints "Orthanc <version>" for --version)."""
+    for folder in SYSTEM_BIN_DIRS + tuple(os.environ.get("PATH", "").split(os.pathsep)):
+        candidate = Path(folder) / "Orthanc"
+        if not candidate.is_file():
+            continue
+        try:
+            run = subprocess.run(
+                [str(candidate), "--version"], capture_output=True, text=True, timeout=10
+            )
+        except (OSError, subprocess.SubprocessError):
+            continue
+        first = (run.stdout or run.stderr).strip().splitlines()[:1]
+        if first and os.path.basename(first[0].split(" ")[0]) == "Orthanc":
+            return str(candidate)
+    raise SystemExit("Orthanc is not installed: apt-get install orthanc")
+
+
+class Orthanc:
+    """A real Orthanc (the PACS) on loopback, with its own folder, REST and DICOM ports; as
+    tests/peers.py starts it (benchmarks do not import tests)."""
+
+    def __init__(self, workdir: Path, modalities: dict[str, tuple[str, str, int]]) -> None:
+        self.workdir = workdir
+        self.http_port, self.dicom_port = free_port(), free_port()
+        self.aet = "ORTHANC"
+        workdir.mkdir(parents=True, exist_ok=True)
+        config = {
+            "Name": "nidaan-bench-pacs",
+            "StorageDirectory": str(workdir / "db"),
+            "IndexDirectory": str(workdir / "db"),
+            "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port,
+            "DicomAet": self.aet,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomAlwaysAllowStore": True,
+            "DicomCheckCalledAet": True,
+            "DicomModalities": {k: list(v) for k, v in modalities.items()},
+            # Release each association right after sending: Nidaan completes a study on release.
+            "DicomAssociationCloseDelay": 0,
+            "StableAge": 1,
+            "Plugins": [],
+            "StorageCompression": False,
+        }
+        (workdir / "orthanc.json").write_text(json.dumps(config, indent=1))
+        self._log = open(workdir / "orthanc.log", "wb")  # noqa: SIM115 - closed by stop()
+        self.process = subprocess.Popen(
+            [orthanc_program(), str(workdir / "orthanc.json")],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=workdir,
+        )
+        wait_for_port(self.http_port, proc=self.process)
+        wait_for_port(self.dicom_port, proc=self.process)
+
+    def request(
+        self, method: str, path: str, body: bytes | None = None, content_type: str = ""
+    ) -> Any:
+        """One REST call; the decoded JSON answer (or the raw bytes). Raises
+        ``urllib.error.HTTPError`` (its body holds Orthanc's error details) on a 4xx/5xx."""
+        headers = {"Content-Type": content_type} if content_type else {}
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.http_port}{path}", data=body, method=method, headers=headers
+        )
+        with urllib.request.urlopen(req, timeout=300) as r:
+            out = r.read()
+        return json.loads(out) if out[:1] in (b"{", b"[") else out
+
+    def get(self, path: str) -> Any:
+        return self.request("GET", path)
+
+    def upload(self, data: bytes) -> dict[str, Any]:
+        """Store one Part 10 instance over REST; Orthanc's answer (its IDs, ParentStudy...)."""
+        answer: dict[str, Any] = self.request("POST", "/instances", data, "application/dicom")
+        return answer
+
+    def stop(self) -> None:
+        stop(self.process)  # wait for it: another Orthanc must not open the same database
+        self._log.close()
+
+
+def with_new_uids(ds: Dataset, study: str | None = None, series: str | None = None) -> Dataset:
+    """A copy of ``ds`` with new (or the given) Study and Series Instance UIDs and a new SOP
+    Instance UID: each benchmark study must be a study the server has not seen."""
+    out = copy.deepcopy(ds)
+    out.StudyInstanceUID = study or generate_uid()
+    out.SeriesInstanceUID = series or generate_uid()
+    out.SOPInstanceUID = generate_uid()
+    if hasattr(out, "file_meta"):
+        out.file_meta.MediaStorageSOPInstanceUID = out.SOPInstanceUID
+    return out
+
+
+def part10(ds: Dataset) -> bytes:
+    """``ds`` as Part 10 bytes."""
+    return _bytes(ds)
+
+
+def ct_series_datasets(slices: int, size: int = 512, seed: int = 0) -> list[Dataset]:
+    """An axial CT series as benchmarks/ingest.py makes it: pydicom's CT_small.dcm header, new
+    UIDs, ``size`` x ``size`` random 16-bit slices (about 0.5 MB each at 512)."""
+    base = pydicom.dcmread(sample_file("CT_small.dcm"))
+    base.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    study, series = generate_uid(), generate_uid()
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(slices):
+        ds = with_new_uids(base, study, series)
+        ds.InstanceNumber = i + 1
+        ds.Rows = ds.Columns = size
+        ds.PixelData = rng.integers(-1000, 2000, (size, size), dtype=np.int16).tobytes()
+        out.append(ds)
+    return out

@@ -1,9 +1,11 @@
 """The preprocessing benchmark runs (``--quick``: a few images, a few pairs) and prints its roofline
-checks and a fraction of the roofline for every path, so the benchmark itself does not rot.
-Timings are printed, never asserted."""
+checks and a fraction of the roofline for every path, so the benchmark itself does not rot; and
+``benchmarks/run_all.py --smoke`` runs every benchmark and leaves a JSON result and a PNG for
+each. Timings are printed, never asserted."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -12,6 +14,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 PATHS = ("common", "padding", "SIGMOID", "CT", "non-integer factor")
+
+#: The keys of a result row (the convention in benchmarks/README.md).
+ROW_KEYS = (
+    "figure",
+    "value",
+    "unit",
+    "baseline",
+    "baseline_value",
+    "ratio",
+    "target",
+    "met",
+    "why",
+)
+
+#: Benchmarks whose run() exists now; the others may be "not adapted" yet.
+ADAPTED = ("preprocess", "inference", "batching", "end_to_end", "turnaround", "locust_dicom")
 
 
 def test_preprocess_benchmark_quick_prints_every_fraction() -> None:
@@ -31,3 +49,49 @@ def test_preprocess_benchmark_quick_prints_every_fraction() -> None:
         line = re.search(rf"^  {re.escape(name)}: .*$", out, re.MULTILINE)
         assert line, f"no line for the {name} path:\n{out}"
         assert re.search(r"[\d.]+ GB/s = [\d.]+% of the roofline", line.group(0)), line.group(0)
+
+
+def test_run_all_smoke_writes_json_and_png_for_every_benchmark(tmp_path: Path) -> None:
+    """``run_all.py --smoke`` runs every benchmark in its list (each in seconds), and each one
+    that has ``run()`` leaves a result with rows and a PNG; the READMEs are left alone."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from run_all import BENCHMARKS
+
+    readmes = {p: p.read_text() for p in (ROOT / "README.md", ROOT / "benchmarks" / "README.md")}
+    results = tmp_path / "results"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--smoke"]
+        + ["--results", str(results), "--no-readme"],
+        capture_output=True,
+        text=True,
+        timeout=1800,  # mostly starting servers and compiling kernels when Numba's cache is cold
+        cwd=ROOT,
+    )
+    out = run.stdout[-6000:] + run.stderr[-3000:]
+    failed = {
+        p.stem: json.loads(p.read_text()).get("error")
+        for p in results.glob("*.json")
+        if json.loads(p.read_text()).get("status") == "failed"
+    }
+    assert run.returncode == 0 and not failed, f"failed: {failed}\n{out}"
+    for name in BENCHMARKS:
+        path = results / f"{name}.json"
+        assert path.is_file(), f"no result for {name}:\n{out}"
+        data = json.loads(path.read_text())
+        assert data["name"] == name
+        assert data["machine"]["cpu"] and data["machine"]["cores"] >= 1, data["machine"]
+        assert data["status"] in ("ok", "not adapted", "missing"), (name, data.get("error"))
+        if data["status"] != "ok":
+            assert not (results / f"{name}.png").exists()
+            continue
+        assert data["rows"], f"{name} reported no figures"
+        for row in data["rows"]:
+            assert set(ROW_KEYS) <= set(row), (name, row)
+        assert data["command"].endswith("--smoke"), data["command"]
+        assert data["plot"]["kind"] in ("bar", "line") and data["plot"]["x"], (name, data["plot"])
+        assert (results / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    # The benchmarks this project adapted to the convention must have run, not been skipped.
+    for name in ADAPTED:
+        assert json.loads((results / f"{name}.json").read_text())["status"] == "ok", name
+    for path, text in readmes.items():
+        assert path.read_text() == text, f"{path} was rewritten by a --no-readme run"
