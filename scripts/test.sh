@@ -11,6 +11,8 @@ command -v Orthanc >/dev/null || need_pkgs+=(orthanc)
 command -v storescu >/dev/null || need_pkgs+=(dcmtk)
 command -v dciodvfy >/dev/null || need_pkgs+=(dicom3tools)
 command -v openssl >/dev/null || need_pkgs+=(openssl)
+# perf_analyzer (benchmarks/triton.py) links Debian's libb64.
+ldconfig -p | grep -q 'libb64.so.0d' || need_pkgs+=(libb64-0d)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -q
@@ -27,6 +29,9 @@ python3 -m venv .venv
 # A real tritonserver for the Triton tests: the wheel's own Python dependencies pin NumPy < 2,
 # so it is installed alone; the tests use only its tritonserver build and bundled libraries.
 .venv/bin/python -m pip install -q --no-deps 'nvidia-pytriton==0.7.0'
+# perf_analyzer for the Triton benchmark, taken out of the tritonclient 2.51.0 wheel once, here at
+# install time (never installed: that wheel pins NumPy < 2), so no test downloads anything.
+.venv/bin/python -c 'import sys; sys.path.insert(0, "benchmarks"); import triton; triton.perf_analyzer_binary()'
 
 .venv/bin/ruff check .
 .venv/bin/mypy core client kernels server pacs_bridge

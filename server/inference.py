@@ -6,12 +6,13 @@ named outputs. Batches larger than the model's ``max_batch_size`` (config.pbtxt)
 
 from __future__ import annotations
 
-import asyncio
+import itertools
 import logging
 import math
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -223,133 +224,364 @@ def _is_loopback(url: str) -> bool:
     return host in _LOOPBACK
 
 
-class _ShmPool:
-    """Shared-memory regions registered with Triton for one model's input, reused across requests.
+#: Triton's tensor data types that a model's outputs may have, as NumPy reads them.
+_TRITON_DTYPES: dict[str, Any] = {
+    "FP32": np.float32,
+    "FP16": np.float16,
+    "FP64": np.float64,
+    "INT64": np.int64,
+    "INT32": np.int32,
+    "UINT8": np.uint8,
+    "BOOL": np.bool_,
+}
 
-    ``kind`` "system" maps POSIX shared memory (Triton on this host reads the input without it
-    crossing the gRPC socket); "cuda" allocates device memory Triton opens by IPC handle (Triton on
-    this GPU reads the kernels' output without a host round trip).
+#: Makes region names unique across the backends of one process (tests and the benchmark open
+#: several at once against one Triton, which refuses a name already registered).
+_BACKEND_SEQUENCE = itertools.count()
+
+
+@dataclass(frozen=True)
+class _Output:
+    """One output the pipeline reads: its name, per-item shape (no batch dimension), dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: Any
+
+    @property
+    def item_bytes(self) -> int:
+        return int(math.prod(self.shape)) * int(np.dtype(self.dtype).itemsize)
+
+
+def _align(n: int, to: int = 64) -> int:
+    return (n + to - 1) // to * to
+
+
+class _Slot:
+    """The shared memory of one request in flight: registered with Triton once, then reused by
+    one request at a time (the pool hands it out), never registered per request.
+
+    A "system" slot is one POSIX shared-memory region holding the input chunk at offset 0 and each
+    output after it, so neither the input nor the outputs cross the gRPC socket; the request
+    message naming those offsets is built once per batch size and sent again as it is. A "cuda"
+    slot holds the input in device memory that Triton opens by IPC handle (a GPU batch from the
+    kernels reaches Triton without a host round trip); its outputs come back in the message.
     """
 
-    def __init__(self, kind: str, model: ModelSpec, size: int, count: int) -> None:
+    def __init__(
+        self, name: str, kind: str, model: ModelSpec, outputs: Sequence[_Output], prebuilt: Any
+    ) -> None:
+        self.name = name
         self.kind = kind
         self.model = model
-        self.size = size
-        self.names = [f"nidaan_{os.getpid()}_{model.name}_{kind}_{i}" for i in range(count)]
-        self.handles: dict[str, Any] = {}
-        self.free: asyncio.Queue[str] = asyncio.Queue()
+        self.outputs = list(outputs)
+        self._prebuilt = prebuilt  # service_pb2.ModelInferRequest, the class
+        items = model.max_batch_size
+        self.item_bytes = model.input.channels * model.input.height * model.input.width * 4
+        self.offsets: list[int] = []
+        end = _align(items * self.item_bytes)
+        if kind == "system":
+            for out in self.outputs:
+                self.offsets.append(end)
+                end = _align(end + items * out.item_bytes)
+        self.size = end
+        self._requests: dict[int, Any] = {}
+        self._shm: Any = None
+        self._cuda: Any = None
+        self._input: np.ndarray | None = None
+        if kind == "system":
+            from multiprocessing import shared_memory
 
-    async def register(self, client: Any, timeout_s: float) -> None:
-        if self.kind == "system":
-            from tritonclient.utils import shared_memory as shm
-
-            for name in self.names:
-                self.handles[name] = shm.create_shared_memory_region(name, f"/{name}", self.size)
-                await client.register_system_shared_memory(
-                    name, f"/{name}", self.size, client_timeout=timeout_s
-                )
-                self.free.put_nowait(name)
+            # The stdlib's POSIX shared memory (shm_open + mmap): NumPy views write the input
+            # and read the outputs in place, with no ctypes call per request.
+            self._shm = shared_memory.SharedMemory(name=name, create=True, size=self.size)
+            shape = (items, model.input.channels, model.input.height, model.input.width)
+            self._input = np.ndarray(shape, np.float32, buffer=self._shm.buf)
         else:
             from tritonclient.utils import cuda_shared_memory as cudashm
 
-            for name in self.names:
-                handle = cudashm.create_shared_memory_region(name, self.size, 0)
-                self.handles[name] = handle
-                await client.register_cuda_shared_memory(
-                    name, cudashm.get_raw_handle(handle), 0, self.size, client_timeout=timeout_s
-                )
-                self.free.put_nowait(name)
+            self._cuda = cudashm.create_shared_memory_region(name, self.size, 0)
 
-    def write(self, name: str, chunk: Any) -> None:
+    def register(self, client: Any, timeout_s: float) -> None:
+        """Tell Triton about this slot (at creation, and again if Triton has forgotten it)."""
         if self.kind == "system":
-            from tritonclient.utils import shared_memory as shm
-
-            shm.set_shared_memory_region(self.handles[name], [np.ascontiguousarray(chunk)])
+            client.register_system_shared_memory(
+                self.name, f"/{self.name}", self.size, client_timeout=timeout_s
+            )
         else:
             from tritonclient.utils import cuda_shared_memory as cudashm
 
-            cudashm.set_shared_memory_region_from_dlpack(self.handles[name], [chunk])
+            client.register_cuda_shared_memory(
+                self.name,
+                cudashm.get_raw_handle(self._cuda),
+                0,
+                self.size,
+                client_timeout=timeout_s,
+            )
 
-    async def unregister(self, client: Any) -> None:
-        for name, handle in self.handles.items():
-            try:
+    def write(self, chunk: Any) -> None:
+        """Copy ``chunk`` (at most ``max_batch_size`` items) into the slot's input."""
+        if self._input is not None:
+            np.copyto(self._input[: chunk.shape[0]], chunk, casting="same_kind")
+        else:
+            from tritonclient.utils import cuda_shared_memory as cudashm
+
+            cudashm.set_shared_memory_region_from_dlpack(self._cuda, [chunk])
+
+    def request(self, n: int) -> Any:
+        """The request for ``n`` items in this slot, built on first use and then reused."""
+        req = self._requests.get(n)
+        if req is None:
+            m = self.model
+            req = self._prebuilt(model_name=m.name)
+            tensor = req.inputs.add(
+                name=m.input.name,
+                datatype="FP32",
+                shape=[n, m.input.channels, m.input.height, m.input.width],
+            )
+            tensor.parameters["shared_memory_region"].string_param = self.name
+            tensor.parameters["shared_memory_byte_size"].int64_param = n * self.item_bytes
+            for k, out in enumerate(self.outputs):
+                wanted = req.outputs.add(name=out.name)
                 if self.kind == "system":
-                    from tritonclient.utils import shared_memory as shm
+                    wanted.parameters["shared_memory_region"].string_param = self.name
+                    wanted.parameters["shared_memory_offset"].int64_param = self.offsets[k]
+                    wanted.parameters["shared_memory_byte_size"].int64_param = n * out.item_bytes
+            self._requests[n] = req
+        return req
 
-                    await client.unregister_system_shared_memory(name)
-                    shm.destroy_shared_memory_region(handle)
+    def read(self, n: int, response: Any) -> list[np.ndarray]:
+        """The outputs of the last request for ``n`` items: copied out of the slot (the next
+        request overwrites it), or taken from the message."""
+        if self.kind != "system":
+            return _outputs_from_message(self.outputs, response)
+        if self._shm is None:
+            raise InferenceError("the Triton backend was closed while this request was in flight")
+        return [
+            np.ndarray((n, *out.shape), out.dtype, buffer=self._shm.buf, offset=off).copy()
+            for out, off in zip(self.outputs, self.offsets, strict=True)
+        ]
+
+    def destroy(self, client: Any | None) -> None:
+        """Unregister from Triton (when reachable) and free the memory."""
+        try:
+            if client is not None:
+                if self.kind == "system":
+                    client.unregister_system_shared_memory(self.name)
                 else:
-                    from tritonclient.utils import cuda_shared_memory as cudashm
+                    client.unregister_cuda_shared_memory(self.name)
+        except Exception as exc:  # best effort at shutdown; Triton drops them when it stops
+            log.warning("shared memory region %s not unregistered: %s", self.name, exc)
+        if self._shm is not None:
+            self._input = None  # the view must go before the mapping can close
+            self._shm.close()
+            self._shm.unlink()
+            self._shm = None
+        if self._cuda is not None:
+            from tritonclient.utils import cuda_shared_memory as cudashm
 
-                    await client.unregister_cuda_shared_memory(name)
-                    cudashm.destroy_shared_memory_region(handle)
-            except Exception as exc:  # best effort at shutdown; Triton drops them when it stops
-                log.warning("shared memory region %s not released: %s", name, exc)
+            cudashm.destroy_shared_memory_region(self._cuda)
+            self._cuda = None
+
+
+def _outputs_from_message(outputs: Sequence[_Output], response: Any) -> list[np.ndarray]:
+    """``outputs`` from a response that carries them in ``raw_output_contents``."""
+    by_name = {o.name: k for k, o in enumerate(response.outputs)}
+    arrays = []
+    for out in outputs:
+        k = by_name.get(out.name)
+        if k is None or k >= len(response.raw_output_contents):
+            raise InferenceError(f"Triton's answer has no data for output {out.name!r}")
+        shape = [int(d) for d in response.outputs[k].shape]
+        data = np.frombuffer(response.raw_output_contents[k], dtype=out.dtype)
+        arrays.append(data.reshape(shape).copy())  # writable, and not tied to the message
+    return arrays
+
+
+class _SlotPool:
+    """A model's slots of one kind, grown to the number of requests in flight at once.
+
+    A request takes a free slot (most recently used first, so the same few stay warm) or, when
+    all are taken and the pool is below ``limit``, registers one more: the pool ends up as large
+    as the concurrency the server runs at, and each slot is registered once for the backend's
+    life. Past ``limit`` a request goes in the gRPC message instead of waiting for a slot.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        model: ModelSpec,
+        outputs: Sequence[_Output],
+        client: Any,
+        timeout_s: float,
+        limit: int,
+        prefix: str,
+    ) -> None:
+        from tritonclient.grpc import service_pb2
+
+        self.kind = kind
+        self.model = model
+        self.outputs = list(outputs)
+        self.client = client
+        self.timeout_s = timeout_s
+        self.limit = limit
+        self.prefix = prefix
+        self._request_class = service_pb2.ModelInferRequest
+        self._lock = threading.Lock()
+        self._free: list[_Slot] = []
+        self._slots: list[_Slot] = []
+        self._reserved = 0  # slots registered or being registered
+        self._names = itertools.count()
+
+    def grow(self) -> _Slot:
+        """Create and register one more slot (raises if that fails)."""
+        with self._lock:
+            index = next(self._names)  # never reused, even after a failed grow
+            self._reserved += 1
+        try:
+            slot = _Slot(
+                f"{self.prefix}_{self.model.name}_{self.kind}_{index}",
+                self.kind,
+                self.model,
+                self.outputs,
+                self._request_class,
+            )
+        except BaseException:
+            with self._lock:
+                self._reserved -= 1
+            raise
+        try:
+            slot.register(self.client, self.timeout_s)
+        except BaseException:
+            slot.destroy(None)
+            with self._lock:
+                self._reserved -= 1
+            raise
+        with self._lock:
+            self._slots.append(slot)
+        return slot
+
+    def acquire(self) -> _Slot | None:
+        """A slot for one request, or None when the pool is at its limit and all are busy."""
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+            if self._reserved >= self.limit:
+                return None
+        try:
+            return self.grow()
+        except Exception as exc:
+            with self._lock:  # stop growing: more would fail the same way (e.g. /dev/shm full)
+                self.limit = max(1, self._reserved)
+            log.warning(
+                "Triton %s shared memory: no more regions for %s past %d (%s); further requests "
+                "in flight at once go in the gRPC message",
+                self.kind,
+                self.model.name,
+                self._reserved,
+                exc,
+            )
+            return None
+
+    def release(self, slot: _Slot) -> None:
+        """Give ``slot`` back once its request's outputs have been read."""
+        with self._lock:
+            self._free.append(slot)
+
+    @property
+    def size(self) -> int:
+        """Slots registered now."""
+        with self._lock:
+            return len(self._slots)
+
+    def close(self, reachable: bool = True) -> None:
+        """Unregister (when Triton is ``reachable``) and free every slot."""
+        with self._lock:
+            slots, self._slots, self._free = self._slots, [], []
+        for slot in slots:
+            slot.destroy(self.client if reachable else None)
+
+
+def _is_lost_region(exc: Any) -> bool:
+    """Whether a failed call says Triton does not know a region of ours: it restarted, or a
+    client unregistered every region (perf_analyzer does, when it starts and when it ends)."""
+    import grpc
+
+    details = str(exc.details() if hasattr(exc, "details") else exc)
+    return (
+        isinstance(exc, grpc.RpcError)
+        and exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT)
+        and "shared memory region" in details
+    )
 
 
 class TritonBackend:
     """NVIDIA Triton over gRPC (``inference.backend = "triton"``), serving the same repository.
 
-    One asyncio gRPC client (``tritonclient.grpc.aio``) on its own event loop carries every request:
-    callers on any thread (or coroutine, via :meth:`infer_async`) share one channel, and the chunks
-    of a large batch are all in flight at once, so Triton's dynamic batcher sees them together.
+    One gRPC channel carries every request; callers on any thread send theirs on it directly,
+    each blocking only itself (no hand-off to another thread), and the chunks of a large batch
+    are all in flight at once, so Triton's dynamic batcher sees them together.
 
     At start it checks that Triton is ready and serves every model with the input and outputs the
     repository declares, so a mismatch is an error at start rather than at the first study. When
-    Triton is on this host, inputs travel in registered shared memory (``inference.
-    triton_shared_memory``): system memory for host tensors, CUDA memory for GPU tensors.
+    Triton is on this host, requests travel in registered shared memory (``inference.
+    triton_shared_memory``): system memory for host tensors (the outputs come back in it too),
+    CUDA memory for GPU tensors. Each request in flight has a region of its own, registered once
+    and reused (see ``_SlotPool``); docs/triton.md says what a request costs.
     """
 
-    #: Regions per model and kind: requests in flight that use shared memory at once (more go
-    #: in the gRPC message meanwhile).
-    REGIONS = 8
+    #: At most this many regions per model and kind (requests in flight at once beyond it go in
+    #: the gRPC message), and at most ``MAX_REGION_BYTES`` of them, since /dev/shm must hold
+    #: every region that has been used (Docker's default --shm-size is 64 MiB).
+    MAX_REGIONS = 64
+    MAX_REGION_BYTES = 512 * 1024 * 1024
 
     def __init__(self, config: InferenceConfig, models: Sequence[ModelSpec]) -> None:
+        import grpc
         import tritonclient.grpc as grpcclient
+        from tritonclient.grpc import service_pb2, service_pb2_grpc
         from tritonclient.utils import InferenceServerException
 
-        self._grpc = grpcclient
         self._error = InferenceServerException
+        self._rpc_error = grpc.RpcError
+        self._request_class = service_pb2.ModelInferRequest
         self.url = config.triton_url
         self.timeout_s = config.triton_timeout_s
         self.mode = config.triton_shared_memory
         self.models = list(models)
-        self._pools: dict[tuple[str, str], _ShmPool] = {}
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="nidaan-triton", daemon=True
-        )
-        self._thread.start()
+        self._outputs: dict[str, list[_Output]] = {}
+        self._pools: dict[tuple[str, str], _SlotPool] = {}
+        self._message_requests: dict[tuple[str, int], Any] = {}
+        self._prefix = f"nidaan_{os.getpid()}_{next(_BACKEND_SEQUENCE)}"
+        self._closed = False
+        # tritonclient for the control calls (readiness, metadata, shared memory); its generated
+        # stub on a channel of our own for inference, so a request is one prebuilt message and
+        # one blocking call. Same message limits as tritonclient's (a CT chunk can pass 4 MiB).
+        self.client = grpcclient.InferenceServerClient(self.url)
+        limit = [
+            ("grpc.max_send_message_length", 2**31 - 1),
+            ("grpc.max_receive_message_length", 2**31 - 1),
+        ]
+        self._channel = grpc.insecure_channel(self.url, options=limit)
+        self._infer = service_pb2_grpc.GRPCInferenceServiceStub(self._channel).ModelInfer
         try:
-            self._call(self._start())
+            self._start()
         except BaseException:
             self.close()
             raise
 
-    def _call(self, coro: Any) -> Any:
-        """Run ``coro`` on the client's loop and wait for it (from any other thread)."""
-        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+    def _start(self) -> None:
         try:
-            return future.result(self.timeout_s * 2 + 5)
-        except TimeoutError as exc:
-            future.cancel()
-            raise InferenceError(f"Triton at {self.url} did not answer in time") from exc
-
-    async def _start(self) -> None:
-        import tritonclient.grpc.aio as aio
-
-        self.client = aio.InferenceServerClient(self.url)
-        try:
-            ready = await self.client.is_server_ready(client_timeout=self.timeout_s)
+            ready = self.client.is_server_ready(client_timeout=self.timeout_s)
         except self._error as exc:
             raise InferenceError(f"Triton at {self.url} is not reachable: {exc}") from exc
         if not ready:
             raise InferenceError(f"Triton at {self.url} is not ready")
         for m in self.models:
-            await self._check(m)
-        await self._share_memory()
+            self._outputs[m.name] = self._check(m)
+        self._share_memory()
 
-    async def _share_memory(self) -> None:
+    def _share_memory(self) -> None:
         local = _is_loopback(self.url)
         kinds = []
         if self.mode == "system" or (self.mode == "auto" and local):
@@ -358,12 +590,17 @@ class TritonBackend:
             kinds.append("cuda")
         for kind in kinds:
             for m in self.models:
-                size = m.max_batch_size * m.input.channels * m.input.height * m.input.width * 4
-                pool = _ShmPool(kind, m, size, self.REGIONS)
-                try:
-                    await pool.register(self.client, self.timeout_s)
+                outputs = self._outputs[m.name]
+                slot_bytes = m.max_batch_size * (
+                    m.input.channels * m.input.height * m.input.width * 4
+                    + (sum(o.item_bytes for o in outputs) if kind == "system" else 0)
+                )
+                limit = max(1, min(self.MAX_REGIONS, self.MAX_REGION_BYTES // slot_bytes))
+                pool = _SlotPool(kind, m, outputs, self.client, self.timeout_s, limit, self._prefix)
+                try:  # one region now: shared memory that cannot work fails here, not later
+                    pool.release(pool.grow())
                 except Exception as exc:
-                    await pool.unregister(self.client)
+                    pool.close()
                     if self.mode == kind:  # asked for explicitly: an error, not a fallback
                         raise InferenceError(
                             f"Triton at {self.url}: {kind} shared memory failed: {exc}"
@@ -382,11 +619,17 @@ class TritonBackend:
         """The kinds of shared memory in use ("system", "cuda")."""
         return sorted({kind for _, kind in self._pools})
 
-    async def _check(self, model: ModelSpec) -> None:
+    def regions(self, model: ModelSpec, kind: str = "system") -> int:
+        """Shared-memory regions registered now for ``model`` (0 without shared memory)."""
+        pool = self._pools.get((model.name, kind))
+        return pool.size if pool is not None else 0
+
+    def _check(self, model: ModelSpec) -> list[_Output]:
+        """Triton serves ``model`` as the repository says; the outputs the pipeline reads."""
         try:
-            if not await self.client.is_model_ready(model.name, client_timeout=self.timeout_s):
+            if not self.client.is_model_ready(model.name, client_timeout=self.timeout_s):
                 raise InferenceError(f"Triton at {self.url} does not serve model {model.name!r}")
-            meta = await self.client.get_model_metadata(
+            meta = self.client.get_model_metadata(
                 model.name, as_json=True, client_timeout=self.timeout_s
             )
         except self._error as exc:
@@ -398,70 +641,155 @@ class TritonBackend:
                 f"Triton's {model.name!r} takes {inputs}, the repository says "
                 f"{model.input.name} {expected}"
             )
-        outputs = {o["name"] for o in meta["outputs"]}
+        served = {o["name"]: o for o in meta["outputs"]}
+        outputs = []
         for name in (model.probabilities_output, model.heatmap_output):
-            if name is not None and name not in outputs:
+            if name is None:
+                continue
+            if name not in served:
                 raise InferenceError(f"Triton's {model.name!r} has no output {name!r}")
+            dims = tuple(int(d) for d in served[name]["shape"][1:])
+            dtype = _TRITON_DTYPES.get(served[name]["datatype"])
+            if dtype is None or any(d < 0 for d in dims):
+                raise InferenceError(
+                    f"Triton's {model.name!r} output {name!r} is {served[name]['datatype']} "
+                    f"{served[name]['shape']}; Nidaan reads fixed-shape numeric outputs"
+                )
+            outputs.append(_Output(name, dims, dtype))
+        return outputs
 
-    async def _infer_chunk(self, model: ModelSpec, chunk: Any, names: list[str]) -> list[Any]:
+    def _message_request(self, model: ModelSpec, n: int) -> Any:
+        """The request's fixed part (model, input shape, outputs) when tensors go in the message;
+        a copy of it gets the input bytes."""
+        req = self._message_requests.get((model.name, n))
+        if req is None:
+            req = self._request_class(model_name=model.name)
+            req.inputs.add(
+                name=model.input.name,
+                datatype="FP32",
+                shape=[n, model.input.channels, model.input.height, model.input.width],
+            )
+            for out in self._outputs[model.name]:
+                req.outputs.add(name=out.name)
+            self._message_requests[(model.name, n)] = req
+        return req
+
+    def _failure(self, model: ModelSpec, exc: Exception) -> InferenceError:
+        import grpc
+
+        if isinstance(exc, grpc.RpcError):
+            code = exc.code()
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                return InferenceError(
+                    f"Triton at {self.url} did not answer {model.name!r} in {self.timeout_s} s"
+                )
+            return InferenceError(
+                f"Triton at {self.url} failed {model.name!r}: [{code.name}] {exc.details()}"
+            )
+        return InferenceError(f"Triton at {self.url} failed {model.name!r}: {exc}")
+
+    def _prepare(self, model: ModelSpec, chunk: Any) -> tuple[_SlotPool | None, _Slot | None, Any]:
+        """Put ``chunk`` where Triton will read it: in a slot of its own (which stays this
+        request's until ``_finish`` gives it back), else in the request message."""
+        if self._closed:
+            raise InferenceError("the Triton backend is closed")
         device = is_device_array(chunk)
         pool = self._pools.get((model.name, "cuda" if device else "system"))
-        tensor = self._grpc.InferInput(model.input.name, list(chunk.shape), "FP32")
-        region = None
-        if pool is not None:
-            try:  # all regions in flight: this request goes in the gRPC message, never waits
-                region = pool.free.get_nowait()
-            except asyncio.QueueEmpty:
-                region = None
-        if region is not None and pool is not None:
-            pool.write(region, chunk)
-            tensor.set_shared_memory(region, int(chunk.nbytes))
-        elif device:
-            chunk = chunk.get()  # a CuPy array: to the host for the gRPC message
-            tensor.set_data_from_numpy(np.ascontiguousarray(chunk, np.float32))
-        else:
-            tensor.set_data_from_numpy(np.ascontiguousarray(chunk, np.float32))
-        wanted = [self._grpc.InferRequestedOutput(n) for n in names]
-        try:
-            result = await self.client.infer(
-                model.name, [tensor], outputs=wanted, client_timeout=self.timeout_s
-            )
-        except self._error as exc:
-            raise InferenceError(f"Triton at {self.url} failed {model.name!r}: {exc}") from exc
-        finally:
-            if pool is not None and region is not None:
-                pool.free.put_nowait(region)
-        return [result.as_numpy(n) for n in names]
+        slot = pool.acquire() if pool is not None else None
+        if slot is not None:
+            try:
+                slot.write(chunk)
+            except BaseException:
+                pool.release(slot)  # type: ignore[union-attr]
+                raise
+            return pool, slot, slot.request(int(chunk.shape[0]))
+        host = chunk.get() if device else chunk  # a CuPy array: to the host for the message
+        req = self._request_class()
+        req.CopyFrom(self._message_request(model, int(chunk.shape[0])))
+        req.raw_input_contents.append(np.ascontiguousarray(host, np.float32).tobytes())
+        return None, None, req
 
-    async def infer_async(self, model: ModelSpec, batch: Any) -> dict[str, np.ndarray]:
-        """Run ``model`` on ``batch`` from a coroutine on this backend's loop."""
-        names = [model.probabilities_output] + (
-            [model.heatmap_output] if model.heatmap_output else []
-        )
-        chunks = split_batch(model, batch)
-        results = await asyncio.gather(*(self._infer_chunk(model, c, names) for c in chunks))
-        return {n: np.concatenate([r[k] for r in results]) for k, n in enumerate(names)}
+    def _finish(
+        self,
+        model: ModelSpec,
+        prepared: tuple[_SlotPool | None, _Slot | None, Any],
+        n: int,
+        answer: Callable[[], Any],
+    ) -> list[np.ndarray]:
+        """Wait for ``answer()`` and read the outputs; the slot is free again afterwards."""
+        pool, slot, req = prepared
+        try:
+            try:
+                response = answer()
+            except self._rpc_error as exc:
+                if slot is None or pool is None or not _is_lost_region(exc):
+                    raise
+                # Triton has forgotten this region (it restarted, or a client unregistered every
+                # region): register it again and send once more, rather than fail from now on.
+                log.warning("Triton lost shared memory region %s; registering it again", slot.name)
+                slot.register(pool.client, self.timeout_s)
+                response = self._infer(req, timeout=self.timeout_s)
+            if slot is not None:
+                return slot.read(n, response)
+            return _outputs_from_message(self._outputs[model.name], response)
+        except InferenceError:
+            raise
+        except (self._rpc_error, self._error) as exc:
+            raise self._failure(model, exc) from exc
+        finally:
+            if slot is not None and pool is not None:
+                pool.release(slot)
 
     def infer(self, model: ModelSpec, batch: Any) -> dict[str, np.ndarray]:
-        return self._call(self.infer_async(model, batch))
-
-    async def _close(self) -> None:
-        for pool in self._pools.values():
-            await pool.unregister(self.client)
-        self._pools.clear()
-        await self.client.close()
+        """Run ``model`` on ``batch`` (NumPy, or CuPy with CUDA shared memory) on Triton and
+        return its outputs by name; safe to call from many threads at once."""
+        outputs = self._outputs.get(model.name)
+        if outputs is None:
+            raise InferenceError(f"model {model.name!r} was not checked against Triton at start")
+        chunks = split_batch(model, batch)
+        if len(chunks) == 1:  # the common case: one blocking call on this thread, no future
+            prepared = self._prepare(model, chunks[0])
+            req = prepared[2]
+            got = self._finish(
+                model,
+                prepared,
+                int(chunks[0].shape[0]),
+                lambda: self._infer(req, timeout=self.timeout_s),
+            )
+            return {o.name: got[k] for k, o in enumerate(outputs)}
+        sent: list[tuple[Any, Any, int]] = []
+        try:
+            for chunk in chunks:  # every chunk in flight before waiting for any
+                prepared = self._prepare(model, chunk)
+                call = self._infer.future(prepared[2], timeout=self.timeout_s)
+                sent.append((prepared, call, int(chunk.shape[0])))
+        except BaseException:
+            for (pool, slot, _), call, _ in sent:
+                call.cancel()
+                if slot is not None and pool is not None:
+                    pool.release(slot)
+            raise
+        results: list[list[np.ndarray]] = []
+        failure: InferenceError | None = None
+        for prepared, call, n in sent:  # each one finished, so every slot goes back
+            try:
+                results.append(self._finish(model, prepared, n, call.result))
+            except InferenceError as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+        return {o.name: np.concatenate([r[k] for r in results]) for k, o in enumerate(outputs)}
 
     def close(self) -> None:
-        if self._loop.is_closed():
+        """Unregister and free every region, and close both channels."""
+        if self._closed:
             return
-        if hasattr(self, "client"):
-            try:
-                asyncio.run_coroutine_threadsafe(self._close(), self._loop).result(10)
-            except Exception as exc:
-                log.warning("closing the Triton client: %s", exc)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=5)
-        self._loop.close()
+        self._closed = True
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()
+        self._channel.close()
+        self.client.close()
 
 
 def _cupy_usable() -> bool:

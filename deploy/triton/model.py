@@ -1,8 +1,8 @@
 """Triton Python-backend model that runs a repository model's ONNX file with ONNX Runtime.
 
 The tritonserver that ships in NVIDIA's nvidia-pytriton wheel has the Python backend but no
-ONNX Runtime backend. `nidaan.server.triton_repository` copies models/ and puts this file beside
-each model's ONNX file, so Triton serves the same model (same config.pbtxt batching) without the
+ONNX Runtime backend. `tests/peers.py:start_triton` and `benchmarks/triton.py:start_tritonserver`
+copy models/ and put this file beside each model's ONNX file, so Triton serves the same model (same config.pbtxt batching) without the
 onnxruntime backend. A production Triton serves the model.onnx directly with platform
 onnxruntime_onnx and never sees this file.
 """
