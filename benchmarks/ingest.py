@@ -169,11 +169,16 @@ def run(smoke: bool = False, slices: int = 300, repeats: int = 3) -> dict[str, A
             wait_for_port(http_port, timeout=60, proc=server)
             start_cpu = [0.0]
 
-            def before(pid: int = server.pid) -> None:
-                start_cpu[0] = cpu_seconds(pid)
+            def before(pid: int = server.pid, start: list[float] = start_cpu) -> None:
+                start[0] = cpu_seconds(pid)
 
-            def after(pid: int = server.pid, hp: int = http_port) -> None:
-                spent[0] += cpu_seconds(pid) - start_cpu[0]
+            def after(
+                pid: int = server.pid,
+                hp: int = http_port,
+                start: list[float] = start_cpu,
+                total: list[float] = spent,
+            ) -> None:
+                total[0] += cpu_seconds(pid) - start[0]
                 wait_idle(hp)
 
             measure(name, port, "NIDAAN", before, after)
@@ -217,9 +222,7 @@ def run(smoke: bool = False, slices: int = 300, repeats: int = 3) -> dict[str, A
                 "met": r >= target,
                 "why": None
                 if r >= target
-                else (
-                    f"on {cores} cores shared with the 4 storescu senders and the main process"
-                ),
+                else (f"on {cores} cores shared with the 4 storescu senders and the main process"),
             }
         )
 

@@ -1,14 +1,23 @@
-"""Load test of the gRPC API with locust, against the same work done in process.
+"""Load test of the gRPC API (Analyze, 16 concurrent callers) against the same work in process.
 
     .venv/bin/pip install -e '.[bench]'
-    .venv/bin/python benchmarks/load.py [--users 16] [--seconds 30]
+    .venv/bin/python benchmarks/load.py [--users 16] [--seconds 30] [--json PATH]
+    .venv/bin/python benchmarks/load.py --smoke          # seconds: 2 callers, 3 s each
 
-Starts ``nidaan serve`` (embedded backend, no DICOM peers) and runs ``benchmarks/locustfile.py``
-headless: ``--users`` integrators each send Analyze calls back to back, three one-image
-radiograph studies to one four-slice CT study. Baseline, measured in the same run before it: the
-same number of threads calling ``Pipeline.analyse`` in this process on the same studies (parsing
-the same bytes), i.e. the work without gRPC, the server process and locust. Prints studies/s and
-latency percentiles of both. Not a test: nothing is asserted.
+Three measurements, one after the other, on the same studies (three one-image 1024 x 1024
+radiograph studies to one four-slice 512 x 512 CT study, from benchmarks/workload.py):
+
+1. in process (the baseline): ``--users`` threads calling ``Pipeline.analyse`` on the parsed
+   bytes, i.e. the work without gRPC, the server process or a client;
+2. gRPC, threads: ``nidaan serve`` called by ``--users`` threads of this process, each with the
+   bundled client (``nidaan.client.Client``) sending Analyze calls back to back; the client's
+   own CPU time is measured too (it shares the machine's cores with the server);
+3. gRPC, locust: the same server driven by ``benchmarks/locustfile.py``'s IntegratorUser
+   headless (its users run on gevent); the load tool's view.
+
+Figures: studies/s of each and their ratio to in process (target for the threads: at least
+0.8x); CPU milliseconds per study of the server process against in process (what the server
+adds per study, whatever the client costs). Not a test: nothing is asserted.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import argparse
 import csv
 import io
 import itertools
+import json
 import statistics
 import subprocess
 import sys
@@ -24,6 +34,9 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
+
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))  # workload.py, also when not run as a script
@@ -39,9 +52,22 @@ from workload import (  # noqa: E402
     wait_for_port,
 )
 
+TARGET = 0.8
 
-def in_process(users: int, seconds: float) -> tuple[float, list[float]]:
-    """Studies/s and latencies (ms) of ``users`` threads calling the pipeline directly."""
+
+def _cpu(proc: psutil.Process) -> float:
+    t = proc.cpu_times()
+    return float(t.user + t.system)
+
+
+def _studies() -> tuple[dict[str, list[list[bytes]]], list[str]]:
+    studies = {"radiograph": radiograph_studies(), "ct": ct_studies()}
+    return studies, [k for k, w in MIX.items() for _ in range(w)]
+
+
+def in_process(users: int, seconds: float) -> tuple[float, list[float], float]:
+    """Studies/s, latencies (ms) and CPU ms per study of ``users`` threads calling the
+    pipeline directly."""
     from pydicom import dcmread
 
     from nidaan.core.config import InferenceConfig
@@ -51,8 +77,7 @@ def in_process(users: int, seconds: float) -> tuple[float, list[float]]:
 
     models = load_repository(ROOT / "models")
     pipeline = Pipeline(models, create_backend(InferenceConfig(), models))
-    studies = {"radiograph": radiograph_studies(), "ct": ct_studies()}
-    order = [k for k, w in MIX.items() for _ in range(w)]
+    studies, order = _studies()
     pipeline.analyse([dcmread(io.BytesIO(studies["ct"][0][0]))])  # warm up
     latencies: list[float] = []
     lock = threading.Lock()
@@ -69,45 +94,119 @@ def in_process(users: int, seconds: float) -> tuple[float, list[float]]:
             with lock:
                 latencies.append((time.perf_counter() - started) * 1000)
 
-    started = time.monotonic()
+    me = psutil.Process()
+    cpu0, started = _cpu(me), time.monotonic()
     threads = [threading.Thread(target=user, args=(u,)) for u in range(users)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     elapsed = time.monotonic() - started
+    cpu = _cpu(me) - cpu0
     pipeline.backend.close()
-    return len(latencies) / elapsed, latencies
+    close = getattr(pipeline, "close", None)
+    if close is not None:
+        close()
+    return len(latencies) / elapsed, latencies, cpu / max(1, len(latencies)) * 1000
 
 
-def served(users: int, seconds: float, work: Path) -> dict[str, str]:
+class _Server:
+    """``nidaan serve`` on free loopback ports (embedded backend, no DICOM peers)."""
+
+    def __init__(self, work: Path) -> None:
+        work.mkdir(parents=True, exist_ok=True)
+        self.grpc_port = free_port()
+        config = nidaan_config(
+            work / "nidaan.toml",
+            port=free_port(),
+            data_dir=work / "data",
+            models=ROOT / "models",
+            extra=f'[grpc]\nbind = "127.0.0.1"\nport = {self.grpc_port}\n',
+        )
+        self.proc = start_nidaan(config, work / "nidaan.log")
+        wait_for_port(self.grpc_port, timeout=180, proc=self.proc)
+        self.ps = psutil.Process(self.proc.pid)
+
+    def __enter__(self) -> _Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        stop(self.proc)
+
+
+def served_threads(users: int, seconds: float, work: Path) -> dict[str, float]:
+    """Studies/s, latencies, and server and client CPU of ``users`` threads calling Analyze."""
+    from nidaan.client import Client
+
+    studies, order = _studies()
+    with _Server(work) as server:
+        target = f"127.0.0.1:{server.grpc_port}"
+        with Client(target) as warm:
+            warm.analyze(studies["ct"][0])
+        latencies: list[float] = []
+        failed = [0]
+        lock = threading.Lock()
+        deadline = time.monotonic() + seconds
+
+        def user(u: int) -> None:
+            with Client(target, timeout_s=300) as client:  # one channel per caller
+                for turn in itertools.count(u):
+                    if time.monotonic() >= deadline:
+                        return
+                    kind = order[turn % len(order)]
+                    study = studies[kind][turn % len(studies[kind])]
+                    started = time.perf_counter()
+                    try:
+                        client.analyze(study)
+                    except Exception:  # counted, not raised: the run goes on
+                        with lock:
+                            failed[0] += 1
+                        continue
+                    with lock:
+                        latencies.append((time.perf_counter() - started) * 1000)
+
+        me = psutil.Process()
+        server_cpu0, client_cpu0, started = _cpu(server.ps), _cpu(me), time.monotonic()
+        threads = [threading.Thread(target=user, args=(u,)) for u in range(users)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.monotonic() - started
+        server_cpu = _cpu(server.ps) - server_cpu0
+        client_cpu = _cpu(me) - client_cpu0
+    n = max(1, len(latencies))
+    return {
+        "rate": len(latencies) / elapsed,
+        "median": statistics.median(latencies) if latencies else float("nan"),
+        "p95": statistics.quantiles(latencies, n=20)[18] if len(latencies) > 1 else 0.0,
+        "studies": float(len(latencies)),
+        "failed": float(failed[0]),
+        "server_cpu_ms": server_cpu / n * 1000,
+        "client_cores": client_cpu / elapsed,
+        "server_cores": server_cpu / elapsed,
+    }
+
+
+def served_locust(users: int, seconds: float, work: Path) -> dict[str, str]:
     """Locust's aggregated row for the whole run against ``nidaan serve``."""
-    grpc_port, dicom_port = free_port(), free_port()
-    config = nidaan_config(
-        work / "nidaan.toml",
-        port=dicom_port,
-        data_dir=work / "data",
-        models=ROOT / "models",
-        extra=f'[grpc]\nbind = "127.0.0.1"\nport = {grpc_port}\n',
-    )
-    server = start_nidaan(config, work / "nidaan.log")
-    try:
-        wait_for_port(grpc_port, timeout=120, proc=server)
+    with _Server(work) as server:
         locust = Path(sys.executable).parent / "locust"
         run = subprocess.run(
             [
                 str(locust),
                 "-f",
                 str(ROOT / "benchmarks" / "locustfile.py"),
+                "IntegratorUser",
                 "--headless",
                 "--users",
                 str(users),
                 "--spawn-rate",
                 str(users),
                 "--run-time",
-                f"{int(seconds)}s",
+                f"{max(1, int(seconds))}s",
                 "--host",
-                f"127.0.0.1:{grpc_port}",
+                f"127.0.0.1:{server.grpc_port}",
                 "--csv",
                 str(work / "locust"),
                 "--only-summary",
@@ -117,32 +216,127 @@ def served(users: int, seconds: float, work: Path) -> dict[str, str]:
         )
         if run.returncode not in (0, 1):  # 1: some requests failed (reported below)
             raise RuntimeError(run.stderr[-2000:])
-    finally:
-        stop(server)
     with open(work / "locust_stats.csv") as f:
         return next(r for r in csv.DictReader(f) if r["Name"] == "Aggregated")
+
+
+def _row(
+    figure: str,
+    value: float,
+    unit: str,
+    baseline: str | None = None,
+    baseline_value: float | None = None,
+    target: str | None = None,
+    met: bool | None = None,
+    why: str | None = None,
+) -> dict[str, Any]:
+    ratio = None if not baseline_value else round(value / baseline_value, 3)
+    return {
+        "figure": figure,
+        "value": round(value, 2),
+        "unit": unit,
+        "baseline": baseline,
+        "baseline_value": None if baseline_value is None else round(baseline_value, 2),
+        "ratio": ratio,
+        "target": target,
+        "met": met,
+        "why": why,
+    }
+
+
+def run(smoke: bool = False, users: int = 16, seconds: float = 30.0) -> dict[str, Any]:
+    """Measure; the benchmark convention's dict (benchmarks/README.md)."""
+    if smoke:
+        users, seconds = 2, 3.0
+    command = (
+        ".venv/bin/python benchmarks/load.py --smoke"
+        if smoke
+        else f".venv/bin/python benchmarks/load.py --users {users} --seconds {seconds:g}"
+    )
+    rate, latencies, cpu_ms = in_process(users, seconds)
+    q = statistics.quantiles(latencies, n=20) if len(latencies) > 1 else [0.0] * 19
+    print(
+        f"in process: {rate:.1f} studies/s, median {statistics.median(latencies):.0f} ms, "
+        f"p95 {q[18]:.0f} ms ({len(latencies)} studies, {users} threads), "
+        f"{cpu_ms:.1f} CPU ms per study",
+        flush=True,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        threads = served_threads(users, seconds, Path(tmp) / "threads")
+    ratio = threads["rate"] / rate
+    print(
+        f"gRPC ({users} threads, bundled client): {threads['rate']:.1f} studies/s, median "
+        f"{threads['median']:.0f} ms, p95 {threads['p95']:.0f} ms, {threads['studies']:.0f} "
+        f"studies, {threads['failed']:.0f} failed; {ratio:.2f}x of in process; server "
+        f"{threads['server_cpu_ms']:.1f} CPU ms per study ({threads['server_cores']:.2f} "
+        f"cores), client {threads['client_cores']:.2f} cores",
+        flush=True,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        row = served_locust(users, seconds, Path(tmp) / "locust")
+    locust_rate = float(row["Requests/s"])
+    print(
+        f"gRPC (locust, {users} users): {locust_rate:.1f} studies/s, median "
+        f"{row['50%']} ms, p95 {row['95%']} ms, {row['Request Count']} studies, "
+        f"{row['Failure Count']} failed; {locust_rate / rate:.2f}x of in process"
+    )
+    met = ratio >= TARGET
+    rows = [
+        _row("in process: studies/s", rate, "studies/s"),
+        _row(
+            f"gRPC Analyze, {users} concurrent callers (threads, bundled client): studies/s",
+            threads["rate"],
+            "studies/s",
+            f"in process, {users} threads",
+            rate,
+            f">= {TARGET}x",
+            met,
+            None if met else "see docs/configuration.md, 'gRPC memory and overhead'",
+        ),
+        _row(
+            "server CPU per study over gRPC",
+            threads["server_cpu_ms"],
+            "ms",
+            "CPU per study in process",
+            cpu_ms,
+        ),
+        _row(
+            f"gRPC Analyze, {users} locust users: studies/s",
+            locust_rate,
+            "studies/s",
+            f"in process, {users} threads",
+            rate,
+            None,
+            None,
+            "locust shares the cores with the server",
+        ),
+    ]
+    return {
+        "name": "load",
+        "title": f"gRPC Analyze at {users} concurrent callers against the same work in process",
+        "command": command,
+        "rows": rows,
+        "plot": {
+            "kind": "bar",
+            "title": f"studies/s, {users} concurrent callers",
+            "xlabel": "",
+            "ylabel": "studies/s",
+            "x": ["in process", "gRPC (threads)", "gRPC (locust)"],
+            "series": {"studies/s": [round(rate, 2), round(threads["rate"], 2), locust_rate]},
+        },
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--users", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--smoke", action="store_true", help="seconds: 2 callers, 3 s each")
+    parser.add_argument("--json", type=Path, help="write the result dict here")
     args = parser.parse_args()
-    rate, latencies = in_process(args.users, args.seconds)
-    q = statistics.quantiles(latencies, n=20)
-    print(
-        f"in process: {rate:.1f} studies/s, median {statistics.median(latencies):.0f} ms, "
-        f"p95 {q[18]:.0f} ms ({len(latencies)} studies, {args.users} threads)",
-        flush=True,
-    )
-    with tempfile.TemporaryDirectory() as tmp:
-        row = served(args.users, args.seconds, Path(tmp))
-    served_rate = float(row["Requests/s"])
-    print(
-        f"gRPC (locust, {args.users} users): {served_rate:.1f} studies/s, median "
-        f"{row['50%']} ms, p95 {row['95%']} ms, {row['Request Count']} studies, "
-        f"{row['Failure Count']} failed; {served_rate / rate:.2f}x of in process"
-    )
+    result = run(args.smoke, args.users, args.seconds)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import resource
 import tempfile
-import time
 from pathlib import Path
 
 from ingest import send, write_series

@@ -16,15 +16,27 @@ below ``dicom.min_free_bytes`` of free disk).
 Every call of the Inference service is counted and audited (``on_request``), refused ones too:
 Nidaan applies ``grpc.max_concurrent_rpcs`` itself (:class:`CallSlots`) instead of leaving it to
 grpcio, which refuses a call before any handler runs.
+
+Memory is bounded by bytes, not by calls (:class:`ByteBudget`, ``grpc.max_inflight_mb``): what a
+call holds while its instances are read, parsed, decoded and preprocessed is counted; a call
+that would go past the limit waits for room (at most ``grpc.admission_timeout_s``, then
+RESOURCE_EXHAUSTED). ``AnalyzeStudy`` receives a study one instance per message and keeps only
+each instance's header and model tensors, so a study of any size fits; ``Analyze`` holds its
+whole request and counts four times its size. With ``grpc.tokens_file`` every call of the
+Inference service needs a bearer token (:class:`BearerTokens`); health checks stay open.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import hashlib
+import hmac
+import io
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,9 +46,11 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from nidaan.client.proto import inference_pb2 as pb
+from nidaan.core.config import read_tokens
 from nidaan.core.errors import (
     ConfigError,
     InferenceError,
@@ -47,9 +61,10 @@ from nidaan.core.errors import (
 from nidaan.core.findings import CodedValue, Finding, ImageAnalysis
 from nidaan.pacs_bridge.admission import admit, read_bytes
 from nidaan.pacs_bridge.spool import Spool
-from nidaan.pacs_bridge.uids import ref
+from nidaan.pacs_bridge.uids import is_valid_uid, ref
 
 from .model_repository import ModelSpec
+from .pipeline import Prepared
 from .studies import Studies
 
 log = logging.getLogger("nidaan.api")
@@ -82,6 +97,11 @@ class ApiLimits:
     max_quarantine_bytes: int = 64 << 20
     #: ...and only while the disk keeps this much free (``dicom.min_free_bytes``).
     min_free_bytes: int = 1 << 30
+    #: Bytes the calls in flight may hold, and how long a call waits for room before
+    #: RESOURCE_EXHAUSTED; None: the config's ``grpc.max_inflight_mb`` and
+    #: ``grpc.admission_timeout_s``.
+    max_inflight_bytes: int | None = None
+    admission_timeout_s: float | None = None
 
 
 class _Refused(Exception):
@@ -155,12 +175,226 @@ class CallSlots:
             self._workers.release()
 
 
-def _one_request(requests: Iterator[bytes], kind: type[Any]) -> Any:
-    """The call's request message, parsed (the handlers take requests as a stream of bytes)."""
+#: What one instance of a call is assumed to cost before its size is known (AnalyzeStudy's
+#: first message): a 1024 x 1024 radiograph's cost, so that many new calls at once cannot
+#: overrun the budget by reading their first instance.
+FIRST_INSTANCE_BYTES = 8 << 20
+#: An Analyze request is counted at this many times its size: the message, its parsed copy,
+#: one instance being parsed and decoded, and its tensors.
+UNARY_COST_FACTOR = 4
+#: AnalyzeStudy analyses what it has prepared once it holds this many instances' tensors.
+CHUNK_INSTANCES = 32
+#: Each stream's HTTP/2 flow-control window: what a sender may send ahead of the handler.
+STREAM_WINDOW_BYTES = 256 << 10
+
+
+def instance_cost(size: int, ds: Dataset) -> int:
+    """Bytes one instance costs while it is parsed, decoded and preprocessed: its bytes three
+    times (received, copied out of the message, parsed) and 8 bytes per pixel of the frame
+    decoded (stored values, then the kernels' float intermediates), from its header."""
     try:
-        data = next(requests)
+        pixels = int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0)
+        pixels *= int(ds.get("SamplesPerPixel", 1) or 1)
+    except (TypeError, ValueError):
+        pixels = 0
+    return 3 * size + 8 * pixels
+
+
+class ByteBudget:
+    """``grpc.max_inflight_mb``: the bytes calls in flight may hold, counted by the calls.
+
+    A call takes what it will hold before it holds it (:meth:`acquire`, which waits for room
+    while the caller is still there, at most ``timeout_s``) and gives back what it no longer
+    holds (:meth:`release`). Where a call only learns the true cost after reading (an
+    instance's header), it corrects its share (:meth:`adjust`) without waiting. A call never
+    waits while it holds a share (AnalyzeStudy analyses what it has first), so calls cannot
+    wait on each other for ever.
+
+    When nothing is held any more, glibc is asked to give freed memory back to the system
+    (``malloc_trim``), so the server's resident size returns towards its idle level after a
+    burst (with ``MALLOC_ARENA_MAX=2`` in the environment: docs/configuration.md, "gRPC
+    memory").
+    """
+
+    def __init__(
+        self,
+        limit: int,
+        timeout_s: float = 30.0,
+        on_wait: Callable[[str], None] | None = None,
+    ) -> None:
+        """``on_wait(outcome)`` hears of each call that had to wait: admitted, refused or
+        cancelled (the metrics count them)."""
+        self.limit = limit
+        self.timeout_s = timeout_s
+        self._on_wait = on_wait or (lambda outcome: None)
+        self._used = 0
+        self._peak = 0
+        self._cond = threading.Condition()
+        self._trimmer = _Trimmer()
+
+    @property
+    def in_flight(self) -> int:
+        """Bytes held now."""
+        with self._cond:
+            return self._used
+
+    @property
+    def peak(self) -> int:
+        """The most bytes held at once since start."""
+        with self._cond:
+            return self._peak
+
+    def try_acquire(self, n: int) -> bool:
+        """Take ``n`` bytes if there is room now."""
+        with self._cond:
+            if self._used + n > self.limit:
+                return False
+            self._take(n)
+            return True
+
+    def acquire(self, n: int, context: grpc.ServicerContext, what: str) -> None:
+        """Take ``n`` bytes, waiting for room; _Refused(RESOURCE_EXHAUSTED) when ``n`` can never
+        fit or no room came within ``timeout_s``, _Refused(CANCELLED) when the caller left."""
+        mib = 1 << 20
+        if n > self.limit:
+            raise _Refused(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{what} needs {-(-n // mib)} MiB in flight, more than grpc.max_inflight_mb "
+                f"({self.limit // mib} MiB): send the study with AnalyzeStudy, one instance per "
+                "message",
+            )
+        deadline = time.monotonic() + self.timeout_s
+        waited = False
+        with self._cond:
+            while self._used + n > self.limit:
+                waited = True
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._on_wait("refused")
+                    raise _Refused(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"the server held its limit of {self.limit // mib} MiB in flight "
+                        f"(grpc.max_inflight_mb) for {self.timeout_s:g} s "
+                        "(grpc.admission_timeout_s): try again later",
+                    )
+                self._cond.wait(min(left, 0.2))
+                if not context.is_active():
+                    self._on_wait("cancelled")
+                    raise _Refused(
+                        grpc.StatusCode.CANCELLED, "the call ended while it waited for memory"
+                    )
+            self._take(n)
+        if waited:
+            self._on_wait("admitted")
+
+    def adjust(self, n: int) -> None:
+        """Take ``n`` more bytes (or give back ``-n``) without waiting."""
+        if n < 0:
+            self.release(-n)
+        elif n:
+            with self._cond:
+                self._take(n)
+
+    def release(self, n: int) -> None:
+        """Give back ``n`` bytes."""
+        if n <= 0:
+            return
+        with self._cond:
+            self._used -= n
+            idle = self._used == 0
+            self._cond.notify_all()
+        if idle:
+            self._trimmer.poke()
+
+    def _take(self, n: int) -> None:
+        self._used += n
+        self._peak = max(self._peak, self._used)
+
+
+class _Trimmer:
+    """Returns freed heap memory to the system (glibc ``malloc_trim``) a moment after the last
+    call in flight let go of its bytes, in its own thread and at most once a second.
+
+    Why: the instances a call held are freed when it ends, but glibc keeps freed memory in its
+    arenas (one per thread that allocated) and would hold the peak of a burst for ever. Without
+    glibc (musl, macOS) this does nothing.
+    """
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._trim = _malloc_trim()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def poke(self) -> None:
+        if self._trim is None:
+            return
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="nidaan-grpc-trim", daemon=True
+                )
+                self._thread.start()
+        self._event.set()
+
+    def _run(self) -> None:
+        assert self._trim is not None
+        while True:
+            self._event.wait()
+            time.sleep(1.0)  # let the burst's last calls finish and free what they held
+            self._event.clear()
+            self._trim(0)
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None where the C library has none."""
+    try:
+        # The process's own symbols (the C library it runs on); no ldconfig lookup, which
+        # would start a process.
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
+
+
+class BearerTokens:
+    """``grpc.tokens_file``: the tokens a call may carry as ``authorization: Bearer <token>``.
+
+    Each candidate is compared with every token by SHA-256 digest and
+    :func:`hmac.compare_digest`, so the time taken says nothing about a token's length or how
+    much of it matched. Tokens are never logged or put in an error message.
+    """
+
+    def __init__(self, tokens: list[str]) -> None:
+        if not tokens:
+            raise ConfigError("grpc.tokens_file holds no token")
+        self._digests = [hashlib.sha256(t.encode()).digest() for t in tokens]
+
+    def check(self, metadata: Any) -> str:
+        """'' when the call's metadata carries a valid token, else why not (for the caller)."""
+        values = [v for k, v in (metadata or ()) if k == "authorization"]
+        if not values:
+            return "this server needs a bearer token: send metadata 'authorization: Bearer <token>'"
+        value = values[0] if isinstance(values[0], str) else values[0].decode("latin-1")
+        scheme, _, token = value.partition(" ")
+        digest = hashlib.sha256(token.strip().encode()).digest()
+        ok = False
+        for known in self._digests:  # every token compared: no early exit
+            ok |= hmac.compare_digest(digest, known)
+        if scheme.lower() != "bearer" or not ok:
+            return "the bearer token is not one this server accepts"
+        return ""
+
+
+def _next_message(requests: Iterator[bytes]) -> bytes | None:
+    """The call's next request message as bytes (the handlers take requests as a stream of
+    bytes); None at the end of the stream."""
+    try:
+        return next(requests)
     except StopIteration:
-        raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "the call carries no request") from None
+        return None
     except grpc.RpcError:
         # The call ended first: the client cancelled it, its deadline passed, or gRPC's core
         # refused a request over grpc.max_message_mb (that caller was told RESOURCE_EXHAUSTED;
@@ -170,6 +404,10 @@ def _one_request(requests: Iterator[bytes], kind: type[Any]) -> Any:
             "the call ended before its request was read (cancelled, past its deadline, or "
             "larger than grpc.max_message_mb)",
         ) from None
+
+
+def _parse(data: bytes, kind: type[Any]) -> Any:
+    """A request message from its bytes; _Refused(INVALID_ARGUMENT) if it is not one."""
     try:
         return kind.FromString(data)
     except DecodeError:
@@ -177,6 +415,22 @@ def _one_request(requests: Iterator[bytes], kind: type[Any]) -> Any:
             grpc.StatusCode.INVALID_ARGUMENT,
             f"the request is not a {kind.DESCRIPTOR.full_name} message",
         ) from None
+
+
+def _one_request(requests: Iterator[bytes], kind: type[Any]) -> Any:
+    """The call's single request message, parsed."""
+    data = _next_message(requests)
+    if data is None:
+        raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "the call carries no request")
+    return _parse(data, kind)
+
+
+def _strip_pixels(ds: Dataset) -> None:
+    """Drop an instance's pixel data once its tensors are made: the analysis and the report
+    need only its header, and a call must not hold a study's pixels."""
+    for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+        if keyword in ds:
+            del ds[keyword]
 
 
 def _code(c: CodedValue) -> pb.CodedConcept:
@@ -197,6 +451,134 @@ def _finding(f: Finding) -> pb.Finding:
     return out
 
 
+class _StudyCall:
+    """One call's study, prepared instance by instance (Analyze and AnalyzeStudy).
+
+    Each instance is decoded and preprocessed as it comes, its pixel data dropped, and its
+    tensors kept until :meth:`flush` analyses them (their bytes, ``held``, are the call's share
+    of the byte budget until then). Findings and headers are all that stays to the end, where
+    :meth:`finish` builds the response and, if asked, the SR.
+    """
+
+    def __init__(self, service: InferenceService, models: frozenset[str] | None) -> None:
+        self.service = service
+        self.models = models
+        self.study_uid = ""
+        self.headers: list[Dataset] = []
+        self.analyses: list[ImageAnalysis] = []
+        self._pending: dict[str, dict[str, Prepared]] = {}
+        self._pending_headers: list[Dataset] = []
+        #: Bytes of the budget the pending tensors hold (AnalyzeStudy's; Analyze counts them
+        #: in its request's share).
+        self.held = 0
+
+    @property
+    def pending_count(self) -> int:
+        """Instances prepared and not analysed yet."""
+        return len(self._pending_headers)
+
+    def add(self, data: bytes, ds: Dataset, index: int) -> int:
+        """Prepare instance ``index`` (``ds``, parsed from ``data``) for its models; the bytes
+        its tensors hold. _Refused names a bad instance and keeps its bytes for quarantine."""
+        study = str(ds.StudyInstanceUID)
+        if not self.study_uid:
+            self.study_uid = study
+        elif study != self.study_uid:
+            raise _Refused(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"instance {index} is of another study than instance 0: the instances belong "
+                "to 2 studies; send one study per request",
+            )
+        try:
+            prepared = self.service.studies.pipeline.prepare(ds, self.models)
+        except InputError as exc:
+            raise _Refused(
+                grpc.StatusCode.INVALID_ARGUMENT, f"instance {index}: {exc}", data
+            ) from exc
+        _strip_pixels(ds)
+        self.headers.append(ds)
+        if not prepared:
+            return 0
+        self._pending[str(ds.SOPInstanceUID)] = prepared
+        self._pending_headers.append(ds)
+        return sum(int(p.tensor.nbytes) for p in prepared.values())
+
+    def flush(self) -> None:
+        """Analyse the pending instances (their images meet other calls' in the batchers) and
+        give their tensors' bytes back."""
+        if not self._pending_headers:
+            return
+        models = self.models
+        try:
+            self.analyses.extend(
+                self.service.studies.pipeline.analyse(
+                    self._pending_headers, allowed=lambda ds: models, prepared=self._pending
+                )
+            )
+        finally:
+            self.drop()
+
+    def drop(self) -> None:
+        """Forget the pending tensors and give their bytes back (also when the call fails)."""
+        self._pending = {}
+        self._pending_headers = []
+        self.service.budget.release(self.held)
+        self.held = 0
+
+    def finish(self, report: bool) -> pb.AnalyzeResponse:
+        """Analyse what is pending; the call's response (with its SR, if asked)."""
+        self.flush()
+        analysed = {str(a.source.SOPInstanceUID) for a in self.analyses}
+        response = pb.AnalyzeResponse(
+            study_instance_uid=self.study_uid,
+            results=[self.service._result(a) for a in self.analyses],
+            not_analysed=[
+                str(ds.SOPInstanceUID)
+                for ds in self.headers
+                if str(ds.SOPInstanceUID) not in analysed
+            ],
+        )
+        if report and self.analyses:
+            # The same SR Analyze always returned (Studies builds it, with its UIDs).
+            response.report = self.service.studies.request_report(self.study_uid, self.analyses)
+        return response
+
+
+# --- reading a Nidaan SR back (GetStudy) -----------------------------------------------------
+
+
+def _walk(ds: Dataset) -> Iterator[Dataset]:
+    """Every content item below ``ds``, depth first."""
+    for item in ds.get("ContentSequence", []):
+        yield item
+        yield from _walk(item)
+
+
+def _concept_name(item: Dataset) -> str:
+    names = item.get("ConceptNameCodeSequence", [])
+    return str(names[0].CodeValue) if names else ""
+
+
+def _measurement_groups(sr: Dataset) -> Iterator[Dataset]:
+    """The SR's TID 1501/1410 Measurement Groups (125007, DCM)."""
+    for item in _walk(sr):
+        if item.get("ValueType") == "CONTAINER" and _concept_name(item) == "125007":
+            yield item
+
+
+def _coded(item: Dataset | None, keyword: str = "ConceptCodeSequence") -> pb.CodedConcept | None:
+    if item is None or not item.get(keyword):
+        return None
+    c = item.get(keyword)[0]
+    return pb.CodedConcept(
+        value=str(c.CodeValue), scheme=str(c.CodingSchemeDesignator), meaning=str(c.CodeMeaning)
+    )
+
+
+def _text(item: Dataset | None) -> str:
+    return "" if item is None else str(item.get("TextValue", ""))
+
+
 class InferenceService:
     """The ``nidaan.v1.Inference`` handlers over the study use-cases."""
 
@@ -214,6 +596,16 @@ class InferenceService:
         self.limits = limits or ApiLimits()
         self._on_request = on_request
         self._by_name: dict[str, ModelSpec] = {m.name: m for m in self.models}
+        g = studies.config.grpc
+        metrics = studies.metrics
+        self.budget = ByteBudget(
+            self.limits.max_inflight_bytes or g.max_inflight_mb << 20,
+            g.admission_timeout_s
+            if self.limits.admission_timeout_s is None
+            else self.limits.admission_timeout_s,
+            on_wait=lambda outcome: metrics.grpc_admission_waits.labels(outcome).inc(),
+        )
+        metrics.watch_grpc_inflight(lambda: self.budget.in_flight, self.budget.limit)
 
     # --- handlers --------------------------------------------------------------------------------
 
@@ -248,6 +640,17 @@ class InferenceService:
 
         return self._handle(method, context, busy)
 
+    def unauthenticated(
+        self, method: str, why: str, requests: Iterator[bytes], context: grpc.ServicerContext
+    ) -> Any:
+        """A call without a valid bearer token (``grpc.tokens_file``): UNAUTHENTICATED, its
+        request never read, counted and audited like every call."""
+
+        def refused() -> Any:
+            raise _Refused(grpc.StatusCode.UNAUTHENTICATED, why)
+
+        return self._handle(method, context, refused)
+
     # --- work ------------------------------------------------------------------------------------
 
     def _run(
@@ -257,9 +660,16 @@ class InferenceService:
         requests: Iterator[bytes],
         context: grpc.ServicerContext,
     ) -> Any:
+        if method == "AnalyzeStudy":
+            # No worker for the whole call: a stream lasts as long as its sender takes. What it
+            # holds is bounded by the byte budget instead, and it waits for nothing while it
+            # holds a share of it.
+            return self._analyze_study(requests, context)
+        if method == "Analyze":
+            return self._analyze(requests, context, slots)
         with slots.worker(context):
-            if method == "Analyze":
-                return self._analyze(_one_request(requests, pb.AnalyzeRequest), context)
+            if method == "GetStudy":
+                return self._get_study(_one_request(requests, pb.GetStudyRequest))
             _one_request(requests, pb.ListModelsRequest)
             return self._list_models()
 
@@ -269,6 +679,10 @@ class InferenceService:
         try:
             response = work()
             study = getattr(response, "study_instance_uid", "")
+            if not context.is_active():
+                # Answered after the caller had gone (cancelled, or past its deadline): counted
+                # as what the caller saw, not as served.
+                code = grpc.StatusCode.CANCELLED
             return response
         except _Refused as exc:
             code, detail = exc.code, str(exc)
@@ -306,37 +720,208 @@ class InferenceService:
         except OSError as exc:  # the answer still names the problem; the disk is the operator's
             log.error("could not quarantine a refused instance: %s", exc.strerror)
 
-    def _analyze(self, request: pb.AnalyzeRequest, context: grpc.ServicerContext) -> Any:
-        if not request.instances:
-            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "the request holds no instances")
-        if len(request.instances) > self.limits.max_instances:
-            raise _Refused(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"{len(request.instances)} instances exceed the limit of "
-                f"{self.limits.max_instances} per request",
-            )
-        unknown = sorted(set(request.models) - set(self._by_name))
+    def _models(self, names: Sequence[str]) -> frozenset[str] | None:
+        """The models a call names (None: every model that accepts an image); NOT_FOUND for a
+        name the repository lacks."""
+        unknown = sorted(set(names) - set(self._by_name))
         if unknown:
             raise _Refused(
                 grpc.StatusCode.NOT_FOUND,
                 f"no model named {', '.join(map(repr, unknown))} "
                 f"(the repository has {', '.join(sorted(self._by_name))})",
             )
-        models = frozenset(request.models) or None
-        datasets = [read_instance(d, i, self.limits) for i, d in enumerate(request.instances)]
-        try:
-            result = self.studies.analyse_request(datasets, models, report=request.include_report)
-        except InputError as exc:
-            data = None if exc.index is None else request.instances[exc.index]
-            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc), data) from exc
-        response = pb.AnalyzeResponse(
-            study_instance_uid=result.study_uid,
-            results=[self._result(a) for a in result.analyses],
-            not_analysed=result.not_analysed,
+        return frozenset(names) or None
+
+    def _too_many(self, n: int) -> _Refused:
+        return _Refused(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"{n} instances exceed the limit of {self.limits.max_instances} per request",
         )
-        if result.report is not None:
-            response.report = result.report
+
+    def _analyze(
+        self, requests: Iterator[bytes], context: grpc.ServicerContext, slots: CallSlots
+    ) -> Any:
+        """Analyze: the whole study in one message. Its cost (UNARY_COST_FACTOR times its size)
+        is taken from the byte budget before it is parsed, and its instances are then
+        prepared one by one like AnalyzeStudy's, holding one of the workers. The worker is
+        let go before inference: waiting for a batch uses no CPU, and while a call waits for
+        its batch another call's images can be prepared, to join that batch."""
+        cost = 0
+        try:
+            with slots.worker(context):
+                data = _next_message(requests)
+                if data is None:
+                    raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "the call carries no request")
+                self.budget.acquire(
+                    UNARY_COST_FACTOR * len(data),
+                    context,
+                    f"an Analyze request of {len(data) >> 20} MiB",
+                )
+                cost = UNARY_COST_FACTOR * len(data)
+                request = _parse(data, pb.AnalyzeRequest)
+                del data  # the parsed message holds the instances; the call's bytes can go
+                if not request.instances:
+                    raise _Refused(
+                        grpc.StatusCode.INVALID_ARGUMENT, "the request holds no instances"
+                    )
+                if len(request.instances) > self.limits.max_instances:
+                    raise self._too_many(len(request.instances))
+                study = _StudyCall(self, self._models(request.models))
+                for i in range(len(request.instances)):
+                    instance = request.instances[i]
+                    study.add(instance, read_instance(instance, i, self.limits), i)
+                report = request.include_report
+                del request, instance
+            return study.finish(report)
+        finally:
+            self.budget.release(cost)
+
+    def _analyze_study(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Any:
+        """AnalyzeStudy: one instance per message. Before it reads a message a call takes what
+        the instance will cost from the byte budget (the previous instance's cost, or
+        FIRST_INSTANCE_BYTES), corrects it from the instance's header, and keeps only the
+        header and the tensors (counted until they are analysed, every CHUNK_INSTANCES)."""
+        study: _StudyCall | None = None
+        report = False
+        estimate = min(FIRST_INSTANCE_BYTES, self.budget.limit)
+        index = 0
+        try:
+            while True:
+                reserved = estimate
+                if not self.budget.try_acquire(reserved):
+                    if study is not None:
+                        study.flush()  # never wait while holding a share of the budget
+                    self.budget.acquire(reserved, context, f"instance {index}")
+                try:
+                    data = _next_message(requests)
+                    if data is None:
+                        break
+                    message = _parse(data, pb.AnalyzeStudyRequest)
+                    del data
+                    if study is None:
+                        study = _StudyCall(self, self._models(message.models))
+                        report = message.include_report
+                    if index >= self.limits.max_instances:
+                        raise self._too_many(index + 1)
+                    instance = message.instance
+                    del message
+                    if not instance:
+                        raise _Refused(
+                            grpc.StatusCode.INVALID_ARGUMENT, f"message {index} holds no instance"
+                        )
+                    ds = read_instance(instance, index, self.limits)
+                    cost = instance_cost(len(instance), ds)
+                    self.budget.adjust(cost - reserved)
+                    reserved = cost
+                    kept = study.add(instance, ds, index)
+                    del instance, ds
+                    study.held += kept
+                    reserved -= kept  # the tensors' share now belongs to the study
+                finally:
+                    self.budget.release(reserved)
+                estimate = cost
+                index += 1
+                if study.pending_count >= CHUNK_INSTANCES:
+                    study.flush()
+            if study is None or index == 0:
+                raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "the stream carries no instance")
+            return study.finish(report)
+        finally:
+            if study is not None:
+                study.drop()
+
+    def _get_study(self, request: pb.GetStudyRequest) -> Any:
+        """GetStudy: what the node knows of a study received over DICOM, and the findings of
+        its newest report, read back from the SR in the spool."""
+        uid = request.study_instance_uid.strip()
+        if not is_valid_uid(uid):
+            raise _Refused(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "study_instance_uid is not a valid UID (PS3.5 9.1: digits and dots, at most 64)",
+            )
+        record = self.studies.study_record(uid)
+        if record is None:
+            raise _Refused(
+                grpc.StatusCode.NOT_FOUND,
+                "no study with this Study Instance UID has been received over DICOM",
+            )
+        state, reason, count, path, report_uid = record
+        response = pb.GetStudyResponse(
+            study_instance_uid=uid, state=state, reason=reason, instances=count
+        )
+        if path is not None:
+            with open(path, "rb") as fh:
+                data = fh.read()
+            response.results.extend(self._report_results(dcmread(io.BytesIO(data))))
+            response.report_sop_instance_uid = report_uid
+            if request.include_report:
+                response.report = data
         return response
+
+    def _report_results(self, sr: Dataset) -> list[pb.ImageResult]:
+        """The findings of a Nidaan SR (TID 1500, see ``pacs_bridge.reports``), per image and
+        model. The label and threshold come from the repository's model of that name and
+        version when it is still there; presence is what the report said."""
+        results: dict[tuple[str, str, str], pb.ImageResult] = {}
+        for group in _measurement_groups(sr):
+            items = {_concept_name(item): item for item in _walk(group)}
+            code = _coded(items.get("121071"))  # Finding
+            name = _text(items.get("111001"))  # Algorithm Name
+            version = _text(items.get("111003"))  # Algorithm Version
+            sop = next(
+                (
+                    str(ref.ReferencedSOPInstanceUID)
+                    for item in _walk(group)
+                    for ref in item.get("ReferencedSOPSequence", [])
+                ),
+                "",
+            )
+            if code is None or not name:
+                continue
+            model = next(
+                (
+                    m
+                    for m in self.models
+                    if m.algorithm.name == name and m.algorithm.version == version
+                ),
+                None,
+            )
+            spec = None
+            if model is not None:
+                spec = next((f for f in model.findings if f.code.value == code.value), None)
+            tracking = _text(items.get("112039"))
+            label = spec.label if spec else tracking.split(" (")[0]
+            probability = 0.0
+            certainty = items.get("111012")
+            if certainty is not None and certainty.get("MeasuredValueSequence"):
+                probability = float(certainty.MeasuredValueSequence[0].NumericValue)
+            presence = items.get(code.value)  # the qualitative evaluation named by the finding
+            present = _coded(presence, "ConceptCodeSequence")
+            finding = pb.Finding(
+                label=label,
+                code=code,
+                probability=probability,
+                threshold=spec.threshold if spec else 0.0,
+                present=present is not None and present.value == "52101004",
+            )
+            scoord = items.get("111030")  # Image Region
+            if scoord is not None and "GraphicData" in scoord:
+                xs = [float(v) for v in scoord.GraphicData[0::2]]
+                ys = [float(v) for v in scoord.GraphicData[1::2]]
+                finding.region.CopyFrom(
+                    pb.Region(x_min=min(xs), y_min=min(ys), x_max=max(xs), y_max=max(ys))
+                )
+            key = (sop, name, version)
+            if key not in results:
+                results[key] = pb.ImageResult(
+                    sop_instance_uid=sop,
+                    model="" if model is None else model.name,
+                    model_version=version,
+                    algorithm_name=name,
+                    not_for_diagnosis=any("NOT FOR DIAGNOSIS" in _text(i) for i in _walk(group)),
+                )
+            results[key].findings.append(finding)
+        return list(results.values())
 
     def _result(self, a: ImageAnalysis) -> pb.ImageResult:
         model = next((m for m in self.models if m.algorithm == a.algorithm), None)
@@ -386,21 +971,33 @@ def server_credentials(certificate: str, private_key: str, ca: str) -> grpc.Serv
 
 
 #: The service's methods and their response messages (the proto's ``rpc`` lines).
-_METHODS: dict[str, Any] = {"Analyze": pb.AnalyzeResponse, "ListModels": pb.ListModelsResponse}
+_METHODS: dict[str, Any] = {
+    "Analyze": pb.AnalyzeResponse,
+    "AnalyzeStudy": pb.AnalyzeResponse,
+    "GetStudy": pb.GetStudyResponse,
+    "ListModels": pb.ListModelsResponse,
+}
 
 
 class _InferenceHandlers(grpc.GenericRpcHandler):
     """The service's methods, wired from the proto's messages (no generated servicer needed):
-    a handler that holds a slot, or, when none is free, one that refuses (see CallSlots)."""
+    a handler that holds a slot, or, when none is free, one that refuses (see CallSlots); with
+    ``tokens``, one that answers UNAUTHENTICATED to a call without a valid bearer token."""
 
-    def __init__(self, service: InferenceService, slots: CallSlots) -> None:
+    def __init__(
+        self, service: InferenceService, slots: CallSlots, tokens: BearerTokens | None = None
+    ) -> None:
+        self._service = service
         self._slots = slots
+        self._tokens = tokens
+        self._names: dict[str, str] = {}
         self._served: dict[str, grpc.RpcMethodHandler] = {}
         self._refused: dict[str, grpc.RpcMethodHandler] = {}
         for name, response in _METHODS.items():
             # Requests arrive as a stream of raw bytes, parsed by the handler (_one_request): a
             # unary client's single message is such a stream on the wire.
             path = f"/{SERVICE}/{name}"
+            self._names[path] = name
             self._served[path] = grpc.stream_unary_rpc_method_handler(
                 functools.partial(service.serve, name, slots),
                 response_serializer=response.SerializeToString,
@@ -416,24 +1013,40 @@ class _InferenceHandlers(grpc.GenericRpcHandler):
         path = handler_call_details.method
         if path not in self._served:
             return None  # another service's, or unknown (grpcio answers UNIMPLEMENTED)
+        if self._tokens is not None:
+            # Before a slot is taken: a caller without a token costs no call slot. Health and
+            # reflection are other services, not checked here, so probes need no token.
+            why = self._tokens.check(handler_call_details.invocation_metadata)
+            if why:
+                name = self._names[path]
+                return grpc.stream_unary_rpc_method_handler(
+                    functools.partial(self._service.unauthenticated, name, why),
+                    response_serializer=_METHODS[name].SerializeToString,
+                )
         return self._served[path] if self._slots.enter() else self._refused[path]
 
 
 class ApiServer:
-    """A gRPC server with the Inference, health and reflection services."""
+    """A gRPC server with the Inference, health and reflection services.
+
+    ``tokens`` (default: those of the config's ``grpc.tokens_file``, if set) makes every call
+    of the Inference service carry a bearer token; health and reflection stay open.
+    """
 
     def __init__(
         self,
         service: InferenceService,
         *,
         workers: int = 8,
-        max_concurrent_rpcs: int = 64,
+        max_concurrent_rpcs: int = 256,
         max_message_bytes: int = 512 << 20,
+        tokens: BearerTokens | None = None,
     ) -> None:
         # Nidaan applies max_concurrent_rpcs and workers itself (CallSlots): grpcio's own limit
         # would refuse calls before any handler runs, uncounted and unaudited. Every call in
         # flight has a thread (running, or waiting for a worker), and `workers` more threads
         # answer refusals and health checks at once instead of queueing them behind those.
+        self.service = service
         self.slots = CallSlots(max_concurrent_rpcs, workers)
         self._executor = ThreadPoolExecutor(
             max_concurrent_rpcs + workers, thread_name_prefix="nidaan-grpc"
@@ -444,9 +1057,17 @@ class ApiServer:
             # grpcio sets SO_REUSEPORT by default: a second server on the same port would start
             # and take a share of the calls. Refuse the port like the DICOM and HTTP ports do.
             ("grpc.so_reuseport", 0),
+            # Memory: gRPC's core buffers what senders send ahead of the handlers, up to each
+            # stream's flow-control window, which bandwidth probing grows to megabytes on a
+            # fast link. With hundreds of calls at once that is outside the byte budget, so
+            # the window stays fixed and small: a sender waits for the handler to read.
+            ("grpc.http2.bdp_probe", 0),
+            ("grpc.http2.lookahead_bytes", STREAM_WINDOW_BYTES),
         ]
         self.server = grpc.server(self._executor, options=options)
-        self.server.add_generic_rpc_handlers((_InferenceHandlers(service, self.slots),))
+        if tokens is None and service.studies.config.grpc.tokens_file:
+            tokens = BearerTokens(read_tokens(service.studies.config.grpc.tokens_file))
+        self.server.add_generic_rpc_handlers((_InferenceHandlers(service, self.slots, tokens),))
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

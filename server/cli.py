@@ -45,15 +45,30 @@ def _use_kernel_cache(cache_dir: str) -> None:
     os.environ["NUMBA_CACHE_DIR"] = path
 
 
+def _limit_malloc_arenas(arenas: int = 2) -> None:
+    """Two glibc malloc arenas, not eight per core: each thread's arena keeps what a burst of
+    calls freed, and the server's RSS then stays at the burst's peak (what MALLOC_ARENA_MAX=2
+    does, set here through ``mallopt`` before the threads start, so no one has to export it)."""
+    import contextlib
+    import ctypes
+
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return  # the operator chose; glibc read it at start
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: its allocator decides
+        ctypes.CDLL("libc.so.6").mallopt(-8, arenas)  # M_ARENA_MAX (glibc malloc.h)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the server until SIGINT/SIGTERM."""
     cfg = _config(args)  # first: it sets NUMBA_CACHE_DIR, which must precede the kernels' import
 
     from .app import NidaanServer
 
+    _limit_malloc_arenas()
     server = NidaanServer(cfg)
     try:
         server.start(http=not args.no_http, grpc=not args.no_grpc)
+        server.decoder.start()  # the codec processes, before the first compressed image waits
     except BaseException:  # e.g. a taken port (a ConfigError naming it): undo what started
         server.stop()
         raise
@@ -83,8 +98,11 @@ def _files(paths: Sequence[str]) -> list[Path]:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    """Analyse DICOM files offline and print the findings (JSON lines with --json)."""
+    """Analyse DICOM files offline and print the findings (JSON lines with --json); with
+    ``--remote HOST:PORT``, have a Nidaan server analyse them over gRPC, with the same output."""
     cfg = _config(args)  # first: it sets NUMBA_CACHE_DIR, which must precede the kernels' import
+    if args.remote:
+        return _analyze_remote(args, cfg)
 
     from concurrent.futures import ThreadPoolExecutor
 
@@ -161,8 +179,14 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             print(f"{path}: no model applies to this instance", file=sys.stderr)
     pool.shutdown()
     pipeline.backend.close()
+    _print_analyses(results, as_json=args.json)
+    return 1 if failures else 0
+
+
+def _print_analyses(results: list[dict[str, Any]], *, as_json: bool) -> None:
+    """``nidaan analyze``'s output, local or remote: one line (or JSON object) per image."""
     for r in results:
-        if args.json:
+        if as_json:
             print(json.dumps(r))
         else:
             warn = "  [synthetic-trained: NOT FOR DIAGNOSIS]" if r["not_for_diagnosis"] else ""
@@ -173,6 +197,85 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                     f"  {mark} {f['label']:<10} p={f['probability']:.3f} "
                     f"(threshold {f['threshold']}) region={f['region']}"
                 )
+
+
+def _analyze_remote(args: argparse.Namespace, cfg: Config) -> int:
+    """``nidaan analyze --remote``: each file is one AnalyzeStudy call to the server (as each is
+    one analysis offline), several at once; needs only the client (``pip install nidaan``)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from nidaan.client import Client
+
+    files = _files(args.paths)
+    client = Client(
+        args.remote,
+        token_file=args.token_file,
+        tls_ca=args.tls_ca,
+        certificate=args.certificate,
+        private_key=args.private_key,
+    )
+
+    def one(path: Path) -> Any:
+        try:
+            return client.analyze_study([path])
+        except OSError as exc:
+            return f"{path}: not a readable DICOM file: {exc}"
+        except NidaanError as exc:
+            if "not a readable DICOM" in str(exc):
+                return f"{path}: not a readable DICOM file: {exc}"
+            return f"{path}: {exc}"
+
+    failures = 0
+    results: list[dict[str, Any]] = []
+    with client, ThreadPoolExecutor(max(1, cfg.inference.workers)) as pool:
+        outcomes = pool.map(one, files)
+        try:
+            from tqdm import tqdm
+
+            progress = tqdm(
+                files, desc="analysing", unit="file", disable=args.quiet or None, file=sys.stderr
+            )
+        except ModuleNotFoundError:  # a client-only install: no progress bar
+            progress = files
+        for path in progress:
+            response = next(outcomes)
+            if isinstance(response, str):
+                failures += 1
+                print(response, file=sys.stderr)
+                continue
+            for result in response.results:
+                results.append(
+                    {
+                        "file": str(path),
+                        "model": result.algorithm_name,
+                        "version": result.model_version,
+                        "not_for_diagnosis": result.not_for_diagnosis,
+                        "findings": [
+                            {
+                                "label": f.label,
+                                "probability": round(f.probability, 4),
+                                # float32 on the wire: the sidecar's value, as offline
+                                "threshold": round(f.threshold, 6),
+                                "present": f.present,
+                                "region": [
+                                    round(v, 1)
+                                    for v in (
+                                        f.region.x_min,
+                                        f.region.y_min,
+                                        f.region.x_max,
+                                        f.region.y_max,
+                                    )
+                                ]
+                                if f.HasField("region")
+                                else None,
+                            }
+                            for f in result.findings
+                        ],
+                    }
+                )
+            if not response.results:
+                print(f"{path}: no model applies to this instance", file=sys.stderr)
+    _print_analyses(results, as_json=args.json)
     return 1 if failures else 0
 
 
@@ -352,6 +455,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+")
     p.add_argument("--json", action="store_true", help="one JSON object per analysed image")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--remote",
+        metavar="HOST:PORT",
+        help="have the Nidaan server there analyse the files over gRPC (same output)",
+    )
+    p.add_argument(
+        "--token-file", help="with --remote: a file holding the bearer token (grpc.tokens_file)"
+    )
+    p.add_argument("--tls-ca", help="with --remote: verify the server's TLS certificate (PEM)")
+    p.add_argument("--certificate", help="with --remote: this client's certificate (PEM)")
+    p.add_argument("--private-key", help="with --remote: this client's private key (PEM)")
     p.set_defaults(func=cmd_analyze)
     p = sub.add_parser("models", help="list and validate the model repository")
     p.set_defaults(func=cmd_models)

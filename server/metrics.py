@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -55,6 +55,13 @@ class Metrics:
             ["method", "code"],
             registry=self.registry,
         )
+        self.grpc_admission_waits = Counter(
+            "nidaan_grpc_admission_waits",
+            "gRPC calls that waited for room in grpc.max_inflight_mb, by outcome "
+            "(admitted, refused: RESOURCE_EXHAUSTED, cancelled)",
+            ["outcome"],
+            registry=self.registry,
+        )
         self.batch_images = Histogram(
             "nidaan_inference_batch_images",
             "Images per batch the embedded batcher ran, by model",
@@ -74,6 +81,20 @@ class Metrics:
         """The embedded batcher's observer: one batch of ``images`` ran for ``model``."""
         self.batch_images.labels(model).observe(images)
         self.queue_seconds.labels(model).observe(queued_s)
+
+    def watch_grpc_inflight(self, in_flight: Callable[[], float], limit: float) -> None:
+        """Export the bytes gRPC calls hold now (and the limit, grpc.max_inflight_mb)."""
+        gauge = Gauge(
+            "nidaan_grpc_inflight_bytes",
+            "Bytes gRPC calls hold while their instances are read, decoded and preprocessed",
+            registry=self.registry,
+        )
+        gauge.set_function(in_flight)
+        Gauge(
+            "nidaan_grpc_inflight_limit_bytes",
+            "grpc.max_inflight_mb, in bytes",
+            registry=self.registry,
+        ).set(limit)
 
     def watch_batcher(self, stats: Callable[[], Mapping[str, Any]]) -> None:
         """Export the embedded batcher's counters (``DynamicBatcher.stats``) at each scrape."""

@@ -213,10 +213,11 @@ class Studies:
         not_analysed = [
             str(ds.SOPInstanceUID) for ds in datasets if str(ds.SOPInstanceUID) not in analysed
         ]
-        sr = self._request_report(study_uid, analyses) if report and analyses else None
+        sr = self.request_report(study_uid, analyses) if report and analyses else None
         return RequestResult(study_uid, analyses, not_analysed, sr)
 
-    def _request_report(self, study_uid: str, analyses: list[ImageAnalysis]) -> bytes:
+    def request_report(self, study_uid: str, analyses: list[ImageAnalysis]) -> bytes:
+        """The SR a gRPC request asked for (the same TID 1500 report the PACS would get)."""
         key = report_key(analyses, (str(a.source.SOPInstanceUID) for a in analyses))
         series_uid, sop_uid = report_uids(study_uid, "grpc|" + key)
         try:

@@ -98,7 +98,7 @@ def test_bad_input_gets_invalid_argument_and_is_quarantined(served, tmp_path: Pa
     good, _ = synthetic_cxr(14, rows=300, columns=300, study_uid=broken.StudyInstanceUID)
     with pytest.raises(InputError, match="instance 1: .*cannot be decoded"):
         client.analyze([_bytes(good), _bytes(broken)])
-    assert server.pipeline.cached_bytes == 0  # the good instance's tensors are not left behind
+    assert server.api.service.budget.in_flight == 0  # nothing of the call is left held
     other, _ = synthetic_cxr(15, rows=300, columns=300)
     with pytest.raises(InputError, match="belong to 2 studies"):
         client.analyze([_bytes(good), _bytes(other)])

@@ -158,28 +158,28 @@ def test_every_call_is_counted_and_audited_also_past_the_concurrency_limit(
 def test_a_call_that_ends_while_it_waits_is_counted_and_gives_its_slot_back(
     tmp_path: Path,
 ) -> None:
-    # One worker: the first call holds it for about 1 s; the second waits for it, and its
-    # deadline passes meanwhile. It must be counted, and its slot must come back, or the server
-    # would refuse one call more for ever.
+    # One worker: the first call holds it while it waits for room in grpc.max_inflight_mb
+    # (held by the test, as a burst of calls would hold it); the second waits for the worker,
+    # and its deadline passes meanwhile. It must be counted, and its slot must come back, or the
+    # server would refuse one call more for ever.
     cfg = make_config(tmp_path)
-    cfg.models.repository = _repository_with_delay(tmp_path, 1_000_000, "[ 16 ]")
     cfg.grpc.max_concurrent_rpcs = 2
     cfg.grpc.workers = 1
     server = _serve(cfg)
     try:
         assert server.api is not None
+        budget = server.api.service.budget
         image = _bytes(synthetic_cxr(61, rows=300, columns=300)[0])
         with Client(f"127.0.0.1:{server.api.port}") as client:
+            assert budget.try_acquire(budget.limit)
             slow = threading.Thread(target=client.analyze, args=([image],))
             slow.start()
             wait_until(
-                lambda: server.backend.stats()["cxr_screen"].queued_images == 1,
-                30,
-                "the first call in the model's queue",
-                interval=0.01,
+                lambda: server.api.slots.in_flight == 1, 30, "the first call waiting for memory"
             )
             with pytest.raises(NidaanError, match="DEADLINE_EXCEEDED"):
                 client.analyze([image], timeout_s=0.3)
+            budget.release(budget.limit)
             slow.join(30)
             # Both slots are free again: two calls at once are both served.
             outcomes: list[int] = []

@@ -33,9 +33,12 @@ def _associate(port: int, calling: str = "MODALITY", tls: object = None):  # typ
 
 
 def _rejected(server, reason: str) -> float:  # type: ignore[no-untyped-def]
-    return server.metrics.registry.get_sample_value(
-        "nidaan_associations_rejected_total", {"reason": reason}
-    ) or 0.0
+    return (
+        server.metrics.registry.get_sample_value(
+            "nidaan_associations_rejected_total", {"reason": reason}
+        )
+        or 0.0
+    )
 
 
 def test_one_study_over_two_receivers_is_assembled_as_one_report(

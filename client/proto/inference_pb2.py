@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0finference.proto\x12\tnidaan.v1\"K\n\x0e\x41nalyzeRequest\x12\x11\n\tinstances\x18\x01 \x03(\x0c\x12\x0e\n\x06models\x18\x02 \x03(\t\x12\x16\n\x0einclude_report\x18\x03 \x01(\x08\">\n\x0c\x43odedConcept\x12\r\n\x05value\x18\x01 \x01(\t\x12\x0e\n\x06scheme\x18\x02 \x01(\t\x12\x0f\n\x07meaning\x18\x03 \x01(\t\"D\n\x06Region\x12\r\n\x05x_min\x18\x01 \x01(\x02\x12\r\n\x05y_min\x18\x02 \x01(\x02\x12\r\n\x05x_max\x18\x03 \x01(\x02\x12\r\n\x05y_max\x18\x04 \x01(\x02\"\x9b\x01\n\x07\x46inding\x12\r\n\x05label\x18\x01 \x01(\t\x12%\n\x04\x63ode\x18\x02 \x01(\x0b\x32\x17.nidaan.v1.CodedConcept\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\x12\x11\n\tthreshold\x18\x04 \x01(\x02\x12\x0f\n\x07present\x18\x05 \x01(\x08\x12!\n\x06region\x18\x06 \x01(\x0b\x32\x11.nidaan.v1.Region\"\xa6\x01\n\x0bImageResult\x12\x18\n\x10sop_instance_uid\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x16\n\x0e\x61lgorithm_name\x18\x04 \x01(\t\x12\x19\n\x11not_for_diagnosis\x18\x05 \x01(\x08\x12$\n\x08\x66indings\x18\x06 \x03(\x0b\x32\x12.nidaan.v1.Finding\"|\n\x0f\x41nalyzeResponse\x12\x1a\n\x12study_instance_uid\x18\x01 \x01(\t\x12\'\n\x07results\x18\x02 \x03(\x0b\x32\x16.nidaan.v1.ImageResult\x12\x14\n\x0cnot_analysed\x18\x03 \x03(\t\x12\x0e\n\x06report\x18\x04 \x01(\x0c\"\x13\n\x11ListModelsRequest\"W\n\x0cModelFinding\x12\r\n\x05label\x18\x01 \x01(\t\x12%\n\x04\x63ode\x18\x02 \x01(\x0b\x32\x17.nidaan.v1.CodedConcept\x12\x11\n\tthreshold\x18\x03 \x01(\x02\"\xe5\x01\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\x19\n\x11not_for_diagnosis\x18\x04 \x01(\x08\x12\x12\n\nmodalities\x18\x05 \x03(\t\x12\x12\n\nbody_parts\x18\x06 \x03(\t\x12\r\n\x05views\x18\x07 \x03(\t\x12)\n\x08\x66indings\x18\x08 \x03(\x0b\x32\x17.nidaan.v1.ModelFinding\x12\x16\n\x0emax_batch_size\x18\t \x01(\x05\x12\x12\n\nmodel_card\x18\n \x01(\t\"6\n\x12ListModelsResponse\x12 \n\x06models\x18\x01 \x03(\x0b\x32\x10.nidaan.v1.Model2\x98\x01\n\tInference\x12@\n\x07\x41nalyze\x12\x19.nidaan.v1.AnalyzeRequest\x1a\x1a.nidaan.v1.AnalyzeResponse\x12I\n\nListModels\x12\x1c.nidaan.v1.ListModelsRequest\x1a\x1d.nidaan.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0finference.proto\x12\tnidaan.v1\"K\n\x0e\x41nalyzeRequest\x12\x11\n\tinstances\x18\x01 \x03(\x0c\x12\x0e\n\x06models\x18\x02 \x03(\t\x12\x16\n\x0einclude_report\x18\x03 \x01(\x08\"O\n\x13\x41nalyzeStudyRequest\x12\x10\n\x08instance\x18\x01 \x01(\x0c\x12\x0e\n\x06models\x18\x02 \x03(\t\x12\x16\n\x0einclude_report\x18\x03 \x01(\x08\"E\n\x0fGetStudyRequest\x12\x1a\n\x12study_instance_uid\x18\x01 \x01(\t\x12\x16\n\x0einclude_report\x18\x02 \x01(\x08\"\xba\x01\n\x10GetStudyResponse\x12\x1a\n\x12study_instance_uid\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x11\n\tinstances\x18\x04 \x01(\x05\x12\'\n\x07results\x18\x05 \x03(\x0b\x32\x16.nidaan.v1.ImageResult\x12\x1f\n\x17report_sop_instance_uid\x18\x06 \x01(\t\x12\x0e\n\x06report\x18\x07 \x01(\x0c\">\n\x0c\x43odedConcept\x12\r\n\x05value\x18\x01 \x01(\t\x12\x0e\n\x06scheme\x18\x02 \x01(\t\x12\x0f\n\x07meaning\x18\x03 \x01(\t\"D\n\x06Region\x12\r\n\x05x_min\x18\x01 \x01(\x02\x12\r\n\x05y_min\x18\x02 \x01(\x02\x12\r\n\x05x_max\x18\x03 \x01(\x02\x12\r\n\x05y_max\x18\x04 \x01(\x02\"\x9b\x01\n\x07\x46inding\x12\r\n\x05label\x18\x01 \x01(\t\x12%\n\x04\x63ode\x18\x02 \x01(\x0b\x32\x17.nidaan.v1.CodedConcept\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\x12\x11\n\tthreshold\x18\x04 \x01(\x02\x12\x0f\n\x07present\x18\x05 \x01(\x08\x12!\n\x06region\x18\x06 \x01(\x0b\x32\x11.nidaan.v1.Region\"\xa6\x01\n\x0bImageResult\x12\x18\n\x10sop_instance_uid\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x16\n\x0e\x61lgorithm_name\x18\x04 \x01(\t\x12\x19\n\x11not_for_diagnosis\x18\x05 \x01(\x08\x12$\n\x08\x66indings\x18\x06 \x03(\x0b\x32\x12.nidaan.v1.Finding\"|\n\x0f\x41nalyzeResponse\x12\x1a\n\x12study_instance_uid\x18\x01 \x01(\t\x12\'\n\x07results\x18\x02 \x03(\x0b\x32\x16.nidaan.v1.ImageResult\x12\x14\n\x0cnot_analysed\x18\x03 \x03(\t\x12\x0e\n\x06report\x18\x04 \x01(\x0c\"\x13\n\x11ListModelsRequest\"W\n\x0cModelFinding\x12\r\n\x05label\x18\x01 \x01(\t\x12%\n\x04\x63ode\x18\x02 \x01(\x0b\x32\x17.nidaan.v1.CodedConcept\x12\x11\n\tthreshold\x18\x03 \x01(\x02\"\xe5\x01\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\x19\n\x11not_for_diagnosis\x18\x04 \x01(\x08\x12\x12\n\nmodalities\x18\x05 \x03(\t\x12\x12\n\nbody_parts\x18\x06 \x03(\t\x12\r\n\x05views\x18\x07 \x03(\t\x12)\n\x08\x66indings\x18\x08 \x03(\x0b\x32\x17.nidaan.v1.ModelFinding\x12\x16\n\x0emax_batch_size\x18\t \x01(\x05\x12\x12\n\nmodel_card\x18\n \x01(\t\"6\n\x12ListModelsResponse\x12 \n\x06models\x18\x01 \x03(\x0b\x32\x10.nidaan.v1.Model2\xab\x02\n\tInference\x12@\n\x07\x41nalyze\x12\x19.nidaan.v1.AnalyzeRequest\x1a\x1a.nidaan.v1.AnalyzeResponse\x12L\n\x0c\x41nalyzeStudy\x12\x1e.nidaan.v1.AnalyzeStudyRequest\x1a\x1a.nidaan.v1.AnalyzeResponse(\x01\x12\x43\n\x08GetStudy\x12\x1a.nidaan.v1.GetStudyRequest\x1a\x1b.nidaan.v1.GetStudyResponse\x12I\n\nListModels\x12\x1c.nidaan.v1.ListModelsRequest\x1a\x1d.nidaan.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,24 +33,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ANALYZEREQUEST']._serialized_start=30
   _globals['_ANALYZEREQUEST']._serialized_end=105
-  _globals['_CODEDCONCEPT']._serialized_start=107
-  _globals['_CODEDCONCEPT']._serialized_end=169
-  _globals['_REGION']._serialized_start=171
-  _globals['_REGION']._serialized_end=239
-  _globals['_FINDING']._serialized_start=242
-  _globals['_FINDING']._serialized_end=397
-  _globals['_IMAGERESULT']._serialized_start=400
-  _globals['_IMAGERESULT']._serialized_end=566
-  _globals['_ANALYZERESPONSE']._serialized_start=568
-  _globals['_ANALYZERESPONSE']._serialized_end=692
-  _globals['_LISTMODELSREQUEST']._serialized_start=694
-  _globals['_LISTMODELSREQUEST']._serialized_end=713
-  _globals['_MODELFINDING']._serialized_start=715
-  _globals['_MODELFINDING']._serialized_end=802
-  _globals['_MODEL']._serialized_start=805
-  _globals['_MODEL']._serialized_end=1034
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1036
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1090
-  _globals['_INFERENCE']._serialized_start=1093
-  _globals['_INFERENCE']._serialized_end=1245
+  _globals['_ANALYZESTUDYREQUEST']._serialized_start=107
+  _globals['_ANALYZESTUDYREQUEST']._serialized_end=186
+  _globals['_GETSTUDYREQUEST']._serialized_start=188
+  _globals['_GETSTUDYREQUEST']._serialized_end=257
+  _globals['_GETSTUDYRESPONSE']._serialized_start=260
+  _globals['_GETSTUDYRESPONSE']._serialized_end=446
+  _globals['_CODEDCONCEPT']._serialized_start=448
+  _globals['_CODEDCONCEPT']._serialized_end=510
+  _globals['_REGION']._serialized_start=512
+  _globals['_REGION']._serialized_end=580
+  _globals['_FINDING']._serialized_start=583
+  _globals['_FINDING']._serialized_end=738
+  _globals['_IMAGERESULT']._serialized_start=741
+  _globals['_IMAGERESULT']._serialized_end=907
+  _globals['_ANALYZERESPONSE']._serialized_start=909
+  _globals['_ANALYZERESPONSE']._serialized_end=1033
+  _globals['_LISTMODELSREQUEST']._serialized_start=1035
+  _globals['_LISTMODELSREQUEST']._serialized_end=1054
+  _globals['_MODELFINDING']._serialized_start=1056
+  _globals['_MODELFINDING']._serialized_end=1143
+  _globals['_MODEL']._serialized_start=1146
+  _globals['_MODEL']._serialized_end=1375
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1377
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1431
+  _globals['_INFERENCE']._serialized_start=1434
+  _globals['_INFERENCE']._serialized_end=1733
 # @@protoc_insertion_point(module_scope)

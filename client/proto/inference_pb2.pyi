@@ -16,6 +16,42 @@ class AnalyzeRequest(_message.Message):
     include_report: bool
     def __init__(self, instances: _Optional[_Iterable[bytes]] = ..., models: _Optional[_Iterable[str]] = ..., include_report: bool = ...) -> None: ...
 
+class AnalyzeStudyRequest(_message.Message):
+    __slots__ = ("instance", "models", "include_report")
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_REPORT_FIELD_NUMBER: _ClassVar[int]
+    instance: bytes
+    models: _containers.RepeatedScalarFieldContainer[str]
+    include_report: bool
+    def __init__(self, instance: _Optional[bytes] = ..., models: _Optional[_Iterable[str]] = ..., include_report: bool = ...) -> None: ...
+
+class GetStudyRequest(_message.Message):
+    __slots__ = ("study_instance_uid", "include_report")
+    STUDY_INSTANCE_UID_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_REPORT_FIELD_NUMBER: _ClassVar[int]
+    study_instance_uid: str
+    include_report: bool
+    def __init__(self, study_instance_uid: _Optional[str] = ..., include_report: bool = ...) -> None: ...
+
+class GetStudyResponse(_message.Message):
+    __slots__ = ("study_instance_uid", "state", "reason", "instances", "results", "report_sop_instance_uid", "report")
+    STUDY_INSTANCE_UID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    REPORT_SOP_INSTANCE_UID_FIELD_NUMBER: _ClassVar[int]
+    REPORT_FIELD_NUMBER: _ClassVar[int]
+    study_instance_uid: str
+    state: str
+    reason: str
+    instances: int
+    results: _containers.RepeatedCompositeFieldContainer[ImageResult]
+    report_sop_instance_uid: str
+    report: bytes
+    def __init__(self, study_instance_uid: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., instances: _Optional[int] = ..., results: _Optional[_Iterable[_Union[ImageResult, _Mapping]]] = ..., report_sop_instance_uid: _Optional[str] = ..., report: _Optional[bytes] = ...) -> None: ...
+
 class CodedConcept(_message.Message):
     __slots__ = ("value", "scheme", "meaning")
     VALUE_FIELD_NUMBER: _ClassVar[int]

@@ -2,9 +2,9 @@
 
 The tritonserver that ships in NVIDIA's nvidia-pytriton wheel has the Python backend but no
 ONNX Runtime backend. `tests/peers.py:start_triton` and `benchmarks/triton.py:start_tritonserver`
-copy models/ and put this file beside each model's ONNX file, so Triton serves the same model (same config.pbtxt batching) without the
-onnxruntime backend. A production Triton serves the model.onnx directly with platform
-onnxruntime_onnx and never sees this file.
+copy models/ and put this file beside each model's ONNX file, so Triton serves the same model
+(same config.pbtxt batching) without the onnxruntime backend. A production Triton serves the
+model.onnx directly with platform onnxruntime_onnx and never sees this file.
 """
 
 from __future__ import annotations
