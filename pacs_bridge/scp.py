@@ -522,7 +522,7 @@ class StorageSCP:
         existed = self.spool.instance_path(study_uid, sop_uid).exists()
         path = None
         try:
-            path = self.spool.store(study_uid, sop_uid, chunks)
+            path = self.spool.adopt(study_uid, sop_uid, received)
             self.state.add_instance(
                 InstanceRecord(
                     sop_uid,
