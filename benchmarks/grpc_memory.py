@@ -5,9 +5,9 @@
                                                [--malloc-arena-max 2] [--json PATH]
     .venv/bin/python benchmarks/grpc_memory.py --smoke      # seconds: 8 calls of 2 small slices
 
-Starts ``nidaan serve`` (embedded backend, defaults: ``grpc.max_inflight_mb = 256``) with
-``MALLOC_ARENA_MAX=2`` in its environment, as docs/configuration.md ("gRPC memory") recommends
-(``--malloc-arena-max 0``: glibc's default, 8 heaps per core), measures
+Starts ``nidaan serve`` (embedded backend, defaults: ``grpc.max_inflight_mb = 48``) with
+``MALLOC_ARENA_MAX=2`` in its environment, the two heaps ``nidaan serve`` also sets by itself
+(``--malloc-arena-max 0``: leave the environment alone), measures
 its idle resident set size (RSS, psutil), then sends ``--calls`` calls at once, each a CT study
 of ``--slices`` 512 x 512 16-bit slices (``--slices`` x 0.5 MiB: 200 x 16 slices are 1.6 GiB in
 flight if the server held them all), first all as ``AnalyzeStudy`` (instances streamed one per

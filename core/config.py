@@ -122,7 +122,7 @@ class GrpcConfig:
     max_message_mb: int = 512
     #: Bytes the calls in flight may hold while they are read, decoded and preprocessed; a call
     #: that would exceed it waits up to ``admission_timeout_s``, then gets RESOURCE_EXHAUSTED.
-    max_inflight_mb: int = 256
+    max_inflight_mb: int = 48
     admission_timeout_s: float = 30.0
     #: Bearer tokens, one per line ('#' starts a comment): when set, every call of
     #: nidaan.v1.Inference must carry ``authorization: Bearer <token>`` (health stays open).
