@@ -19,6 +19,7 @@ import logging
 import multiprocessing
 import os
 import threading
+import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
@@ -59,6 +60,26 @@ def _first_frame(ds: Dataset, frames: int) -> np.ndarray:
     return pixel_array(ds, index=0 if frames > 1 else None, correct_unused_bits=False)
 
 
+def _watch_parent(parent: int, every_s: float = 1.0) -> None:
+    """In each worker: exit once the server is gone (``kill -9`` included), instead of waiting
+    for work for ever as an orphan. The parent's pid is polled rather than asked of the kernel
+    (``PR_SET_PDEATHSIG``), because that signal follows the *thread* that started the worker,
+    and workers are started from whichever thread submits first."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(every_s)
+            if os.getppid() != parent:
+                os._exit(0)
+
+    threading.Thread(target=watch, name="nidaan-decoder-watch", daemon=True).start()
+
+
+def _worker_init(parent: int) -> None:
+    _watch_parent(parent)
+    _warm()
+
+
 def _warm() -> None:
     """In each new worker: load the codecs once, before the first image waits for them."""
     import pydicom.pixels  # noqa: F401
@@ -89,7 +110,8 @@ class DecodePool:
                 self._pool = ProcessPoolExecutor(
                     self.workers,
                     mp_context=multiprocessing.get_context("spawn"),
-                    initializer=_warm,
+                    initializer=_worker_init,
+                    initargs=(os.getpid(),),
                 )
             return self._pool
 

@@ -103,3 +103,37 @@ def test_corrupt_codestream_is_a_decode_error_naming_the_transfer_syntax(pool: D
 def _worker_pids(pool: DecodePool) -> list[int]:
     executor = pool._executor()
     return [p.pid for p in executor._processes.values()]  # type: ignore[union-attr]
+
+
+def test_workers_exit_when_the_server_is_killed(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A ``kill -9`` of the server must not leave its decoder processes behind as orphans."""
+    import subprocess
+    import sys
+
+    script = (
+        "import os, time\n"
+        "from nidaan.server.decode_pool import DecodePool\n"
+        "p = DecodePool(workers=2); p.start()\n"
+        "print(' '.join(str(q.pid) for q in p._executor()._processes.values()), flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    server = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        workers = [int(pid) for pid in server.stdout.readline().split()]  # type: ignore[union-attr]
+        assert len(workers) == 2 and all(_alive(pid) for pid in workers)
+    finally:
+        server.kill()
+        server.wait()
+    deadline = time.monotonic() + 15
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in workers), "decoder processes outlived the server"
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not reaped by its new parent, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
