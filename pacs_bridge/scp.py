@@ -33,7 +33,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,7 +56,7 @@ from nidaan.core.errors import InputError
 
 from .admission import DOES_NOT_MATCH_SOP_CLASS, admit, read_file
 from .audit import AuditLog
-from .spool import Spool
+from .spool import FileChunks, Spool
 from .state import InstanceRecord, StateStore
 from .uids import ref
 
@@ -171,20 +171,6 @@ class _HandedServer(ThreadedAssociationServer):
 
     def server_close(self) -> None:
         pass
-
-
-class FileChunks:
-    """The bytes of a file in 1 MiB chunks; iterable again and again (store, quarantine)."""
-
-    def __init__(self, path: Path, size: int, chunk: int = 1 << 20) -> None:
-        self.path = path
-        self.size = size
-        self.chunk = chunk
-
-    def __iter__(self) -> Iterator[bytes]:
-        with open(self.path, "rb") as fh:
-            while block := fh.read(self.chunk):
-                yield block
 
 
 #: pynetdicom's own factory for the files its chunked receive writes.

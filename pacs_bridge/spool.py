@@ -21,7 +21,7 @@ import os
 import shutil
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,10 +61,18 @@ def atomic_write(path: Path, chunks: Iterable[bytes]) -> None:
     _fsync_dir(path.parent)
 
 
-def _chunks(path: Path, size: int = 1 << 20) -> Iterable[bytes]:
-    with open(path, "rb") as fh:
-        while block := fh.read(size):
-            yield block
+class FileChunks:
+    """The bytes of a file in 1 MiB chunks; iterable again and again (store, quarantine)."""
+
+    def __init__(self, path: Path, size: int, chunk: int = 1 << 20) -> None:
+        self.path = path
+        self.size = size
+        self.chunk = chunk
+
+    def __iter__(self) -> Iterator[bytes]:
+        with open(self.path, "rb") as fh:
+            while block := fh.read(self.chunk):
+                yield block
 
 
 @dataclass(frozen=True)
@@ -185,7 +193,9 @@ class Spool:
         try:
             os.link(staged, tmp)
         except OSError:
-            return self.store(study_uid, sop_instance_uid, _chunks(staged))
+            return self.store(
+                study_uid, sop_instance_uid, FileChunks(staged, staged.stat().st_size)
+            )
         try:
             os.replace(tmp, path)
         except BaseException:

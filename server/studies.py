@@ -14,7 +14,7 @@ batchers. The entrances (``pacs_bridge.scp``, ``server.api``) only admit input a
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +27,7 @@ from nidaan.core.findings import ImageAnalysis
 from nidaan.pacs_bridge.audit import AuditLog
 from nidaan.pacs_bridge.reports import build_report, encode, report_key, report_uids
 from nidaan.pacs_bridge.routing import Router
-from nidaan.pacs_bridge.spool import Spool, atomic_write
+from nidaan.pacs_bridge.spool import FileChunks, Spool, atomic_write
 from nidaan.pacs_bridge.state import StateStore
 from nidaan.pacs_bridge.uids import ref
 
@@ -164,7 +164,7 @@ class Studies:
         status = f"0x{exc.status:04X}"
         try:
             self.spool.quarantine(
-                _file_chunks(path),
+                FileChunks(path, path.stat().st_size),
                 str(exc),
                 status=exc.status,
                 size=path.stat().st_size,
@@ -247,12 +247,6 @@ class Studies:
         if report is None or not report[0].is_file():
             return state, reason, count, None, ""
         return state, reason, count, str(report[0]), report[1]
-
-
-def _file_chunks(path: Path, chunk: int = 1 << 20) -> Iterator[bytes]:
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            yield block
 
 
 def _summary(analyses: list[ImageAnalysis]) -> str:
