@@ -12,7 +12,7 @@ command -v storescu >/dev/null || need_pkgs+=(dcmtk)
 command -v dciodvfy >/dev/null || need_pkgs+=(dicom3tools)
 command -v openssl >/dev/null || need_pkgs+=(openssl)
 # perf_analyzer (benchmarks/triton.py) links Debian's libb64.
-ldconfig -p | grep -q 'libb64.so.0d' || need_pkgs+=(libb64-0d)
+dpkg-query -W libb64-0d >/dev/null 2>&1 || need_pkgs+=(libb64-0d)  # ldconfig may not be on PATH
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -q
