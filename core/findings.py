@@ -58,20 +58,76 @@ class BoundingBox:
 
 
 @dataclass(frozen=True)
+class Outline:
+    """A closed polygon around one region, in source-image pixel coordinates.
+
+    Continuous coordinates as in DICOM SCOORD (PS3.3 C.18.6.1.1, like :class:`BoundingBox`):
+    ``points`` are (x, y) = (column, row) pairs, the first point repeated as the last, so the
+    polygon is a closed POLYLINE as TID 1410's Image Region wants it. ``peak`` is the model's
+    heatmap value at the region's strongest cell (how sure the model is of *this* region).
+    """
+
+    points: tuple[tuple[float, float], ...]
+    peak: float = 1.0
+
+    def __post_init__(self) -> None:
+        if len(self.points) < 4:
+            raise ValueError(f"an outline needs at least 3 corners and the closing point: {self}")
+        if self.points[0] != self.points[-1]:
+            raise ValueError("an outline must be closed (its first point repeated last)")
+        if not all(math.isfinite(c) for p in self.points for c in p):
+            raise ValueError("an outline has a non-finite coordinate")
+        if any(x < 0 or y < 0 for x, y in self.points):
+            raise ValueError("an outline starts outside the image (negative coordinate)")
+        if self.area <= 0.0:
+            raise ValueError("an outline encloses no area")
+
+    @property
+    def box(self) -> BoundingBox:
+        """The smallest box around the outline."""
+        xs = [p[0] for p in self.points]
+        ys = [p[1] for p in self.points]
+        return BoundingBox(min(xs), min(ys), max(xs), max(ys))
+
+    @property
+    def area(self) -> float:
+        """Enclosed area in square pixels (shoelace formula)."""
+        pts = self.points
+        twice = sum(
+            pts[i][0] * pts[i + 1][1] - pts[i + 1][0] * pts[i][1] for i in range(len(pts) - 1)
+        )
+        return abs(twice) / 2.0
+
+    @classmethod
+    def from_box(cls, box: BoundingBox, peak: float = 1.0) -> Outline:
+        """The box as a closed rectangle."""
+        x0, y0, x1, y1 = box.x_min, box.y_min, box.x_max, box.y_max
+        return cls(((x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0)), peak)
+
+
+@dataclass(frozen=True)
 class Finding:
-    """One model output for one image: the probability of a finding and where it is."""
+    """One model output for one image: the probability of a finding and where it is.
+
+    ``outlines`` are the separate regions the model points at for this finding on this image,
+    strongest first (each may be a separate lesion); ``region`` is the box of the strongest,
+    kept for callers that want one box (the gRPC API's ``region``).
+    """
 
     label: str
     code: CodedValue
     probability: float
     threshold: float
     region: BoundingBox | None = None
+    outlines: tuple[Outline, ...] = ()
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.probability <= 1.0:
             raise ValueError(f"probability of {self.label!r} is outside [0, 1]: {self.probability}")
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"threshold of {self.label!r} is outside (0, 1): {self.threshold}")
+        if self.outlines and self.region is None:
+            object.__setattr__(self, "region", self.outlines[0].box)
 
     @property
     def present(self) -> bool:
@@ -87,6 +143,13 @@ class AlgorithmInfo:
     version: str
     manufacturer: str = "Nidaan"
     trained_on_synthetic_data: bool = False
+    #: The model's name in the repository (``cxr_screen``); ``name`` is its display name.
+    model: str = ""
+    #: SHA-256 (hex) of the model file: which weights made a result, and part of the report's
+    #: algorithm Device UID, so that the UID changes when the model does.
+    digest: str = ""
+    #: What the model is for and not for, in one sentence (the sidecar's ``intended_use``).
+    intended_use: str = ""
 
     @property
     def not_for_diagnosis(self) -> bool:
@@ -110,3 +173,51 @@ class ImageAnalysis:
         for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
             if kw not in self.source:
                 raise ValueError(f"source image header lacks {kw}")
+
+
+@dataclass(frozen=True)
+class LesionPart:
+    """A lesion's region on one image."""
+
+    source: Dataset
+    outline: Outline
+    #: The model's probability for this image.
+    probability: float
+
+
+@dataclass(frozen=True)
+class ReportedFinding:
+    """One finding of one model in one study, as a report states it.
+
+    Either one lesion (``present``; its region on each image it spans in ``parts``, in
+    anatomical order, empty when the model gave no region), or the finding's absence from
+    every image the model analysed (not ``present``, ``parts`` empty): Absent is stated once per
+    study and model, not per image. ``sources`` are the images the statement is about.
+    ``key`` is what the finding's Tracking Unique Identifier is derived from: the same for the
+    same finding of the same study, whichever route or report revision.
+    """
+
+    algorithm: AlgorithmInfo
+    label: str
+    code: CodedValue
+    threshold: float
+    #: The highest probability among ``sources``.
+    probability: float
+    present: bool
+    sources: tuple[Dataset, ...]
+    key: str
+    parts: tuple[LesionPart, ...] = ()
+    #: Longest in-plane diameter over the parts in mm (from Pixel Spacing); None without it.
+    size_mm: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise ValueError(f"finding {self.label!r} is about no image")
+        if not self.key:
+            raise ValueError(f"finding {self.label!r} has no tracking key")
+        if not self.present and self.parts:
+            raise ValueError(f"an absent finding {self.label!r} cannot have regions")
+        if not 0.0 <= self.probability <= 1.0:
+            raise ValueError(f"probability of {self.label!r} is outside [0, 1]: {self.probability}")
+        if self.size_mm is not None and not (math.isfinite(self.size_mm) and self.size_mm > 0):
+            raise ValueError(f"size of {self.label!r} must be a positive number of mm")

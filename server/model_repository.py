@@ -14,6 +14,8 @@ with a message that names the model, the file and the problem.
 
 from __future__ import annotations
 
+import hashlib
+
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -295,6 +297,9 @@ def load_model(directory: Path, *, check_onnx: bool = True) -> ModelSpec:
             version=version,
             manufacturer=str(meta.get("manufacturer", "Nidaan")),
             trained_on_synthetic_data=bool(meta.get("trained_on_synthetic_data", False)),
+            model=model,
+            digest=_sha256(onnx_path),
+            intended_use=str(meta.get("intended_use", "")),
         ),
         accepts=accepts,
         input=input_spec,
@@ -329,3 +334,15 @@ def load_repository(root: Path, *, check_onnx: bool = True) -> list[ModelSpec]:
     if not models:
         raise ModelRepositoryError(f"model repository {root} holds no model (no */config.pbtxt)")
     return models
+
+
+def _sha256(path: Path) -> str:
+    """SHA-256 (hex) of a model file; '' when it cannot be read (load_model names that)."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError:
+        return ""
+    return digest.hexdigest()
