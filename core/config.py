@@ -279,6 +279,13 @@ class KernelsConfig:
             raise ConfigError("kernels.gpu_max_delay_ms must be between 0 and 1000")
 
 
+#: The result objects a study can give, in the order they are sent (``[[peers]] objects``).
+RESULT_OBJECTS = ("sr", "seg", "gsps", "sc")
+#: What a peer gets unless its config says otherwise: the report, and its regions both as a
+#: Segmentation and outlined on the images (a Secondary Capture is for viewers without either).
+DEFAULT_OBJECTS = ("sr", "seg", "gsps")
+
+
 @dataclass
 class Peer:
     """A known DICOM node (a PACS) that may send to us and receive our reports."""
@@ -288,12 +295,34 @@ class Peer:
     port: int
     #: Send to this peer over DICOM TLS (verified against ``dicom.tls_ca``).
     tls: bool = False
+    #: What this peer gets of a study's results (some PACS store only some): ``sr`` the
+    #: report (TID 1500), ``seg`` a Segmentation of each region (what AI-ready viewers draw),
+    #: ``gsps`` a Grayscale Softcopy Presentation State outlining them on the images, ``sc`` a
+    #: Secondary Capture image with the outlines burned in (for viewers that show only pixels).
+    objects: list[str] = field(default_factory=lambda: list(DEFAULT_OBJECTS))
+    #: A second language for the texts of its reports, beside English (a file in
+    #: pacs_bridge/languages/, e.g. "hi"); empty: English only.
+    language: str = ""
 
     def validate(self, where: str) -> None:
         self.ae_title = _check_ae_title(self.ae_title, f"{where}.ae_title")
         _check_port(self.port, f"{where}.port")
         if not self.host:
             raise ConfigError(f"{where}.host is empty")
+        unknown = sorted(set(self.objects) - set(RESULT_OBJECTS))
+        if unknown or not self.objects:
+            raise ConfigError(
+                f"{where}.objects must name some of {', '.join(RESULT_OBJECTS)}"
+                + (f" (unknown: {', '.join(unknown)})" if unknown else "")
+            )
+        self.objects = [o for o in RESULT_OBJECTS if o in self.objects]
+        if self.language == "en":
+            self.language = ""  # every report carries English already
+        if self.language and not re.fullmatch(r"[a-z]{2,3}(-[A-Za-z0-9]{2,8})*", self.language):
+            raise ConfigError(
+                f"{where}.language must be a language tag such as 'hi' (RFC 5646), "
+                f"not {self.language!r}"
+            )
 
 
 #: In ``reports.destinations``: send the report to the AE that sent the study, when it is a peer.

@@ -11,6 +11,9 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+#: The marker a reader sees on every result of a model trained on synthetic data.
+NOT_FOR_DIAGNOSIS = "NOT FOR DIAGNOSIS"
+
 if TYPE_CHECKING:  # only a type here: nidaan.core imports no third-party package at run time
     from pydicom.dataset import Dataset
 
@@ -128,6 +131,8 @@ class Finding:
             raise ValueError(f"threshold of {self.label!r} is outside (0, 1): {self.threshold}")
         if self.outlines and self.region is None:
             object.__setattr__(self, "region", self.outlines[0].box)
+        elif self.region is not None and not self.outlines:
+            object.__setattr__(self, "outlines", (Outline.from_box(self.region),))
 
     @property
     def present(self) -> bool:
@@ -148,8 +153,13 @@ class AlgorithmInfo:
     #: SHA-256 (hex) of the model file: which weights made a result, and part of the report's
     #: algorithm Device UID, so that the UID changes when the model does.
     digest: str = ""
-    #: What the model is for and not for, in one sentence (the sidecar's ``intended_use``).
-    intended_use: str = ""
+    #: What the model is for and not for, one sentence per language: (language tag, text)
+    #: pairs from the sidecar's ``[model.intended_use]``, English first.
+    intended_use: tuple[tuple[str, str], ...] = ()
+
+    def intended_use_in(self, tag: str) -> str:
+        """The intended-use statement in language ``tag`` ('' when the sidecar lacks it)."""
+        return dict(self.intended_use).get(tag, "")
 
     @property
     def not_for_diagnosis(self) -> bool:

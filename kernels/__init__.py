@@ -4,7 +4,8 @@ Public API::
 
     preprocess(images, transforms, layout) -> (batch, placements)
     peak_region(heatmap, placement, fraction) -> box in source pixels | None
-    regions(heatmap, placement, threshold) -> [Region(box, outline, peak, cells)]
+    regions(heatmap, placement, threshold) -> [Region(box, outline, peak, cells, members)]
+    refine_outline(channel, heat_shape, region, placement, above) -> outline in source pixels | None
     PixelTransform, InputLayout, Placement
 
 Compiled CPU kernels are cached on disk where ``NUMBA_CACHE_DIR`` says when this package is
@@ -13,7 +14,7 @@ importing this package or Numba; :func:`configure_cache` checks that it was.
 """
 
 from .geometry import Placement
-from .postprocess import Region, peak_region, regions
+from .postprocess import Region, peak_region, refine_outline, regions
 from .preprocess import InputLayout, configure_cache, preprocess, resolve_backend, to_host
 from .transform import PixelTransform
 
@@ -25,6 +26,7 @@ __all__ = [
     "configure_cache",
     "peak_region",
     "preprocess",
+    "refine_outline",
     "regions",
     "resolve_backend",
     "to_host",

@@ -1,77 +1,109 @@
-"""The report: AI findings as a DICOM Comprehensive 3D SR holding a TID 1500 Measurement Report.
+"""The report: AI findings as a DICOM Comprehensive 3D SR, a TID 1500 Measurement Report laid out
+as IHE AI Results (AIR) asks.
 
-The SR joins the *source* study (its Study Instance UID and Patient/Study modules are copied from
-the analysed images by highdicom's evidence handling) as a new series, so a PACS files it next to
-the images it describes. Content tree (PS3.16 TID 1500 "Measurement Report")::
+The SR joins the *source* study (Patient and General Study modules from the analysed images, once
+they are checked to agree) as a new series, so a PACS files it next to the images it describes.
+Content tree (PS3.16 TID 1500 "Measurement Report")::
 
     CONTAINER Imaging Measurement Report                          TID 1500
       Language of Content Item and Descendants = en-US            TID 1204
-      Observer Type = Device, Device Observer UID/Name/...        TID 1002/1004 (device observer)
+      Observer Type = Device, Device Observer UID/Name/...        TID 1002/1004 (this node)
       Procedure reported = CID 100 code for the source modality   TID 1500 row 4
+      CONTAINER Image Library: every analysed image               TID 1600
       CONTAINER Imaging Measurements
-        CONTAINER Measurement Group  (one per finding per analysed image)
-          Tracking Identifier / Tracking Unique Identifier        TID 4108
-          Finding = the model's finding code (Finding.code)       TID 1501/1410 "Finding"
-          Algorithm Name/Version/Manufacturer/Family [/Parameters]  TID 4019
+        CONTAINER Measurement Group  (one per lesion, or one Absent statement per model+finding)
+          Tracking Identifier "Pulmonary nodule 1" / Tracking UID  TID 4108
+          Finding = what the model detects (a finding, not a disease)
+          Algorithm Name/Version/Manufacturer/Family/Parameters    TID 4019
           NUM Certainty of Finding = probability, UCUM "1"        TID 300
+          NUM Threshold Value = the operating threshold, UCUM "1"
+          NUM Long axis = longest in-plane diameter, UCUM "mm"    (lesions with Pixel Spacing)
           CODE <finding code> = Present | Absent                  "Qualitative Evaluations", CID 241
-          SCOORD Image Region (closed POLYLINE)  -> IMAGE source  TID 1410 (findings with a region)
-          or IMAGE Source of Measurement                          TID 1501 (findings without one)
+          SCOORD Image Region (closed POLYLINE outline)           TID 1410, one image
+          or SCOORD Image Region per slice                        TID 1411, a lesion over slices
+          or IMAGE Source of Measurement                          TID 1501 (no region)
+      CONTAINER Qualitative Evaluations                           TID 1500 row 12
+        TEXT Summary (English, then the destination's language)
+        TEXT Comment: NOT FOR DIAGNOSIS, what Present means, each model's intended use
 
 Choices, and the reason for each:
 
-* Probability: (111012, DCM, "Certainty of Finding"), defined in PS3.16 Annex D as "the likelihood
-  that the finding detected is in fact the type of finding identified" (CID 6048), the concept
-  DICOM's own CAD templates use for a detector's confidence. The value is the model's probability
-  as a ratio in [0, 1] with unit (1, UCUM, "no units"), so a reader needs no scaling. (The CAD SR
-  templates, e.g. TID 4104 row 12, pair this concept with "%" 0-100; TID 1500 leaves units open
-  and Nidaan's consumers read [0, 1].)
-* Presence at the model's operating threshold: a qualitative evaluation named by the finding code
-  with value (52101004, SCT, "Present") or (272519000, SCT, "Absent") from CID 241 "Present-Absent
-  Only". Absent findings are reported too (probability and "Absent"), so a reader can tell "looked
-  and found nothing" from "did not look".
-* Region: findings that carry a region get a TID 1410 group whose Image Region is a closed
-  POLYLINE of 5 points (a rectangle) in source-image pixel coordinates (SCOORD, PS3.3
-  C.18.6.1.1), selected from the source image; the others a TID 1501 group referencing the source
-  image. The region is written whenever the finding has one; the Present/Absent evaluation beside
-  it says how to read it (the pipeline only localises present findings).
-* Algorithm: TID 4019 in every group names the model, its version and manufacturer, with
-  Algorithm Family (123110, DCM, "Artificial Intelligence").
-* NOT FOR DIAGNOSIS (models trained on synthetic data): said in the Series Description (what a
-  PACS study browser and every viewer show) and, in the content, as a TID 4019 "Algorithm
-  Parameters" TEXT item in each group, so the statement travels with every finding a viewer or a
-  downstream system extracts. DICOM has no coded concept for it, and TID 1501/1410 allow no free
-  TEXT item in a group other than through TID 4019; highdicom builds and validates this one, and
-  dciodvfy and dsrdump accept it.
-* Preliminary, unverified, complete (PS3.3 C.17.2): nobody has confirmed an AI result; Preliminary
-  Flag = PRELIMINARY and Verification Flag = UNVERIFIED say so.
+* One group per lesion: :func:`nidaan.pacs_bridge.lesions.group_findings` joins a finding's
+  regions across adjacent slices; Absent is stated once per study, model and finding, not per
+  image, and lists every image it covers.
+* Probability: (111012, DCM, "Certainty of Finding") as a ratio in [0, 1] with unit (1, UCUM),
+  and beside it (122411, DCM, "Threshold Value"), the model's operating threshold in the same
+  unit; Present means probability >= threshold, which the report also says in words and in TID
+  4019's Algorithm Parameters.
+* Finding codes name what a model detects (e.g. (112033, DCM, "Abnormal opacity"), CID 6101
+  "Chest CAD Findings"), never a disorder a screening model cannot diagnose.
+* Tracking Unique Identifiers derive from the study, the model and the lesion
+  (:attr:`ReportedFinding.key`), never from the report's own UID: the same finding has the same
+  UID in the DICOM and the gRPC report and in every revision of the report.
+* The algorithm is named in each group (TID 4019) and, as AIR 6.5.3.1 asks, in the Contributing
+  Equipment Sequence (PS3.3 C.7.5.1) with Purpose of Reference (Newcode1, 99IHE, "Processing
+  Algorithm"): manufacturer, model name, software version, and a Device UID derived from the
+  model's name, version and SHA-256, so it changes whenever the model does.
+* The device observer (TID 1004) is this installation: a node UID made once in the data dir
+  (:func:`~nidaan.pacs_bridge.uids.node_uid`); the header carries Nidaan's software version and a
+  Device Serial Number derived from that UID.
+* Texts for a person (summary, finding names, intended use, NOT FOR DIAGNOSIS) come from
+  ``pacs_bridge/languages/`` in English and, per destination, one more language, each TEXT item
+  of the other language marked with its own Language of Content Item (TID 1204) modifier.
+  Specific Character Set is ISO_IR 192 (UTF-8) whenever any text needs more than ASCII.
+* Preliminary, unverified, complete (PS3.3 C.17.2): nobody has confirmed an AI result.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 from collections.abc import Iterable, Sequence
+from importlib import metadata
+from typing import Any
 
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as Sequence_
 from pydicom.sr.codedict import codes
 
-from nidaan.core.findings import BoundingBox, CodedValue, Finding, ImageAnalysis
+from nidaan.core.findings import (
+    NOT_FOR_DIAGNOSIS,
+    AlgorithmInfo,
+    CodedValue,
+    ImageAnalysis,
+    LesionPart,
+    ReportedFinding,
+)
 
-from .uids import derived_uid, is_valid_uid
+from .languages import Language, load_language
+from .lesions import group_findings
+from .uids import derived_uid, is_valid_uid, tracking_uid
 
-__all__ = ["NOT_FOR_DIAGNOSIS", "build_report", "report_uids"]
+__all__ = [
+    "NOT_FOR_DIAGNOSIS",
+    "PROCESSING_ALGORITHM",
+    "algorithm_device_uid",
+    "build_report",
+    "encode",
+    "report_key",
+    "report_uids",
+    "serial_number",
+    "software_version",
+]
 
-#: The marker a PACS user sees on reports of models trained on synthetic data.
-NOT_FOR_DIAGNOSIS = "NOT FOR DIAGNOSIS"
 _NFD_STATEMENT = f"{NOT_FOR_DIAGNOSIS}: model trained on synthetic images only"
 _SERIES_DESCRIPTION = "Nidaan AI findings"
-_MANUFACTURER = "Nidaan"
-_MODEL_NAME = "Nidaan inference server"
+MANUFACTURER = "Nidaan project"
+MODEL_NAME = "Nidaan inference server"
+
+#: AIR 6.5.3.1: Purpose of Reference of the algorithm's Contributing Equipment item.
+PROCESSING_ALGORITHM = CodedValue("Newcode1", "99IHE", "Processing Algorithm")
 
 #: (1, UCUM, "no units"): the unit of a ratio such as a probability in [0, 1] (PS3.16 CID 7181).
 _RATIO = hd.sr.CodedConcept("1", "UCUM", "no units")
+_QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
 
 # Procedure Reported (TID 1500 row 4, BCID 100 "Quantitative Diagnostic Imaging Procedures") by
 # source Modality; anything else is the generic (363679005, SCT, "Imaging procedure").
@@ -87,8 +119,41 @@ _PROCEDURES = {
 }
 _ANY_PROCEDURE = codes.cid100.ImagingProcedure
 
+#: Patient and General Study attributes the report takes from its images: they must agree.
+_STUDY_ATTRIBUTES = (
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "StudyDescription",
+)
+#: Value representations that hold text (PS3.5 6.2), for the character set check.
+_TEXT_VRS = {"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UT"}
+
 #: Certainty values are written with this many decimals (NUM is a DS, at most 16 characters).
 _DECIMALS = 6
+
+
+def software_version() -> str:
+    """Nidaan's version, as installed."""
+    try:
+        return metadata.version("nidaan")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def algorithm_device_uid(algorithm: AlgorithmInfo) -> str:
+    """The Device UID of a model in the Contributing Equipment Sequence: derived from its name,
+    version and the SHA-256 of its file, so a changed model is a different device."""
+    return derived_uid(
+        "algorithm", algorithm.model or algorithm.name, algorithm.version, algorithm.digest or "-"
+    )
 
 
 def report_key(analyses: Sequence[ImageAnalysis], sop_instance_uids: Iterable[str]) -> str:
@@ -126,36 +191,56 @@ def build_report(
     instance_number: int = 1,
     device_observer_uid: str,
     institution_name: str | None = None,
+    language: str = "",
+    findings: Sequence[ReportedFinding] | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """Build the SR of one study's analyses (see the module docstring for its structure).
 
     ``analyses`` are the findings of one or more algorithms on images of one study;
+    ``findings`` the same grouped per lesion (default: :func:`group_findings` of them);
     ``series_instance_uid`` and ``sop_instance_uid`` are the report's (see :func:`report_uids`);
-    ``device_observer_uid`` identifies this Nidaan installation (TID 1004).
+    ``device_observer_uid`` identifies this Nidaan installation (TID 1004); ``language`` a
+    second language for the texts (a tag of ``pacs_bridge/languages``; '' = English only).
 
     Raises ValueError, naming the problem, when the input cannot make a conformant report: no
-    analyses or no findings, images from more than one study or patient, malformed UIDs or ones
-    that collide with a source image's, or a region outside its image or on a multi-frame image.
+    analyses or no findings, images from more than one study or that disagree on a patient or
+    study attribute, malformed UIDs or ones that collide with a source image's, or a region
+    outside its image or on a multi-frame image.
     """
     _check(analyses, series_instance_uid, sop_instance_uid, device_observer_uid)
+    evidence: dict[str, Dataset] = {}
+    for analysis in analyses:
+        evidence.setdefault(str(analysis.source.SOPInstanceUID), analysis.source)
+    agreed = _agreed_study_attributes(list(evidence.values()))
+    reported = list(group_findings(analyses) if findings is None else findings)
+    if not reported:
+        raise ValueError("the analyses hold no findings to report")
+    english = load_language("en")
+    other = load_language(language) if language and language != "en" else None
+
+    numbers: dict[tuple[str, str], int] = {}
     groups: list[
         hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+        | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
         | hd.sr.MeasurementsAndQualitativeEvaluations
     ] = []
-    for i, analysis in enumerate(analyses):
-        for j, finding in enumerate(analysis.findings):
-            # Tracking UIDs (TID 4108) derive from the report's UID, so a rebuilt report is the
-            # same object down to its content.
-            tracking_uid = derived_uid("sr-tracking", sop_instance_uid, str(i), str(j))
-            groups.append(_group(analysis, finding, tracking_uid))
+    numbered: list[tuple[ReportedFinding, int]] = []
+    for finding in reported:
+        n = 0
+        if finding.present:
+            slot = (finding.algorithm.model or finding.algorithm.name, finding.label)
+            n = numbers[slot] = numbers.get(slot, 0) + 1
+        numbered.append((finding, n))
+        groups.append(_group(finding, n, english))
 
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
             uid=device_observer_uid,
             name="Nidaan",
-            manufacturer_name=_MANUFACTURER,
-            model_name=_MODEL_NAME,
+            manufacturer_name=MANUFACTURER,
+            model_name=MODEL_NAME,
+            serial_number=serial_number(device_observer_uid),
         ),
     )
     modalities = sorted({str(a.source.get("Modality", "")) for a in analyses})
@@ -164,24 +249,21 @@ def build_report(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=procedures,
         imaging_measurements=groups,
+        referenced_images=[_library_view(ds) for ds in evidence.values()],
     )
+    algorithms = list(dict.fromkeys(f.algorithm for f in reported))
+    content[0].ContentSequence.append(_statements(numbered, algorithms, english, other))
 
-    # Evidence: each analysed image once. highdicom copies the Patient and General Study modules
-    # from it and lists it in the Current Requested Procedure Evidence Sequence (PS3.3 C.17.2.3).
-    evidence: dict[str, Dataset] = {}
-    for analysis in analyses:
-        evidence.setdefault(str(analysis.source.SOPInstanceUID), analysis.source)
-    not_for_diagnosis = any(a.algorithm.not_for_diagnosis for a in analyses)
+    not_for_diagnosis = any(a.not_for_diagnosis for a in algorithms)
     description = _SERIES_DESCRIPTION + (f" - {NOT_FOR_DIAGNOSIS}" if not_for_diagnosis else "")
-    return hd.sr.Comprehensive3DSR(
+    sr = hd.sr.Comprehensive3DSR(
         evidence=list(evidence.values()),
         content=content,
         series_instance_uid=series_instance_uid,
         series_number=series_number,
         sop_instance_uid=sop_instance_uid,
         instance_number=instance_number,
-        manufacturer=_MANUFACTURER,
-        manufacturer_model_name=_MODEL_NAME,
+        manufacturer=MANUFACTURER,
         institution_name=institution_name,
         series_description=description,
         # PS3.3 C.17.2: all findings are in (COMPLETE), but nobody has confirmed them.
@@ -189,6 +271,16 @@ def build_report(
         is_final=False,
         is_verified=False,
     )
+    sr.ManufacturerModelName = MODEL_NAME
+    sr.SoftwareVersions = software_version()
+    sr.DeviceSerialNumber = serial_number(device_observer_uid)
+    # AIR 6.5.3.1: the algorithms, not the source images' scanner or institution.
+    # (highdicom's ContributingEquipment accepts DCM purposes only, not AIR's 99IHE one.)
+    sr.ContributingEquipmentSequence = Sequence_([_algorithm_equipment(a) for a in algorithms])  # type: ignore[assignment]
+    for keyword, value in agreed.items():
+        setattr(sr, keyword, value)
+    _set_character_set(sr)
+    return sr
 
 
 def _check(
@@ -206,9 +298,6 @@ def _check(
             f"the analyses come from {len(studies)} studies ({', '.join(studies)}); "
             "a report belongs to one study"
         )
-    patients = {str(a.source.PatientID) for a in analyses if "PatientID" in a.source}
-    if len(patients) > 1:
-        raise ValueError(f"the analysed images name {len(patients)} different Patient IDs")
     if not any(a.findings for a in analyses):
         raise ValueError("the analyses hold no findings to report")
     for name, uid in (
@@ -228,91 +317,274 @@ def _check(
             raise ValueError("sop_instance_uid is an analysed image's SOP Instance UID")
 
 
+def _agreed_study_attributes(images: Sequence[Dataset]) -> dict[str, object]:
+    """The Patient and General Study attributes the images agree on (one image's empty value
+    gives way to another's); ValueError naming the attribute (never its values: they are
+    patient data) where two images differ."""
+    agreed: dict[str, object] = {}
+    for keyword in _STUDY_ATTRIBUTES:
+        values = {str(ds.get(keyword, "") or "") for ds in images} - {""}
+        if len(values) > 1:
+            raise ValueError(
+                f"the analysed images disagree on {keyword} ({len(values)} different values); "
+                "a report belongs to one patient's study"
+            )
+        if values:
+            source = next(ds for ds in images if str(ds.get(keyword, "") or ""))
+            agreed[keyword] = source[keyword].value
+    return agreed
+
+
+def _library_view(image: Dataset) -> Dataset:
+    """The header the Image Library (TID 1600) describes an image from.
+
+    highdicom adds the projection (TID 1603) or cross-sectional (TID 1604) descriptors by the
+    image's Modality and needs every attribute they name; real images may lack one (a CR
+    without Imager Pixel Spacing). Such an image is described by the common descriptors only
+    (TID 1602: its modality, from the SOP class, and its size), rather than not at all.
+    """
+    try:
+        hd.sr.ImageLibraryEntryDescriptors(image)
+        return image
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+        view = Dataset()
+        for element in image:
+            if element.tag != 0x7FE00010:  # never the pixels
+                view.add(element)
+        view.Modality = "OT"  # not described by modality; its code comes from the SOP class
+        return view
+
+
+def serial_number(device_observer_uid: str) -> str:
+    """A short Device Serial Number (LO) for this installation, from its node UID (the SR's and
+    the region objects' General Equipment module)."""
+    return "NDN-" + hashlib.sha256(device_observer_uid.encode()).hexdigest()[:12].upper()
+
+
+def _algorithm_equipment(algorithm: AlgorithmInfo) -> Dataset:
+    """A Contributing Equipment Sequence item for a model (PS3.3 C.7.5.1; AIR 6.5.3.1)."""
+    purpose = Dataset()
+    purpose.CodeValue = PROCESSING_ALGORITHM.value
+    purpose.CodingSchemeDesignator = PROCESSING_ALGORITHM.scheme
+    purpose.CodeMeaning = PROCESSING_ALGORITHM.meaning
+    item = Dataset()
+    item.PurposeOfReferenceCodeSequence = [purpose]
+    item.Manufacturer = algorithm.manufacturer
+    item.ManufacturerModelName = algorithm.name[:64]
+    item.SoftwareVersions = algorithm.version
+    item.DeviceUID = algorithm_device_uid(algorithm)
+    item.ContributionDescription = (
+        f"AI model {algorithm.model or algorithm.name} {algorithm.version}"
+        + (f", SHA-256 {algorithm.digest}" if algorithm.digest else "")
+        + (f"; {NOT_FOR_DIAGNOSIS}" if algorithm.not_for_diagnosis else "")
+    )
+    return item
+
+
 def _group(
-    analysis: ImageAnalysis, finding: Finding, tracking_uid: str
+    finding: ReportedFinding, n: int, english: Language
 ) -> (
     hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+    | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
     | hd.sr.MeasurementsAndQualitativeEvaluations
 ):
-    """One measurement group: TID 1410 when the finding has a region, TID 1501 otherwise."""
-    algo = analysis.algorithm
-    source = analysis.source
-    # TID 4019 Algorithm Identification; the not-for-diagnosis statement rides along as an
-    # Algorithm Parameters TEXT item (see the module docstring).
+    """One measurement group: TID 1410 for a region on one image, TID 1411 for a lesion over
+    several, TID 1501 otherwise (an absence, or a finding without a region)."""
+    algo = finding.algorithm
+    parameters = [
+        f"operating threshold {finding.threshold:g}: {finding.label} is Present when "
+        "Certainty of Finding is at or above it"
+    ]
+    if algo.not_for_diagnosis:
+        parameters.append(_NFD_STATEMENT)
     algorithm_id = hd.sr.AlgorithmIdentification(
         name=algo.name,
         version=algo.version,
         manufacturer=algo.manufacturer,
         family=codes.DCM.ArtificialIntelligence,
-        parameters=[_NFD_STATEMENT] if algo.not_for_diagnosis else None,
+        parameters=parameters,
     )
     finding_type = _concept(finding.code)
+    name = english.finding(finding.code)
     tracking = hd.sr.TrackingIdentifier(
-        uid=tracking_uid, identifier=f"{finding.label} ({algo.name} {algo.version})"
+        uid=tracking_uid(finding.key),
+        identifier=f"{name} {n}" if finding.present else f"{name}: absent",
     )
     measurements = [
         hd.sr.Measurement(
             name=codes.DCM.CertaintyOfFinding,
             value=round(finding.probability, _DECIMALS),
             unit=_RATIO,
-        )
+        ),
+        hd.sr.Measurement(
+            name=codes.DCM.ThresholdValue, value=round(finding.threshold, _DECIMALS), unit=_RATIO
+        ),
     ]
+    if finding.size_mm is not None:
+        measurements.append(
+            hd.sr.Measurement(
+                name=codes.SCT.LongAxis, value=round(finding.size_mm, 1), unit=codes.UCUM.Millimeter
+            )
+        )
     evaluations = [
         hd.sr.QualitativeEvaluation(
             name=finding_type,
             value=codes.cid241.Present if finding.present else codes.cid241.Absent,
         )
     ]
-    if finding.region is not None:
-        region = hd.sr.ImageRegion(
-            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-            graphic_data=_rectangle(finding.region, source, finding.label),
-            source_image=hd.sr.SourceImageForRegion.from_source_image(source),
-        )
+    common: dict[str, Any] = {
+        "tracking_identifier": tracking,
+        "finding_type": finding_type,
+        "algorithm_id": algorithm_id,
+        "measurements": measurements,
+        "qualitative_evaluations": evaluations,
+    }
+    if len(finding.parts) == 1:
         return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=tracking,
-            referenced_region=region,
-            finding_type=finding_type,
-            algorithm_id=algorithm_id,
-            measurements=measurements,
-            qualitative_evaluations=evaluations,
+            referenced_region=_region(finding.parts[0], finding.label), **common
+        )
+    if finding.parts:
+        return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            referenced_regions=[_region(p, finding.label) for p in finding.parts], **common
         )
     return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=tracking,
-        finding_type=finding_type,
-        algorithm_id=algorithm_id,
-        measurements=measurements,
-        qualitative_evaluations=evaluations,
-        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
+        source_images=[
+            hd.sr.SourceImageForMeasurementGroup.from_source_image(s) for s in finding.sources
+        ],
+        **common,
     )
+
+
+def _region(part: LesionPart, label: str) -> hd.sr.ImageRegion:
+    return hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=_outline(part, label),
+        source_image=hd.sr.SourceImageForRegion.from_source_image(part.source),
+    )
+
+
+def _outline(part: LesionPart, label: str) -> np.ndarray:
+    """The part's outline as a closed POLYLINE of (column, row) points in its image's pixels.
+
+    SCOORD coordinates of an image are continuous, (0, 0) being the top left corner of the top
+    left pixel and (Columns, Rows) the bottom right corner of the bottom right one (PS3.3
+    C.18.6.1.1). Points past the far edges (rounding in a model's upsampled output) are clipped
+    to the image; an outline that starts outside the image is refused.
+    """
+    source = part.source
+    if int(source.get("NumberOfFrames", 1) or 1) > 1:
+        # A region on a multi-frame image needs Referenced Frame Number (PS3.3 C.18.3.1), which
+        # a part does not carry.
+        raise ValueError(f"region of {label!r} is on a multi-frame image; no frame is known")
+    if "Rows" not in source or "Columns" not in source:
+        raise ValueError(f"region of {label!r}: the source image header lacks Rows or Columns")
+    rows, columns = float(source.Rows), float(source.Columns)
+    box = part.outline.box
+    if box.x_min >= columns or box.y_min >= rows:
+        raise ValueError(
+            f"region of {label!r} starts outside the {int(columns)}x{int(rows)} image: {box}"
+        )
+    points = np.array(part.outline.points, dtype=np.float32)
+    points[:, 0] = np.minimum(points[:, 0], columns)
+    points[:, 1] = np.minimum(points[:, 1], rows)
+    return points
+
+
+def _statements(
+    numbered: Sequence[tuple[ReportedFinding, int]],
+    algorithms: Sequence[AlgorithmInfo],
+    english: Language,
+    other: Language | None,
+) -> hd.sr.ContainerContentItem:
+    """TID 1500's root Qualitative Evaluations: the summary and the fixed statements as text a
+    reader sees first, in English and in the destination's language."""
+    container = hd.sr.ContainerContentItem(
+        name=_QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+    items: list[hd.sr.TextContentItem] = []
+    for language in (english, other):
+        if language is None:
+            continue
+        texts = [(codes.DCM.Summary, summary(numbered, language))]
+        if any(a.not_for_diagnosis for a in algorithms):
+            texts.append((codes.DCM.Comment, language.term("not_for_diagnosis")))
+        texts.append((codes.DCM.Comment, language.term("present_rule")))
+        for algo in algorithms:
+            statement = algo.intended_use_in(language.tag)
+            if statement:
+                texts.append(
+                    (
+                        codes.DCM.Comment,
+                        language.term("intended_use", model=algo.name, statement=statement),
+                    )
+                )
+        texts.append((codes.DCM.Comment, language.term("preliminary")))
+        for name, text in texts:
+            item = hd.sr.TextContentItem(
+                name=name, value=text, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+            )
+            if language is not english:
+                item.ContentSequence = hd.sr.ContentSequence([_language_modifier(language)])
+            items.append(item)
+    container.ContentSequence = hd.sr.ContentSequence(items)
+    return container
+
+
+def _language_modifier(language: Language) -> hd.sr.CodeContentItem:
+    """TID 1204 Language of Content Item and Descendants, as a concept modifier of one item."""
+    return hd.sr.CodeContentItem(
+        name=codes.DCM.LanguageOfContentItemAndDescendants,
+        value=hd.sr.CodedConcept(language.tag, "RFC5646", language.name),
+        relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD,
+    )
+
+
+def summary(numbered: Sequence[tuple[ReportedFinding, int]], language: Language) -> str:
+    """One sentence a radiologist reads first: the findings present, numbered as their groups,
+    with probability, threshold and size; or that none is."""
+    lines = []
+    for finding, n in numbered:
+        if not finding.present:
+            continue
+        line = language.term(
+            "finding_line",
+            name=language.finding(finding.code),
+            n=n,
+            probability=f"{finding.probability:.2f}",
+            threshold=f"{finding.threshold:.2f}",
+        )
+        if finding.size_mm is not None:
+            line += ", " + language.term("finding_size", size=f"{finding.size_mm:.0f}")
+        lines.append(line)
+    if not lines:
+        return language.term("summary_none")
+    return language.term("summary_present", findings="; ".join(lines))
 
 
 def _concept(code: CodedValue) -> hd.sr.CodedConcept:
     return hd.sr.CodedConcept(code.value, code.scheme, code.meaning)
 
 
-def _rectangle(box: BoundingBox, source: Dataset, label: str) -> np.ndarray:
-    """The box as a closed POLYLINE of 5 (column, row) points in the source image's pixels.
+def _set_character_set(ds: Dataset) -> None:
+    """ISO_IR 192 (UTF-8, PS3.5 6.1.2.3) when any text needs more than the default repertoire;
+    otherwise none, so that a source's single-byte character set is never claimed for text
+    that is not in it."""
+    if _needs_unicode(ds):
+        ds.SpecificCharacterSet = "ISO_IR 192"
+    elif "SpecificCharacterSet" in ds:
+        del ds.SpecificCharacterSet
 
-    SCOORD coordinates of an image are continuous, (0, 0) being the top left corner of the top
-    left pixel and (Columns, Rows) the bottom right corner of the bottom right one (PS3.3
-    C.18.6.1.1). A box reaching past the far edges (rounding in a model's upsampled output) is
-    clipped to the image; a box that starts outside the image is refused.
-    """
-    if int(source.get("NumberOfFrames", 1) or 1) > 1:
-        # A region on a multi-frame image needs Referenced Frame Number (PS3.3 C.18.3.1), which
-        # a Finding does not carry.
-        raise ValueError(f"region of {label!r} is on a multi-frame image; no frame is known")
-    if "Rows" not in source or "Columns" not in source:
-        raise ValueError(f"region of {label!r}: the source image header lacks Rows or Columns")
-    rows, columns = float(source.Rows), float(source.Columns)
-    if box.x_min >= columns or box.y_min >= rows:
-        raise ValueError(
-            f"region of {label!r} starts outside the {int(columns)}x{int(rows)} image: {box}"
-        )
-    x0, y0 = box.x_min, box.y_min
-    x1, y1 = min(box.x_max, columns), min(box.y_max, rows)
-    return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], dtype=np.float32)
+
+def _needs_unicode(ds: Dataset) -> bool:
+    for element in ds:
+        if element.VR == "SQ":
+            if any(_needs_unicode(item) for item in element.value):
+                return True
+        elif element.VR in _TEXT_VRS and element.value is not None:
+            values = element.value if element.VM > 1 else [element.value]
+            if any(not str(v).isascii() for v in values):
+                return True
+    return False
 
 
 def encode(ds: Dataset) -> bytes:

@@ -50,6 +50,12 @@ CREATE TABLE IF NOT EXISTS outbox (
     last_error TEXT NOT NULL DEFAULT '',
     UNIQUE (sop_instance_uid, destination)
 );
+CREATE TABLE IF NOT EXISTS reports (
+    study_uid TEXT PRIMARY KEY,
+    report_path TEXT NOT NULL,
+    sop_instance_uid TEXT NOT NULL,
+    updated_at REAL NOT NULL
+);
 """
 
 STUDY_STATES = ("receiving", "complete", "analysed", "reported", "delivered", "skipped", "failed")
@@ -285,16 +291,33 @@ class StateStore:
 
     # --- GetStudy (gRPC) ---
 
-    def latest_report(self, study_uid: str) -> tuple[Path, str] | None:
-        """(path, SOP Instance UID) of the study's newest report queued for delivery, or None.
+    def record_report(self, study_uid: str, report_path: Path, sop_instance_uid: str) -> None:
+        """Remember the study's newest report (its English SR), whether or not it is sent
+        anywhere: what GetStudy and an operator read."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO reports (study_uid, report_path, sop_instance_uid, updated_at)"
+                " VALUES (?,?,?,?) ON CONFLICT(study_uid) DO UPDATE SET"
+                " report_path = excluded.report_path,"
+                " sop_instance_uid = excluded.sop_instance_uid, updated_at = excluded.updated_at",
+                (study_uid, str(report_path), sop_instance_uid, time.time()),
+            )
 
-        Read-only. A study analysed again gets a new report, so the newest row is the one that
-        describes every instance received so far.
+    def latest_report(self, study_uid: str) -> tuple[Path, str] | None:
+        """(path, SOP Instance UID) of the study's newest report, or None.
+
+        Read-only. A study analysed again gets a new report, which replaces the record. (A
+        state database from before the reports table knows reports only by their deliveries.)
         """
         with self._lock:
             row = self._db.execute(
-                "SELECT report_path, sop_instance_uid FROM outbox WHERE study_uid = ?"
-                " ORDER BY id DESC LIMIT 1",
+                "SELECT report_path, sop_instance_uid FROM reports WHERE study_uid = ?",
                 (study_uid,),
             ).fetchone()
+            if row is None:
+                row = self._db.execute(
+                    "SELECT report_path, sop_instance_uid FROM outbox WHERE study_uid = ?"
+                    " ORDER BY id DESC LIMIT 1",
+                    (study_uid,),
+                ).fetchone()
         return None if row is None else (Path(row[0]), str(row[1]))

@@ -13,6 +13,8 @@ command -v dciodvfy >/dev/null || need_pkgs+=(dicom3tools)
 command -v openssl >/dev/null || need_pkgs+=(openssl)
 # perf_analyzer (benchmarks/triton.py) links Debian's libb64.
 dpkg-query -W libb64-0d >/dev/null 2>&1 || need_pkgs+=(libb64-0d)  # ldconfig may not be on PATH
+# A Devanagari font, so that a Hindi report rendered by dsr2html (or any viewer) shows its text.
+dpkg-query -W fonts-lohit-deva >/dev/null 2>&1 || need_pkgs+=(fonts-lohit-deva)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -q

@@ -890,18 +890,22 @@ class InferenceService:
             if model is not None:
                 spec = next((f for f in model.findings if f.code.value == code.value), None)
             tracking = _text(items.get("112039"))
-            label = spec.label if spec else tracking.split(" (")[0]
+            label = spec.label if spec else tracking.rsplit(" ", 1)[0]
             probability = 0.0
             certainty = items.get("111012")
             if certainty is not None and certainty.get("MeasuredValueSequence"):
                 probability = float(certainty.MeasuredValueSequence[0].NumericValue)
+            threshold = spec.threshold if spec else 0.0
+            stated = items.get("122411")  # Threshold Value: the one the report applied
+            if stated is not None and stated.get("MeasuredValueSequence"):
+                threshold = float(stated.MeasuredValueSequence[0].NumericValue)
             presence = items.get(code.value)  # the qualitative evaluation named by the finding
             present = _coded(presence, "ConceptCodeSequence")
             finding = pb.Finding(
                 label=label,
                 code=code,
                 probability=probability,
-                threshold=spec.threshold if spec else 0.0,
+                threshold=threshold,
                 present=present is not None and present.value == "52101004",
             )
             scoord = items.get("111030")  # Image Region

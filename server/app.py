@@ -25,6 +25,7 @@ from nidaan.core.errors import ConfigError, InferenceError, NidaanError
 from nidaan.kernels import configure_cache, resolve_backend
 from nidaan.pacs_bridge.assembly import StudyAssembler
 from nidaan.pacs_bridge.audit import AuditLog
+from nidaan.pacs_bridge.languages import load_language
 from nidaan.pacs_bridge.outbox import Outbox
 from nidaan.pacs_bridge.receivers import Receivers
 from nidaan.pacs_bridge.routing import Router
@@ -32,7 +33,7 @@ from nidaan.pacs_bridge.scp import Limits, StorageSCP, StoreOutcome
 from nidaan.pacs_bridge.spool import Spool
 from nidaan.pacs_bridge.state import OutboxItem, StateStore
 from nidaan.pacs_bridge.tls import server_context
-from nidaan.pacs_bridge.uids import derived_uid, ref
+from nidaan.pacs_bridge.uids import node_uid, ref
 
 from .api import ApiLimits, ApiServer, InferenceService, server_credentials
 from .backends import create_backend
@@ -112,11 +113,16 @@ class NidaanServer:
             prepare_threads=self.decoder.workers,
         )
         self.router = Router(config, {m.name for m in self.models})
+        for peer in config.peers:  # a language without its file: ConfigError now, not per study
+            if peer.language:
+                load_language(peer.language)
         data = Path(config.storage.data_dir)
         self.spool = Spool(data)
         self.state = StateStore(data / "state.sqlite3")
         self.audit = AuditLog(data / "audit.jsonl")
-        self.device_uid = derived_uid("device", config.dicom.ae_title)
+        # One UID per installation, made once and kept in the data dir (TID 1004 Device
+        # Observer UID): an AE title is the same in every default installation.
+        self.device_uid = node_uid(data)
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._stop = threading.Event()
         self._busy_lock = threading.Lock()

@@ -15,7 +15,6 @@ with a message that names the model, the file and the problem.
 from __future__ import annotations
 
 import hashlib
-
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,19 @@ _CODING_SCHEMES = {"SCT", "DCM", "RADLEX", "LN", "UMLS", "99NIDAAN"}
 
 
 @dataclass(frozen=True)
+class OutlineRule:
+    """How a finding's heatmap blob is sharpened to the input's pixels (sidecar ``outline``).
+
+    The lesion is the connected set of pixels of input channel ``channel``, in display values
+    ([0, 1] after the VOI window, before ``mean``/``std``), above ``above`` that holds the blob's
+    strongest point, within the blob's cells grown by one cell.
+    """
+
+    channel: int
+    above: float
+
+
+@dataclass(frozen=True)
 class FindingSpec:
     """How one model output becomes a finding."""
 
@@ -38,7 +50,10 @@ class FindingSpec:
     index: int
     threshold: float
     code: CodedValue
+    #: Every blob of heatmap cells >= this fraction of the peak is a region of the finding.
     region_fraction: float = 0.5
+    #: Sharpen each region to the input's pixels (None: the heatmap cells' outline).
+    outline: OutlineRule | None = None
 
 
 @dataclass(frozen=True)
@@ -120,6 +135,25 @@ def _get(table: dict[str, Any], key: str, kind: type | tuple[type, ...], model: 
     if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
         raise _fail(model, f"nidaan.toml [{where}].{key} has the wrong type: {value!r}")
     return value
+
+
+def _outline_rule(value: Any, channels: int, model: str, where: str) -> OutlineRule | None:
+    """The ``outline = { channel, above }`` table of a ``[[findings]]`` entry, checked."""
+    if value is None:
+        return None
+    where = f"{where}.outline"
+    if not isinstance(value, dict):
+        raise _fail(model, f"nidaan.toml {where} must be a table {{ channel, above }}")
+    unknown = sorted(set(value) - {"channel", "above"})
+    if unknown:
+        raise _fail(model, f"nidaan.toml {where} has unknown keys {unknown}")
+    channel = _get(value, "channel", int, model, where)
+    above = float(_get(value, "above", (int, float), model, where))
+    if not 0 <= channel < channels:
+        raise _fail(model, f"{where}.channel {channel} is outside the input's {channels} channels")
+    if not 0.0 <= above < 1.0:
+        raise _fail(model, f"{where}.above {above} is outside the display range [0, 1)")
+    return OutlineRule(channel, above)
 
 
 def _load_config_pbtxt(path: Path, model: str) -> Any:
@@ -247,7 +281,10 @@ def load_model(directory: Path, *, check_onnx: bool = True) -> ModelSpec:
             threshold=float(_get(f, "threshold", (int, float), model, where)),
             code=coded,
             region_fraction=float(f.get("region_fraction", 0.5)),
+            outline=_outline_rule(f.get("outline"), input_spec.channels, model, where),
         )
+        if not 0 < spec.region_fraction <= 1:
+            raise _fail(model, f"{where}.region_fraction {spec.region_fraction} is outside (0, 1]")
         if not 0 <= spec.index < n_classes:
             raise _fail(model, f"{where}.index {spec.index} is outside the {n_classes} outputs")
         if not 0 < spec.threshold < 1:
@@ -299,7 +336,7 @@ def load_model(directory: Path, *, check_onnx: bool = True) -> ModelSpec:
             trained_on_synthetic_data=bool(meta.get("trained_on_synthetic_data", False)),
             model=model,
             digest=_sha256(onnx_path),
-            intended_use=str(meta.get("intended_use", "")),
+            intended_use=_intended_use(model, meta.get("intended_use", {})),
         ),
         accepts=accepts,
         input=input_spec,
@@ -346,3 +383,16 @@ def _sha256(path: Path) -> str:
     except OSError:
         return ""
     return digest.hexdigest()
+
+
+def _intended_use(model: str, value: Any) -> tuple[tuple[str, str], ...]:
+    """``[model.intended_use]``: one statement per language tag (a plain string is English)."""
+    if isinstance(value, str):
+        value = {"en": value} if value else {}
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise _fail(model, "model.intended_use must be a string or a table of language = text")
+    if value and "en" not in value:
+        raise _fail(model, "model.intended_use needs an English statement (en)")
+    return tuple(
+        sorted(((str(k), v.strip()) for k, v in value.items()), key=lambda kv: kv[0] != "en")
+    )

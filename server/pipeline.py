@@ -24,12 +24,12 @@ from pydicom.dataset import Dataset
 
 from nidaan.core.attributes import text
 from nidaan.core.errors import InputError
-from nidaan.core.findings import BoundingBox, Finding, ImageAnalysis
-from nidaan.kernels import InputLayout, Placement, peak_region, preprocess, to_host
+from nidaan.core.findings import Finding, ImageAnalysis, Outline
+from nidaan.kernels import InputLayout, Placement, preprocess, refine_outline, regions, to_host
 
 from .decode import decode, is_image
 from .inference import InferenceBackend, is_device_array, stack
-from .model_repository import ModelSpec
+from .model_repository import FindingSpec, ModelSpec
 
 if TYPE_CHECKING:
     from .decode_pool import DecodePool
@@ -44,6 +44,42 @@ class Prepared:
 
     tensor: np.ndarray
     placement: Placement
+
+
+def outlines_of(
+    heatmap: np.ndarray, spec: FindingSpec, model: ModelSpec, prepared: Prepared
+) -> tuple[Outline, ...]:
+    """A present finding's regions on one image, strongest first.
+
+    Every connected blob of heatmap cells >= ``spec.region_fraction`` x the heatmap's peak is
+    one region, outlined in source pixels. With the sidecar's ``outline`` rule the outline is
+    sharpened to the input tensor's pixels (``refine_outline``; the tensor back in display
+    values, ``tensor * std + mean``), and stays the heatmap cells' outline where that finds
+    nothing.
+    """
+    hm = np.asarray(heatmap, dtype=np.float64)
+    if hm.ndim != 2 or hm.size == 0 or not np.isfinite(hm).all():
+        return ()
+    peak = float(hm.max())
+    blobs = regions(hm, prepared.placement, peak * spec.region_fraction)
+    channel = None
+    if spec.outline is not None and blobs:
+        tensor = to_host(prepared.tensor)
+        i = model.input
+        channel = np.asarray(tensor[spec.outline.channel], dtype=np.float64) * i.std + i.mean
+    out = []
+    for blob in blobs:
+        points = blob.outline
+        if channel is not None and spec.outline is not None:
+            refined = refine_outline(
+                channel, hm.shape, blob, prepared.placement, spec.outline.above
+            )
+            points = refined or points
+        try:
+            out.append(Outline(points, blob.peak))
+        except ValueError:  # degenerate after clipping to the image: no area to show
+            continue
+    return tuple(out)
 
 
 def layout_of(model: ModelSpec) -> InputLayout:
@@ -191,10 +227,11 @@ class Pipeline:
                 findings = []
                 for spec in model.findings:
                     prob = float(np.clip(probs[n, spec.index], 0.0, 1.0))
-                    region = None
+                    outlines: tuple[Outline, ...] = ()
                     if heat is not None and prob >= spec.threshold:
-                        box = peak_region(heat[n, spec.index], p.placement, spec.region_fraction)
-                        region = BoundingBox(*box) if box else None
-                    findings.append(Finding(spec.label, spec.code, prob, spec.threshold, region))
+                        outlines = outlines_of(heat[n, spec.index], spec, model, p)
+                    findings.append(
+                        Finding(spec.label, spec.code, prob, spec.threshold, outlines=outlines)
+                    )
                 results.append(ImageAnalysis(model.algorithm, ds, tuple(findings)))
         return results

@@ -17,15 +17,32 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from nidaan.core.config import SOURCE, Config
 from nidaan.core.errors import InputError
-from nidaan.core.findings import ImageAnalysis
+from nidaan.core.findings import ImageAnalysis, ReportedFinding
 from nidaan.pacs_bridge.audit import AuditLog
-from nidaan.pacs_bridge.reports import build_report, encode, report_key, report_uids
+from nidaan.pacs_bridge.lesions import group_findings
+from nidaan.pacs_bridge.overlays import (
+    build_presentation_states,
+    build_secondary_captures,
+    build_segmentations,
+    overlay_uids,
+)
+from nidaan.pacs_bridge.reports import (
+    MANUFACTURER,
+    MODEL_NAME,
+    build_report,
+    encode,
+    report_key,
+    report_uids,
+    serial_number,
+    software_version,
+)
 from nidaan.pacs_bridge.routing import Router
 from nidaan.pacs_bridge.spool import FileChunks, Spool, atomic_write
 from nidaan.pacs_bridge.state import StateStore
@@ -126,19 +143,11 @@ class Studies:
             return
         self.state.set_study_state(study_uid, "analysed", note)
         log.info("study %s analysed: %s", ref(study_uid), _summary(analyses))
-        # The report UIDs derive from the study, the models' versions and the analysed
-        # instances, so a re-sent report is the same object and never duplicates in the PACS.
-        series_uid, sop_uid = report_uids(study_uid, report_key(analyses, paths))
-        report = build_report(
-            analyses,
-            series_instance_uid=series_uid,
-            sop_instance_uid=sop_uid,
-            series_number=self.config.reports.series_number,
-            device_observer_uid=self.device_uid,
-            institution_name=self.config.reports.institution_name or None,
-        )
-        path = self.spool.reports_dir / f"{sop_uid}.dcm"
-        atomic_write(path, [encode(report)])
+        findings = group_findings(analyses)
+        key = report_key(analyses, paths)
+        # The English report is always written and recorded (GetStudy reads it), sent or not.
+        path, sop_uid = self._write_report(study_uid, analyses, findings, key, "")
+        self.state.record_report(study_uid, path, sop_uid)
         named = [d for dec in decisions.values() if dec is not None for d in dec.destinations]
         destinations = self.destinations(calling_ae, named)
         if not destinations:
@@ -149,11 +158,46 @@ class Studies:
             )
             log.warning("study %s reported but no destination is configured", ref(study_uid))
             return
+        objects = ResultObjects(self, study_uid, analyses, findings, key, paths)
+        objects.made("sr", "", path, sop_uid)
         for dest in destinations:
-            self.state.enqueue(study_uid, path, sop_uid, dest)
+            peer = self.config.peer(dest)
+            assert peer is not None  # destinations() keeps configured peers only
+            for kind in peer.objects:
+                for obj_path, obj_uid in objects.get(kind, peer.language):
+                    self.state.enqueue(study_uid, obj_path, obj_uid, dest)
         self.state.set_study_state(study_uid, "reported", note)
         self.metrics.studies.labels("reported").inc()
         self._wake_outbox()
+
+    def _write_report(
+        self,
+        study_uid: str,
+        analyses: list[ImageAnalysis],
+        findings: list[ReportedFinding],
+        key: str,
+        language: str,
+    ) -> tuple[Path, str]:
+        """Build the study's SR (with ``language`` beside English) into the reports folder; its
+        path and SOP Instance UID. The UIDs derive from the study, the models' versions, the
+        analysed instances and the language, so a re-sent report is the same object and never
+        duplicates in the PACS."""
+        series_uid, sop_uid = report_uids(
+            study_uid, key + (f"|lang={language}" if language else "")
+        )
+        report = build_report(
+            analyses,
+            findings=findings,
+            series_instance_uid=series_uid,
+            sop_instance_uid=sop_uid,
+            series_number=self.config.reports.series_number,
+            device_observer_uid=self.device_uid,
+            institution_name=self.config.reports.institution_name or None,
+            language=language,
+        )
+        path = self.spool.reports_dir / f"{sop_uid}.dcm"
+        atomic_write(path, [encode(report)])
+        return path, sop_uid
 
     def _image_failed(self, study_uid: str, ds: Dataset, path: Path, exc: InputError) -> None:
         """An acknowledged image that cannot be analysed: kept in quarantine with the reason (the
@@ -220,6 +264,7 @@ class Studies:
         """The SR a gRPC request asked for (the same TID 1500 report the PACS would get)."""
         key = report_key(analyses, (str(a.source.SOPInstanceUID) for a in analyses))
         series_uid, sop_uid = report_uids(study_uid, "grpc|" + key)
+        # The same findings and Tracking UIDs as the DICOM route's report of the same study.
         try:
             report = build_report(
                 analyses,
@@ -259,3 +304,101 @@ def _summary(analyses: list[ImageAnalysis]) -> str:
         )
         for a in analyses
     )
+
+
+class ResultObjects:
+    """A reported study's result objects, each made the first time a destination asks for it:
+    the SR per language, and the Segmentations, presentation states and Secondary Captures of
+    its regions (``[[peers]] objects``)."""
+
+    def __init__(
+        self,
+        studies: Studies,
+        study_uid: str,
+        analyses: list[ImageAnalysis],
+        findings: list[ReportedFinding],
+        key: str,
+        paths: dict[str, Path],
+    ) -> None:
+        self._studies = studies
+        self._study_uid = study_uid
+        self._analyses = analyses
+        self._findings = findings
+        self._key = key
+        self._paths = paths
+        self._made: dict[tuple[str, str], list[tuple[Path, str]]] = {}
+        self._full: dict[str, Dataset] | None = None
+
+    def get(self, kind: str, language: str) -> list[tuple[Path, str]]:
+        """(path, SOP Instance UID) of each object of ``kind`` ('sr', 'seg', 'gsps', 'sc');
+        ``language`` matters to the SR only."""
+        slot = (kind, language if kind == "sr" else "")
+        if slot not in self._made:
+            self._made[slot] = self._make(kind, slot[1])
+        return self._made[slot]
+
+    def made(self, kind: str, language: str, path: Path, sop_uid: str) -> None:
+        """Record an object made already (the English SR)."""
+        self._made[(kind, language)] = [(path, sop_uid)]
+
+    def _make(self, kind: str, language: str) -> list[tuple[Path, str]]:
+        s = self._studies
+        if kind == "sr":
+            return [
+                s._write_report(
+                    self._study_uid, self._analyses, self._findings, self._key, language
+                )
+            ]
+        drawable = [f for f in self._findings if f.present and f.parts]
+        if not drawable:
+            return []  # nothing to draw: the SR says so
+        images = self._images(drawable)
+        key = f"{self._study_uid}|{self._key}"
+        common: dict[str, Any] = {
+            "software_versions": software_version(),
+            "manufacturer": MANUFACTURER,
+            "manufacturer_model_name": MODEL_NAME,
+        }
+        series = sorted({str(images[u].SeriesInstanceUID) for u in images})
+        made: Sequence[Dataset]
+        if kind == "seg":
+            series_uid, uids = overlay_uids("seg", key, series)
+            made = build_segmentations(
+                drawable,
+                images,
+                series_instance_uid=series_uid,
+                sop_instance_uids=uids,
+                device_serial_number=serial_number(s.device_uid),
+                **common,
+            )
+        elif kind == "gsps":
+            series_uid, uids = overlay_uids("pr", key, series)
+            made = build_presentation_states(
+                drawable,
+                images,
+                series_instance_uid=series_uid,
+                sop_instance_uids=uids,
+                device_serial_number=serial_number(s.device_uid),
+                **common,
+            )
+        elif kind == "sc":
+            series_uid, uids = overlay_uids("sc", key, sorted(images))
+            made = build_secondary_captures(
+                drawable, images, series_instance_uid=series_uid, sop_instance_uids=uids, **common
+            )
+        else:
+            raise ValueError(f"unknown result object {kind!r}")
+        out = []
+        for ds in made:
+            path = s.spool.reports_dir / f"{ds.SOPInstanceUID}.dcm"
+            atomic_write(path, [encode(ds)])
+            out.append((path, str(ds.SOPInstanceUID)))
+        return out
+
+    def _images(self, drawable: list[ReportedFinding]) -> dict[str, Dataset]:
+        """The full source data sets (pixels too) of the images the regions are on, read once
+        for every kind of region object."""
+        if self._full is None:
+            wanted = {str(p.source.SOPInstanceUID) for f in drawable for p in f.parts}
+            self._full = {uid: dcmread(self._paths[uid]) for uid in sorted(wanted)}
+        return self._full

@@ -113,8 +113,19 @@ def synthetic_ct_series(
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         ds.InstanceNumber = k + 1
-        if patient is not None:
-            for kw in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex"):
+        if patient is not None:  # one patient's study: its Patient and General Study modules
+            for kw in (
+                "PatientName",
+                "PatientID",
+                "PatientBirthDate",
+                "PatientSex",
+                "StudyID",
+                "StudyDate",
+                "StudyTime",
+                "AccessionNumber",
+                "ReferringPhysicianName",
+                "StudyDescription",
+            ):
                 setattr(ds, kw, patient.get(kw, ""))
         ds.ImagePositionPatient = [-250.0, -250.0, -100.0 - 5.0 * k]
         ds.SliceLocation = -100.0 - 5.0 * k

@@ -30,7 +30,7 @@ from peers import (
 )
 from srutil import codes, dciodvfy_errors, dsrdump_ok, evidence, graphics, numbers, texts
 
-NODULE, TB = "786838002", "154283005"
+NODULE, TB = "786838002", "112033"
 
 
 @dataclass

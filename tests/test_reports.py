@@ -10,21 +10,41 @@ import highdicom as hd
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
-from pydicom.sr.codedict import codes as dcm_codes
 from pydicom.uid import generate_uid
 
-from nidaan.core.findings import AlgorithmInfo, BoundingBox, CodedValue, Finding, ImageAnalysis
-from nidaan.pacs_bridge.reports import NOT_FOR_DIAGNOSIS, build_report, report_uids
+from nidaan.core.findings import (
+    AlgorithmInfo,
+    BoundingBox,
+    CodedValue,
+    Finding,
+    ImageAnalysis,
+    Outline,
+)
+from nidaan.pacs_bridge.languages import available, load_language
+from nidaan.pacs_bridge.reports import (
+    NOT_FOR_DIAGNOSIS,
+    algorithm_device_uid,
+    build_report,
+    report_uids,
+    software_version,
+)
+from nidaan.pacs_bridge.uids import node_uid
 
 from peers import need
-from srutil import codes, dsrdump_ok, graphics, numbers, texts, walk
+from srutil import dsrdump_ok, graphics, texts, walk
 
 SYNTHETIC = AlgorithmInfo(
-    "Demo CXR screen", "0.1.0", "Nidaan project", trained_on_synthetic_data=True
+    "Demo CXR screen",
+    "0.1.0",
+    "Nidaan project",
+    trained_on_synthetic_data=True,
+    model="cxr_demo",
+    digest="ab" * 32,
+    intended_use=(("en", "A demonstration only."), ("hi", "केवल एक प्रदर्शन।")),
 )
 VALIDATED = AlgorithmInfo("Validated model", "2.0", "Vendor", trained_on_synthetic_data=False)
 NODULE = CodedValue("786838002", "SCT", "Pulmonary nodule")
-TB = CodedValue("154283005", "SCT", "Pulmonary tuberculosis")
+TB = CodedValue("112033", "DCM", "Abnormal opacity")
 BOX = BoundingBox(100.5, 200.0, 300.0, 420.25)
 #: The closed 5-point POLYLINE the box must become, (column, row) pairs in source pixels.
 BOX_POLYLINE = [100.5, 200.0, 300.0, 200.0, 300.0, 420.25, 100.5, 420.25, 100.5, 200.0]
@@ -49,7 +69,7 @@ def _findings(region_on_absent: BoundingBox | None = None) -> tuple[Finding, Fin
 
 
 def _build(
-    analyses: list[ImageAnalysis], key: str = "demo@0.1.0"
+    analyses: list[ImageAnalysis], key: str = "demo@0.1.0", language: str = ""
 ) -> tuple[hd.sr.Comprehensive3DSR, str, str]:
     series, sop = report_uids(str(analyses[0].source.StudyInstanceUID), key)
     sr = build_report(
@@ -58,6 +78,7 @@ def _build(
         sop_instance_uid=sop,
         device_observer_uid=DEVICE_UID,
         institution_name="Test Hospital",
+        language=language,
     )
     return sr, series, sop
 
@@ -92,6 +113,37 @@ def _other_image(source: pydicom.Dataset) -> pydicom.Dataset:
     return other
 
 
+def _groups(sr: pydicom.Dataset) -> list[pydicom.Dataset]:
+    """The measurement groups under "Imaging Measurements" (126010, DCM)."""
+    (container,) = [
+        i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010"
+    ]
+    return list(container.ContentSequence)
+
+
+def _statements(sr: pydicom.Dataset) -> list[pydicom.Dataset]:
+    """TEXT items of the root "Qualitative Evaluations" container (C0034375, UMLS)."""
+    (container,) = [
+        i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "C0034375"
+    ]
+    return list(container.ContentSequence)
+
+
+def _language_of(item: pydicom.Dataset) -> str:
+    """The RFC 5646 tag of an item's own Language of Content Item modifier ('' if none)."""
+    for child in item.get("ContentSequence", []):
+        if child.ConceptNameCodeSequence[0].CodeValue == "121049":
+            return str(child.ConceptCodeSequence[0].CodeValue)
+    return ""
+
+
+def _group_items(group: pydicom.Dataset) -> dict[str, list[pydicom.Dataset]]:
+    out: dict[str, list[pydicom.Dataset]] = {}
+    for item in walk(group):
+        out.setdefault(str(item.ConceptNameCodeSequence[0].CodeMeaning), []).append(item)
+    return out
+
+
 def test_report_is_a_new_series_in_the_source_study(source: pydicom.Dataset) -> None:
     sr, series, sop = _report(source)
     assert sr.SOPClassUID == pydicom.uid.Comprehensive3DSRStorage
@@ -101,7 +153,10 @@ def test_report_is_a_new_series_in_the_source_study(source: pydicom.Dataset) -> 
     assert (sr.SeriesInstanceUID, sr.SOPInstanceUID) == (series, sop)
     assert sr.SeriesInstanceUID != source.SeriesInstanceUID
     assert (sr.SeriesNumber, sr.InstanceNumber) == (9901, 1)
-    assert sr.Modality == "SR" and sr.Manufacturer == "Nidaan"
+    assert sr.Modality == "SR" and sr.Manufacturer == "Nidaan project"
+    assert sr.ManufacturerModelName == "Nidaan inference server"
+    assert sr.SoftwareVersions == software_version() and sr.SoftwareVersions
+    assert sr.DeviceSerialNumber.startswith("NDN-")
     assert "AI" in sr.SeriesDescription and NOT_FOR_DIAGNOSIS in sr.SeriesDescription
     assert sr.InstitutionName == "Test Hospital"
     # An AI result nobody has confirmed (PS3.3 C.17.2).
@@ -119,70 +174,200 @@ def test_report_is_a_new_series_in_the_source_study(source: pydicom.Dataset) -> 
     assert ref.ReferencedSOPClassUID == source.SOPClassUID
 
 
-def test_report_says_what_was_found_where_and_by_which_algorithm(
+def test_the_algorithm_is_contributing_equipment_with_a_device_uid_of_its_model(
+    source: pydicom.Dataset,
+) -> None:
+    """AIR 6.5.3.1: one item per model, Purpose of Reference (Newcode1, 99IHE), and a Device UID
+    that changes with the model file; not the source's scanner or institution."""
+    sr, _, _ = _report(source)
+    (item,) = sr.ContributingEquipmentSequence
+    (purpose,) = item.PurposeOfReferenceCodeSequence
+    assert (purpose.CodeValue, purpose.CodingSchemeDesignator, purpose.CodeMeaning) == (
+        "Newcode1",
+        "99IHE",
+        "Processing Algorithm",
+    )
+    assert item.Manufacturer == SYNTHETIC.manufacturer
+    assert item.ManufacturerModelName == SYNTHETIC.name
+    assert item.SoftwareVersions == SYNTHETIC.version
+    assert item.DeviceUID == algorithm_device_uid(SYNTHETIC)
+    assert SYNTHETIC.digest in item.ContributionDescription
+    assert "InstitutionName" not in item
+    retrained = AlgorithmInfo(**{**SYNTHETIC.__dict__, "digest": "cd" * 32})
+    assert algorithm_device_uid(retrained) != algorithm_device_uid(SYNTHETIC)
+    assert pydicom.uid.UID(item.DeviceUID).is_valid
+
+
+def test_each_group_states_finding_probability_threshold_and_region(
     source: pydicom.Dataset,
 ) -> None:
     sr, _, _ = _report(source)
-    assert {NODULE.value, TB.value, PRESENT[0], ABSENT[0]} <= codes(sr)
-    assert sorted(numbers(sr)) == [0.12, 0.91]
-    assert graphics(sr) == [BOX_POLYLINE]
-    said = texts(sr)
-    assert {SYNTHETIC.name, SYNTHETIC.version, SYNTHETIC.manufacturer} <= set(said)
-    assert any(NOT_FOR_DIAGNOSIS in t for t in said)
-    # The device observer (TID 1004) names Nidaan.
-    name = dcm_codes.DCM.DeviceObserverName.value
-    observer = [i for i in walk(sr) if i.ConceptNameCodeSequence[0].CodeValue == name]
-    assert [i.TextValue for i in observer] == ["Nidaan"]
-    # The region is on the source image, and every reference in the tree is to the source.
-    sop_refs = {
-        r.ReferencedSOPInstanceUID for i in walk(sr) for r in i.get("ReferencedSOPSequence", [])
-    }
-    assert sop_refs == {source.SOPInstanceUID}
-
-
-def test_report_reads_back_as_tid_1500_groups(source: pydicom.Dataset, tmp_path: Path) -> None:
-    """highdicom parses the written file into the intended TID 1410 and TID 1501 groups."""
-    sr, _, _ = _report(source)
-    back = hd.sr.srread(_save(sr, tmp_path / "sr.dcm"))
-    report = back.content
-    assert isinstance(report, hd.sr.MeasurementReport)
-    (roi,) = report.get_planar_roi_measurement_groups()
-    (image,) = report.get_image_measurement_groups()
-    for group, code, probability, evaluation in (
-        (roi, NODULE, 0.91, PRESENT),
-        (image, TB, 0.12, ABSENT),
+    groups = _groups(sr)
+    assert len(groups) == 2  # the nodule (present, with its region) and tb's absence
+    nodule, tb = (_group_items(g) for g in groups)
+    for items, code, probability, evaluation in (
+        (nodule, NODULE, 0.91, PRESENT),
+        (tb, TB, 0.12, ABSENT),
     ):
-        assert group.finding_type is not None and group.finding_type.value == code.value
-        (measurement,) = group.get_measurements(name=dcm_codes.DCM.CertaintyOfFinding)
-        assert measurement.value == pytest.approx(probability)
-        assert measurement.unit.value == "1"
-        concept = hd.sr.CodedConcept(code.value, code.scheme, code.meaning)
-        (qual,) = group.get_qualitative_evaluations(name=concept)
-        answer = qual[0].ConceptCodeSequence[0]  # highdicom types .value as a number
+        (finding,) = items["Finding"]
+        assert finding.ConceptCodeSequence[0].CodeValue == code.value
+        (certainty,) = items["Certainty of Finding"]
+        assert float(certainty.MeasuredValueSequence[0].NumericValue) == pytest.approx(probability)
+        assert certainty.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue == "1"
+        (threshold,) = items["Threshold Value"]
+        assert float(threshold.MeasuredValueSequence[0].NumericValue) == pytest.approx(0.5)
+        (qual,) = items[code.meaning]
+        answer = qual.ConceptCodeSequence[0]
         assert (answer.CodeValue, answer.CodingSchemeDesignator) == evaluation
-        # TID 4019 in each group: name, version and manufacturer as TEXT items.
-        said = {
-            i.ConceptNameCodeSequence[0].CodeMeaning: i.TextValue
-            for i in group[0].ContentSequence
-            if i.ValueType == "TEXT"
-        }
-        assert said["Algorithm Name"] == SYNTHETIC.name
-        assert said["Algorithm Version"] == SYNTHETIC.version
-        assert said["Algorithm Manufacturer"] == SYNTHETIC.manufacturer
-        assert NOT_FOR_DIAGNOSIS in said["Algorithm Parameters"]
-    assert roi.roi is not None
-    assert roi.roi.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
-    assert roi.roi.value.ravel().tolist() == BOX_POLYLINE
-    assert roi.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == (
+        params = [i.TextValue for i in items["Algorithm Parameters"]]
+        assert any("operating threshold 0.5" in p for p in params)
+        assert any(NOT_FOR_DIAGNOSIS in p for p in params)
+        assert [i.TextValue for i in items["Algorithm Name"]] == [SYNTHETIC.name]
+    (region,) = nodule["Image Region"]
+    assert list(map(float, region.GraphicData)) == BOX_POLYLINE
+    assert region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == (
         source.SOPInstanceUID
     )
-    assert image.source_images[0].referenced_sop_instance_uid == source.SOPInstanceUID
+    assert "Image Region" not in tb  # an absence has no region
+    assert [i.TextValue for i in nodule["Tracking Identifier"]] == ["Pulmonary nodule 1"]
 
 
-def test_dciodvfy_finds_no_errors(source: pydicom.Dataset, tmp_path: Path) -> None:
+def test_the_report_says_not_for_diagnosis_and_the_intended_use_as_content(
+    source: pydicom.Dataset,
+) -> None:
+    sr, _, _ = _report(source)
+    said = [str(i.TextValue) for i in _statements(sr)]
+    assert said[0].startswith("AI findings present: Pulmonary nodule 1: probability 0.91")
+    assert NOT_FOR_DIAGNOSIS in said
+    assert "Intended use of Demo CXR screen: A demonstration only." in said
+    assert any("at or above the model's operating threshold" in t for t in said)
+    assert not any("प्रदर्शन" in t for t in said)  # English only unless a language is asked for
+
+
+def test_absent_is_stated_once_per_study_and_model(source: pydicom.Dataset) -> None:
+    other = _other_image(source)
+    absent = (Finding("tb", TB, 0.2, 0.5), Finding("nodule", NODULE, 0.1, 0.5))
+    sr, _, _ = _build(
+        [ImageAnalysis(SYNTHETIC, source, absent), ImageAnalysis(SYNTHETIC, other, absent)]
+    )
+    groups = [_group_items(g) for g in _groups(sr)]
+    assert len(groups) == 2  # one absence per finding, not one per image
+    for items in groups:
+        refs = {
+            r.ReferencedSOPInstanceUID
+            for i in items["Source of Measurement"]
+            for r in i.ReferencedSOPSequence
+        }
+        assert refs == {source.SOPInstanceUID, other.SOPInstanceUID}
+    said = [str(i.TextValue) for i in _statements(sr)]
+    assert said[0] == "No AI finding present at the models' operating thresholds."
+
+
+def test_two_regions_on_one_image_are_two_lesions(source: pydicom.Dataset) -> None:
+    upper = Outline(((100.0, 100.0), (200.0, 100.0), (150.0, 180.0), (100.0, 100.0)), 0.9)
+    lower = Outline.from_box(BoundingBox(300.0, 900.0, 380.0, 990.0), 0.7)
+    finding = Finding("nodule", NODULE, 0.8, 0.5, outlines=(lower, upper))
+    sr, _, _ = _build([ImageAnalysis(SYNTHETIC, source, (finding,))])
+    groups = [_group_items(g) for g in _groups(sr)]
+    assert [g["Tracking Identifier"][0].TextValue for g in groups] == [
+        "Pulmonary nodule 1",
+        "Pulmonary nodule 2",
+    ]
+    assert [len(g["Image Region"]) for g in groups] == [1, 1]
+    # Anatomical order on a 2-D image: top first, whatever order the model gave them in.
+    assert [list(map(float, g["Image Region"][0].GraphicData))[:2] for g in groups] == [
+        [100.0, 100.0],
+        [300.0, 900.0],
+    ]
+
+
+def test_tracking_uids_belong_to_the_finding_not_to_the_report(source: pydicom.Dataset) -> None:
+    """The same finding of the same study has the same Tracking UID in another report of it
+    (another route's, another revision's), and different findings have different ones."""
+    analyses = [ImageAnalysis(SYNTHETIC, source, _findings())]
+    first, _, _ = _build(analyses, key="dicom-route")
+    second, _, _ = _build(analyses, key="grpc-route")
+    assert first.SOPInstanceUID != second.SOPInstanceUID
+
+    def tracking(sr: pydicom.Dataset) -> list[str]:
+        return [str(g["Tracking Unique Identifier"][0].UID) for g in map(_group_items, _groups(sr))]
+
+    assert tracking(first) == tracking(second)
+    assert len(set(tracking(first))) == 2
+    other_study = copy.deepcopy(source)
+    other_study.StudyInstanceUID = generate_uid()
+    third, _, _ = _build([ImageAnalysis(SYNTHETIC, other_study, _findings())])
+    assert not set(tracking(third)) & set(tracking(first))
+
+
+def test_image_library_lists_every_analysed_image(source: pydicom.Dataset) -> None:
+    other = _other_image(source)
+    sr, _, _ = _build(
+        [
+            ImageAnalysis(SYNTHETIC, source, _findings()),
+            ImageAnalysis(SYNTHETIC, other, _findings()),
+        ]
+    )
+    (library,) = [
+        i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "111028"
+    ]
+    refs = {
+        r.ReferencedSOPInstanceUID
+        for i in walk(library)
+        for r in i.get("ReferencedSOPSequence", [])
+    }
+    assert refs == {source.SOPInstanceUID, other.SOPInstanceUID}
+
+
+def test_a_second_language_is_added_beside_english_in_utf8(
+    source: pydicom.Dataset, tmp_path: Path
+) -> None:
+    sr, _, _ = _build([ImageAnalysis(SYNTHETIC, source, _findings())], language="hi")
+    assert sr.SpecificCharacterSet == "ISO_IR 192"
+    statements = _statements(sr)
+    english = [str(i.TextValue) for i in statements if _language_of(i) == ""]
+    hindi = [str(i.TextValue) for i in statements if _language_of(i) == "hi"]
+    assert english and hindi
+    assert hindi[0].startswith("एआई द्वारा पाए गए निष्कर्ष: फेफड़े की गांठ (पल्मोनरी नोड्यूल) 1")
+    assert "निदान के लिए नहीं" in hindi
+    assert any("केवल एक प्रदर्शन।" in t for t in hindi)
+    back = pydicom.dcmread(_save(sr, tmp_path / "hi.dcm"))
+    assert [str(i.TextValue) for i in _statements(back)] == english + hindi
+    assert not sr_has_question_marks(back)
+
+
+def sr_has_question_marks(sr: pydicom.Dataset) -> bool:
+    """Text that lost its characters on the way ("????") is the failure this guards against."""
+    return any("??" in t for t in texts(sr))
+
+
+def test_an_english_report_of_latin1_names_is_utf8_too(source: pydicom.Dataset) -> None:
+    latin = copy.deepcopy(source)
+    latin.SpecificCharacterSet = "ISO_IR 100"
+    latin.PatientName = "Müller^Jörg"
+    sr, _, _ = _build([ImageAnalysis(SYNTHETIC, latin, _findings())])
+    assert sr.SpecificCharacterSet == "ISO_IR 192"
+    assert str(sr.PatientName) == "Müller^Jörg"
+    plain, _, _ = _report(source)
+    assert "SpecificCharacterSet" not in plain or plain.SpecificCharacterSet in ("", "ISO_IR 6")
+
+
+def test_every_shipped_language_has_every_text(source: pydicom.Dataset) -> None:
+    english = load_language("en")
+    assert "hi" in available()
+    for tag in available():
+        language = load_language(tag)
+        assert set(language.terms) == set(english.terms), tag
+        assert set(language.findings) == set(english.findings), tag
+        _build([ImageAnalysis(SYNTHETIC, source, _findings())], language=tag)
+
+
+@pytest.mark.parametrize("language", ["", "hi"])
+def test_dciodvfy_finds_no_errors(source: pydicom.Dataset, tmp_path: Path, language: str) -> None:
     """dicom3tools' IOD checker: no line with "Error" (it exits 1 and prints them on errors)."""
     exe = need("dciodvfy")  # fails under CI=true, skips elsewhere, naming Debian dicom3tools
-    path = _save(_report(source)[0], tmp_path / "sr.dcm")
+    sr, _, _ = _build([ImageAnalysis(SYNTHETIC, source, _findings())], language=language)
+    path = _save(sr, tmp_path / "sr.dcm")
     run = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=120)
     errors = [line for line in (run.stdout + run.stderr).splitlines() if "Error" in line]
     assert errors == [], "\n".join(errors)
@@ -191,6 +376,16 @@ def test_dciodvfy_finds_no_errors(source: pydicom.Dataset, tmp_path: Path) -> No
 
 def test_dsrdump_reads_the_report(source: pydicom.Dataset, tmp_path: Path) -> None:
     assert dsrdump_ok(_save(_report(source)[0], tmp_path / "sr.dcm"))
+
+
+def test_dsr2html_renders_the_hindi_text(source: pydicom.Dataset, tmp_path: Path) -> None:
+    sr, _, _ = _build([ImageAnalysis(SYNTHETIC, source, _findings())], language="hi")
+    path = _save(sr, tmp_path / "hi.dcm")
+    run = subprocess.run([need("dsr2html"), "+Cr", str(path)], capture_output=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    html = run.stdout.decode("utf-8")
+    assert "charset=UTF-8" in html or "charset=utf-8" in html
+    assert "निदान के लिए नहीं" in html
 
 
 def test_a_validated_model_report_carries_no_not_for_diagnosis_mark(
@@ -218,17 +413,35 @@ def test_one_report_covers_several_images_and_algorithms(source: pydicom.Dataset
         for ref in series.ReferencedSOPSequence
     }
     assert refs == {source.SOPInstanceUID, other.SOPInstanceUID}
-    groups = sr.ContentSequence[-1].ContentSequence  # "Imaging Measurements"
-    assert len(groups) == 3
+    # SYNTHETIC: nodule present on one image, tb absent on it; VALIDATED: tb present.
+    assert len(_groups(sr)) == 3
+    assert len(sr.ContributingEquipmentSequence) == 2
     tracking = [i.UID for i in walk(sr) if i.ValueType == "UIDREF" and "UID" in i]
     assert len(set(tracking)) == len(tracking)
 
 
-def test_a_region_on_an_absent_finding_is_kept(source: pydicom.Dataset) -> None:
-    box = BoundingBox(10, 20, 30, 40)
-    sr, _, _ = _build([ImageAnalysis(SYNTHETIC, source, _findings(region_on_absent=box))])
-    assert len(graphics(sr)) == 2
-    assert [10.0, 20.0, 30.0, 20.0, 30.0, 40.0, 10.0, 40.0, 10.0, 20.0] in graphics(sr)
+def test_study_attributes_come_from_whichever_image_has_them(source: pydicom.Dataset) -> None:
+    """A CR with an accession number and an image without one: the report has the number;
+    two different numbers: refused, naming the attribute (not the values)."""
+    without = _other_image(source)
+    without.AccessionNumber = ""
+    sr, _, _ = _build(
+        [
+            ImageAnalysis(SYNTHETIC, without, _findings()),
+            ImageAnalysis(SYNTHETIC, source, _findings()),
+        ]
+    )
+    assert sr.AccessionNumber == source.AccessionNumber and source.AccessionNumber
+    differing = _other_image(source)
+    differing.AccessionNumber = "OTHER123"
+    with pytest.raises(ValueError, match="disagree on AccessionNumber") as caught:
+        _build(
+            [
+                ImageAnalysis(SYNTHETIC, source, _findings()),
+                ImageAnalysis(SYNTHETIC, differing, _findings()),
+            ]
+        )
+    assert "OTHER123" not in str(caught.value)
 
 
 def test_a_region_past_the_far_edge_is_clipped_to_the_image(source: pydicom.Dataset) -> None:
@@ -258,6 +471,18 @@ def test_report_uids_are_deterministic_and_distinct(source: pydicom.Dataset) -> 
         report_uids(study, "")
 
 
+def test_the_node_uid_is_made_once_per_installation(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    first = node_uid(tmp_path / "a")
+    assert first == node_uid(tmp_path / "a")  # kept across restarts
+    (tmp_path / "b").mkdir()
+    assert node_uid(tmp_path / "b") != first  # another installation, another device
+    assert pydicom.uid.UID(first).is_valid and first.startswith("2.25.")
+    (tmp_path / "a" / "node-uid").write_text("not a uid\n")
+    with pytest.raises(ValueError, match="delete it"):
+        node_uid(tmp_path / "a")
+
+
 def test_inconsistent_input_is_refused(source: pydicom.Dataset) -> None:
     findings = _findings()
     ok = [ImageAnalysis(SYNTHETIC, source, findings)]
@@ -267,7 +492,7 @@ def test_inconsistent_input_is_refused(source: pydicom.Dataset) -> None:
     _refuses("2 studies", [*ok, ImageAnalysis(SYNTHETIC, other_study, findings)])
     other_patient = _other_image(source)
     other_patient.PatientID = "someone else"
-    _refuses("Patient IDs", [*ok, ImageAnalysis(SYNTHETIC, other_patient, findings)])
+    _refuses("disagree on PatientID", [*ok, ImageAnalysis(SYNTHETIC, other_patient, findings)])
     _refuses("no findings", [ImageAnalysis(SYNTHETIC, source)])
     _refuses("not a valid UID", ok, series_instance_uid="1.2.03")
     _refuses("not a valid UID", ok, device_observer_uid="")
@@ -284,3 +509,5 @@ def test_inconsistent_input_is_refused(source: pydicom.Dataset) -> None:
         BoundingBox(10, 10, 5, 20)
     with pytest.raises(ValueError, match="outside"):
         Finding("nodule", NODULE, 1.5, 0.5)
+    with pytest.raises(ValueError, match="closed"):
+        Outline(((0.0, 0.0), (1.0, 0.0), (1.0, 1.0), (0.0, 1.0)))

@@ -1,0 +1,384 @@
+"""The region writers (SEG, GSPS, SC) on real headers and synthetic pixels, checked against
+independent computations and by dicom3tools' dciodvfy."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from nidaan.core.findings import AlgorithmInfo, CodedValue, LesionPart, Outline, ReportedFinding
+from nidaan.pacs_bridge.overlays import (
+    NOT_FOR_DIAGNOSIS,
+    build_presentation_states,
+    build_secondary_captures,
+    build_segmentations,
+    overlay_uids,
+)
+
+from factory import sample_file, synthetic_ct_series, synthetic_cxr
+from srutil import dciodvfy_errors
+
+SYNTHETIC = AlgorithmInfo(
+    "Demo CXR screen", "0.1.0", "Nidaan project", trained_on_synthetic_data=True, model="cxr_screen"
+)
+NODULE = CodedValue("786838002", "SCT", "Pulmonary nodule")
+OPACITY = CodedValue("112033", "DCM", "Abnormal opacity")
+#: A concave polygon on a 300 x 200 image whose vertices avoid pixel centres and half-pixels, so
+#: no pixel centre lies on an edge and "inside" has one answer.
+CONCAVE = (
+    (20.3, 30.7),
+    (150.2, 40.1),
+    (90.6, 120.4),
+    (170.9, 260.3),
+    (30.1, 280.8),
+    (60.4, 150.2),
+    (20.3, 30.7),
+)
+#: A rectangle on whole-pixel corners: exactly rows 200..229, columns 100..139 are inside.
+RECTANGLE = ((100.0, 200.0), (140.0, 200.0), (140.0, 230.0), (100.0, 230.0), (100.0, 200.0))
+
+
+def _finding(
+    parts: list[tuple[Dataset, tuple[tuple[float, float], ...]]],
+    *,
+    label: str = "nodule",
+    code: CodedValue = NODULE,
+    key: str = "k",
+    present: bool = True,
+) -> ReportedFinding:
+    sources = tuple(ds for ds, _ in parts)
+    return ReportedFinding(
+        SYNTHETIC,
+        label,
+        code,
+        threshold=0.38,
+        probability=0.87 if present else 0.1,
+        present=present,
+        sources=sources,
+        key=key,
+        parts=tuple(LesionPart(ds, Outline(points), 0.87) for ds, points in parts),
+    )
+
+
+def _images(*datasets: Dataset) -> dict[str, Dataset]:
+    return {str(ds.SOPInstanceUID): ds for ds in datasets}
+
+
+def _kwargs(kind: str, sources: list[str]) -> dict:
+    series, sops = overlay_uids(kind, "test-key", sources)
+    return {"series_instance_uid": series, "sop_instance_uids": sops, "software_versions": "0.1.0"}
+
+
+def _series_kwargs(kind: str, *datasets: Dataset) -> dict:
+    return _kwargs(kind, sorted({str(ds.SeriesInstanceUID) for ds in datasets}))
+
+
+def _valid(ds: Dataset, path: Path) -> Dataset:
+    """Write ``ds`` as a Part 10 file, check it with dciodvfy, and read it back."""
+    ds.save_as(path, enforce_file_format=True)
+    assert dciodvfy_errors(path) == []
+    return pydicom.dcmread(path)
+
+
+def _inside(points: tuple[tuple[float, float], ...], x: float, y: float) -> bool:
+    """Brute-force even-odd point in polygon (W. R. Franklin's PNPOLY)."""
+    inside = False
+    for (xa, ya), (xb, yb) in zip(points[:-1], points[1:], strict=True):
+        if (ya > y) != (yb > y) and x < xa + (y - ya) * (xb - xa) / (yb - ya):
+            inside = not inside
+    return inside
+
+
+def _expected_mask(points: tuple[tuple[float, float], ...], rows: int, columns: int) -> np.ndarray:
+    return np.array(
+        [[_inside(points, c + 0.5, r + 0.5) for c in range(columns)] for r in range(rows)]
+    )
+
+
+def _frames_by_segment(seg: Dataset) -> dict[int, list[tuple[str, np.ndarray]]]:
+    """Segment number -> (source SOP Instance UID, frame) of each frame, read from the file."""
+    pixels = seg.pixel_array
+    if pixels.ndim == 2:
+        pixels = pixels[None]
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    out: dict[int, list[tuple[str, np.ndarray]]] = {}
+    for frame, item in zip(pixels, seg.PerFrameFunctionalGroupsSequence, strict=True):
+        # Per frame, or shared by all frames when there is one segment.
+        identification = item.get("SegmentIdentificationSequence") or shared.get(
+            "SegmentIdentificationSequence"
+        )
+        number = int(identification[0].ReferencedSegmentNumber)
+        source = item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        out.setdefault(number, []).append((str(source), frame))
+    return out
+
+
+def test_seg_masks_are_the_pixel_centres_inside_each_outline(tmp_path: Path) -> None:
+    cxr, _ = synthetic_cxr(1, rows=300, columns=200)
+    concave = _finding([(cxr, CONCAVE)], key="a")
+    rectangle = _finding([(cxr, RECTANGLE)], label="opacity", code=OPACITY, key="b")
+    (seg,) = build_segmentations([concave, rectangle], _images(cxr), **_series_kwargs("seg", cxr))
+    seg = _valid(seg, tmp_path / "seg.dcm")
+
+    assert seg.SegmentationType == "BINARY"
+    assert seg.StudyInstanceUID == cxr.StudyInstanceUID
+    assert seg.SeriesInstanceUID != cxr.SeriesInstanceUID
+    segments = {int(s.SegmentNumber): s for s in seg.SegmentSequence}
+    assert [segments[n].SegmentLabel for n in (1, 2)] == ["nodule 1", "opacity 1"]
+    for number, code in ((1, NODULE), (2, OPACITY)):
+        segment = segments[number]
+        prop = segment.SegmentedPropertyTypeCodeSequence[0]
+        assert (prop.CodeValue, prop.CodingSchemeDesignator) == (code.value, code.scheme)
+        category = segment.SegmentedPropertyCategoryCodeSequence[0]
+        assert (category.CodeValue, category.CodingSchemeDesignator) == ("49755003", "SCT")
+        assert segment.SegmentAlgorithmType == "AUTOMATIC"
+        assert segment.SegmentAlgorithmName == SYNTHETIC.name
+
+    frames = _frames_by_segment(seg)
+    assert set(frames) == {1, 2}
+    for number, points in ((1, CONCAVE), (2, RECTANGLE)):
+        ((source, frame),) = frames[number]
+        assert source == cxr.SOPInstanceUID
+        expected = _expected_mask(points, 300, 200)
+        assert expected.any() and not expected.all()
+        np.testing.assert_array_equal(frame.astype(bool), expected)
+    rectangle_frame = frames[2][0][1].astype(bool)
+    assert rectangle_frame.sum() == 30 * 40
+    assert rectangle_frame[200:230, 100:140].all()
+
+
+def _two_image_series(monochrome1: bool) -> list[Dataset]:
+    """Two images of one series: the real MONOCHROME1 chest radiograph (pydicom-data's RG1,
+    Window 15000/30000) and a copy of it, or a MONOCHROME2 CT series (no window)."""
+    if monochrome1:
+        first = pydicom.dcmread(sample_file("RG1_UNCR.dcm"))
+        assert first.PhotometricInterpretation == "MONOCHROME1"
+        second = copy.deepcopy(first)
+        second.SOPInstanceUID = second.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        second.InstanceNumber = int(first.get("InstanceNumber", 1) or 1) + 1
+        return [first, second]
+    slices, _ = synthetic_ct_series(2, slices=2, size=256)
+    assert slices[0].PhotometricInterpretation == "MONOCHROME2"
+    return slices
+
+
+@pytest.mark.parametrize("monochrome1", [True, False], ids=["MONOCHROME1", "MONOCHROME2"])
+def test_gsps_outlines_only_the_image_with_a_part(tmp_path: Path, monochrome1: bool) -> None:
+    images = _two_image_series(monochrome1)
+    marked, unmarked = images[1], images[0]
+    points = ((40.25, 30.5), (120.75, 40.0), (90.5, 110.25), (40.25, 30.5))
+    finding = _finding([(marked, points)])
+    (pr,) = build_presentation_states([finding], _images(*images), **_series_kwargs("pr", marked))
+    pr = _valid(pr, tmp_path / "pr.dcm")
+
+    assert pr.StudyInstanceUID == marked.StudyInstanceUID
+    (series,) = pr.ReferencedSeriesSequence
+    assert series.SeriesInstanceUID == marked.SeriesInstanceUID
+    refs = [item.ReferencedSOPInstanceUID for item in series.ReferencedImageSequence]
+    assert refs == [marked.SOPInstanceUID]
+    assert unmarked.SOPInstanceUID not in str(pr)
+
+    outlines = [
+        (annotation, graphic)
+        for annotation in pr.GraphicAnnotationSequence
+        for graphic in annotation.get("GraphicObjectSequence", [])
+    ]
+    ((annotation, graphic),) = outlines
+    assert annotation.ReferencedImageSequence[0].ReferencedSOPInstanceUID == marked.SOPInstanceUID
+    assert graphic.GraphicType == "POLYLINE"
+    assert graphic.GraphicAnnotationUnits == "PIXEL"
+    assert [float(v) for v in graphic.GraphicData] == [c for p in points for c in p]
+    texts = [
+        str(text.UnformattedTextValue)
+        for annotation in pr.GraphicAnnotationSequence
+        for text in annotation.get("TextObjectSequence", [])
+    ]
+    assert "nodule 1: 0.87 (threshold 0.38) — cxr_screen 0.1.0 — NOT FOR DIAGNOSIS" in texts
+    assert NOT_FOR_DIAGNOSIS in texts
+    assert {layer.GraphicLayer for layer in pr.GraphicLayerSequence} == {"AI_REGIONS", "AI_LEGEND"}
+
+    assert pr.PresentationLUTShape == ("INVERSE" if monochrome1 else "IDENTITY")
+    (voi,) = pr.SoftcopyVOILUTSequence
+    if monochrome1:  # the source's own window
+        assert (float(voi.WindowCenter), float(voi.WindowWidth)) == (15000.0, 30000.0)
+    else:  # no window in the CT header: a min-max one over its HU values
+        hu = marked.pixel_array * float(marked.RescaleSlope) + float(marked.RescaleIntercept)
+        assert float(voi.WindowWidth) == pytest.approx(hu.max() - hu.min())
+        assert float(voi.WindowCenter) == pytest.approx((hu.max() + hu.min()) / 2)
+
+
+def test_secondary_capture_burns_outline_and_legend_into_a_windowed_copy(tmp_path: Path) -> None:
+    cxr, _ = synthetic_cxr(3, rows=300, columns=200, monochrome1=True)
+    points = ((60.3, 170.2), (150.7, 180.6), (120.4, 250.9), (60.3, 170.2))
+    finding = _finding([(cxr, points)])
+    (sc,) = build_secondary_captures(
+        [finding], _images(cxr), **_kwargs("sc", [str(cxr.SOPInstanceUID)])
+    )
+    sc = _valid(sc, tmp_path / "sc.dcm")
+
+    assert sc.BurnedInAnnotation == "YES"
+    assert sc.PhotometricInterpretation == "RGB"
+    assert (sc.StudyInstanceUID, sc.PatientID) == (cxr.StudyInstanceUID, cxr.PatientID)
+    assert sc.SeriesInstanceUID != cxr.SeriesInstanceUID
+    (source,) = sc.SourceImageSequence
+    assert source.ReferencedSOPInstanceUID == cxr.SOPInstanceUID
+    assert source.ReferencedSOPClassUID == cxr.SOPClassUID
+
+    # The plain image as a viewer shows it: window 2048/4096 (LINEAR, PS3.3 C.11.2.1.2.1),
+    # MONOCHROME1 inverted.
+    stored = cxr.pixel_array.astype(np.float64)
+    linear = np.clip((stored - 2047.5) / 4095.0 + 0.5, 0.0, 1.0)
+    plain = 255 - np.round(linear * 255.0).astype(np.int64)
+    rgb = sc.pixel_array.astype(np.int64)
+    assert rgb.shape == (300, 200, 3)
+    changed = (rgb != plain[..., None]).any(axis=-1)
+
+    near = np.zeros_like(changed)
+    near[170 - 25 : 251 + 5, 60 - 5 : 151 + 5] = True  # the outline, and its number above it
+    band = np.zeros_like(changed)
+    band[:80] = True  # the legend lines at the top
+    assert not (changed & ~near & ~band).any()
+    assert changed[:80].any()  # text was written
+    assert changed[near].sum() > 100  # the outline was drawn
+    # The first edge crosses column 100's centre line at y = 174.8 (row 174): yellow there.
+    assert any(tuple(rgb[r, 100]) == (255, 255, 0) for r in (173, 174, 175))
+    # Inside the outline, far from its edges, the image is untouched.
+    assert not changed[200:210, 105:115].any()
+
+
+def test_two_lesions_on_two_series_give_two_segs_and_two_gsps(tmp_path: Path) -> None:
+    cxr, _ = synthetic_cxr(4, rows=300, columns=200)
+    slices, _ = synthetic_ct_series(
+        5, slices=4, size=128, study_uid=str(cxr.StudyInstanceUID), patient=cxr
+    )
+    box = ((30.5, 40.5), (70.25, 40.5), (70.25, 80.75), (30.5, 80.75), (30.5, 40.5))
+    on_cxr = _finding([(cxr, CONCAVE)], key="cxr")
+    on_ct = _finding([(slices[1], box), (slices[2], box)], key="ct")
+    images = _images(cxr, *slices)
+
+    segs = build_segmentations([on_cxr, on_ct], images, **_series_kwargs("seg", cxr, slices[0]))
+    prs = build_presentation_states([on_cxr, on_ct], images, **_series_kwargs("pr", cxr, *slices))
+    assert len(segs) == 2 and len(prs) == 2
+    assert len({s.SOPInstanceUID for s in segs}) == 2
+    assert len({s.SeriesInstanceUID for s in segs}) == 1  # one new series of SEGs
+
+    by_series = {}
+    for k, seg in enumerate(segs):
+        seg = _valid(seg, tmp_path / f"seg{k}.dcm")
+        (series,) = seg.ReferencedSeriesSequence
+        by_series[series.SeriesInstanceUID] = seg
+    assert set(by_series) == {cxr.SeriesInstanceUID, slices[0].SeriesInstanceUID}
+    ct_seg = by_series[slices[0].SeriesInstanceUID]
+    assert len(ct_seg.SegmentSequence) == 1
+    frames = _frames_by_segment(ct_seg)[1]
+    assert [uid for uid, _ in frames] == [slices[1].SOPInstanceUID, slices[2].SOPInstanceUID]
+    expected = _expected_mask(box, 128, 128)
+    for _, frame in frames:
+        np.testing.assert_array_equal(frame.astype(bool), expected)
+    assert len(by_series[cxr.SeriesInstanceUID].SegmentSequence) == 1
+
+    for k, pr in enumerate(prs):
+        pr = _valid(pr, tmp_path / f"pr{k}.dcm")
+        (series,) = pr.ReferencedSeriesSequence
+        refs = {item.ReferencedSOPInstanceUID for item in series.ReferencedImageSequence}
+        if series.SeriesInstanceUID == cxr.SeriesInstanceUID:
+            assert refs == {cxr.SOPInstanceUID}
+        else:
+            assert refs == {slices[1].SOPInstanceUID, slices[2].SOPInstanceUID}
+
+    scs = build_secondary_captures(
+        [on_cxr, on_ct],
+        images,
+        **_kwargs("sc", [str(d.SOPInstanceUID) for d in (cxr, slices[1], slices[2])]),
+    )
+    assert len(scs) == 3
+    for k, sc in enumerate(scs):
+        _valid(sc, tmp_path / f"sc{k}.dcm")
+
+
+def test_the_same_input_gives_the_same_uids() -> None:
+    cxr, _ = synthetic_cxr(6, rows=300, columns=200)
+    finding = _finding([(cxr, CONCAVE)])
+    first = build_segmentations([finding], _images(cxr), **_series_kwargs("seg", cxr))[0]
+    again = build_segmentations([finding], _images(cxr), **_series_kwargs("seg", cxr))[0]
+    assert (first.SeriesInstanceUID, first.SOPInstanceUID) == (
+        again.SeriesInstanceUID,
+        again.SOPInstanceUID,
+    )
+    assert first.SegmentSequence[0].TrackingUID == again.SegmentSequence[0].TrackingUID
+
+
+BUILDERS = {
+    "seg": build_segmentations,
+    "pr": build_presentation_states,
+    "sc": build_secondary_captures,
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BUILDERS))
+@pytest.mark.parametrize(
+    "problem",
+    ["nothing present", "source missing", "outside the image", "two studies", "no sop uid"],
+)
+def test_input_that_cannot_make_an_object_is_refused(kind: str, problem: str) -> None:
+    cxr, _ = synthetic_cxr(7, rows=300, columns=200)
+    other, _ = synthetic_cxr(8, rows=300, columns=200)
+    images = _images(cxr, other)
+    findings = [_finding([(cxr, CONCAVE)])]
+    if problem == "nothing present":
+        findings = [
+            ReportedFinding(SYNTHETIC, "nodule", NODULE, 0.38, 0.1, False, (cxr,), "absent"),
+            ReportedFinding(SYNTHETIC, "opacity", OPACITY, 0.38, 0.9, True, (cxr,), "no region"),
+        ]
+        match = "no present finding"
+    elif problem == "source missing":
+        del images[str(cxr.SOPInstanceUID)]
+        match = "not among the images"
+    elif problem == "outside the image":
+        findings = [
+            _finding([(cxr, ((150.0, 250.0), (201.0, 250.0), (180.0, 290.0), (150.0, 250.0)))])
+        ]
+        match = "outside the 200x300 image"
+    elif problem == "two studies":
+        findings.append(_finding([(other, CONCAVE)], key="other"))
+        match = "2 studies"
+    else:
+        match = "no SOP Instance UID"
+    sources = [str(cxr.SOPInstanceUID)] if kind == "sc" else [str(cxr.SeriesInstanceUID)]
+    if problem == "two studies":
+        sources += [str(other.SOPInstanceUID), str(other.SeriesInstanceUID)]
+    kwargs = _kwargs(kind, [] if problem == "no sop uid" else sources)
+    with pytest.raises(ValueError, match=match):
+        BUILDERS[kind](findings, images, **kwargs)
+
+
+def test_highdicom_reads_the_seg_back() -> None:
+    cxr, _ = synthetic_cxr(9, rows=300, columns=200)
+    (seg,) = build_segmentations(
+        [_finding([(cxr, CONCAVE)])], _images(cxr), **_series_kwargs("seg", cxr)
+    )
+    parsed = hd.seg.Segmentation.from_dataset(copy.deepcopy(seg))
+    assert parsed.number_of_segments == 1
+    assert parsed.get_source_image_uids()[0][2] == cxr.SOPInstanceUID
+
+
+def test_secondary_capture_of_the_real_monochrome1_radiograph(tmp_path: Path) -> None:
+    (cxr,) = _two_image_series(monochrome1=True)[:1]
+    points = ((600.5, 700.25), (1200.75, 650.5), (1000.25, 1300.5), (600.5, 700.25))
+    (sc,) = build_secondary_captures(
+        [_finding([(cxr, points)])], _images(cxr), **_kwargs("sc", [str(cxr.SOPInstanceUID)])
+    )
+    sc = _valid(sc, tmp_path / "sc.dcm")
+    assert (sc.Rows, sc.Columns) == (cxr.Rows, cxr.Columns)
+    assert list(sc.PatientOrientation) == list(cxr.PatientOrientation)
+    # MONOCHROME1 inverted: the air outside the body (high stored values) is dark.
+    gray = sc.pixel_array[..., 0]
+    stored = cxr.pixel_array
+    assert gray[stored >= np.percentile(stored, 99)].mean() < 64
