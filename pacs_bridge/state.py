@@ -15,7 +15,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,13 +210,20 @@ class StateStore:
         self, study_uid: str, report_path: Path, sop_instance_uid: str, destination: str
     ) -> None:
         """Queue a report for a destination (idempotent for the same report and destination)."""
+        self.enqueue_all(study_uid, [(report_path, sop_instance_uid, destination)])
+
+    def enqueue_all(self, study_uid: str, items: Sequence[tuple[Path, str, str]]) -> None:
+        """Queue a study's result objects, (path, SOP Instance UID, destination) each, in one
+        transaction: the outbox never sees part of them, so the study counts as delivered only
+        once all are (idempotent for the same object and destination)."""
+        now = time.time()
         with self._tx() as db:
-            db.execute(
+            db.executemany(
                 "INSERT INTO outbox (study_uid, report_path, sop_instance_uid, destination, state,"
                 " next_attempt_at) VALUES (?,?,?,?,'queued',?)"
                 " ON CONFLICT(sop_instance_uid, destination) DO UPDATE SET state = 'queued',"
                 " report_path = excluded.report_path, next_attempt_at = excluded.next_attempt_at",
-                (study_uid, str(report_path), sop_instance_uid, destination, time.time()),
+                [(study_uid, str(path), sop, dest, now) for path, sop, dest in items],
             )
 
     def due(self, now: float | None = None) -> list[OutboxItem]:

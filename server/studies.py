@@ -160,12 +160,13 @@ class Studies:
             return
         objects = ResultObjects(self, study_uid, analyses, findings, key, paths)
         objects.made("sr", "", path, sop_uid)
+        queue: list[tuple[Path, str, str]] = []
         for dest in destinations:
             peer = self.config.peer(dest)
             assert peer is not None  # destinations() keeps configured peers only
             for kind in peer.objects:
-                for obj_path, obj_uid in objects.get(kind, peer.language):
-                    self.state.enqueue(study_uid, obj_path, obj_uid, dest)
+                queue += [(p, uid, dest) for p, uid in objects.get(kind, peer.language)]
+        self.state.enqueue_all(study_uid, queue)
         self.state.set_study_state(study_uid, "reported", note)
         self.metrics.studies.labels("reported").inc()
         self._wake_outbox()

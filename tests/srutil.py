@@ -61,7 +61,9 @@ def dciodvfy_errors(path: Path) -> list[str]:
 
 def dsrdump_ok(path: Path) -> bool:
     """dcmtk's dsrdump can read the SR."""
-    run = subprocess.run([need("dsrdump"), str(path)], capture_output=True, text=True, timeout=60)
+    # +U8: convert to UTF-8, whatever the SR's character set (a Hindi report is ISO_IR 192).
+    # Bytes, not text: dsrdump shortens long values for display, cutting a character in two.
+    run = subprocess.run([need("dsrdump"), "+U8", str(path)], capture_output=True, timeout=60)
     return run.returncode == 0
 
 

@@ -54,8 +54,10 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         data_dir=work / "data",
         models=MODELS,
         extra=f'[http]\nbind = "127.0.0.1"\nport = {http_port}\n'
-        '[reports]\ndestinations = ["@source", "ORTHANC"]\n',
-        peers={"ORTHANC": orthanc.dicom_port},
+        '[reports]\ndestinations = ["@source", "ORTHANC"]\n'
+        # Every result object, and the report's texts in Hindi beside English.
+        f'[[peers]]\nae_title = "ORTHANC"\nhost = "127.0.0.1"\nport = {orthanc.dicom_port}\n'
+        'objects = ["sr", "seg", "gsps", "sc"]\nlanguage = "hi"\n',
     )
     log = work / "nidaan.log"
     proc = start_nidaan(config, log, http=True)
@@ -70,6 +72,22 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
 def _report_of(orthanc: Orthanc, study_id: str, timeout: float = 90) -> pydicom.Dataset:
     (sr,) = wait_until(lambda: orthanc.reports(study_id), timeout, "the SR in Orthanc")
     return pydicom.dcmread(__import__("io").BytesIO(orthanc.get(f"/instances/{sr['ID']}/file")))
+
+
+def _objects_of(orthanc: Orthanc, study_id: str, count: int) -> dict[str, pydicom.Dataset]:
+    """The study's instances in Orthanc once there are ``count``, one per modality."""
+    instances = wait_until(
+        lambda: (found := orthanc.study_instances(study_id)) and len(found) >= count and found,
+        60,
+        f"{count} instances in the study in Orthanc",
+    )
+    assert len(instances) == count
+    out = {}
+    for instance in instances:
+        ds = pydicom.dcmread(io.BytesIO(orthanc.get(f"/instances/{instance['ID']}/file")))
+        assert str(ds.Modality) not in out, f"two {ds.Modality} instances"
+        out[str(ds.Modality)] = ds
+    return out
 
 
 def _report_of_study(orthanc: Orthanc, study_uid: str) -> pydicom.Dataset:
@@ -117,7 +135,10 @@ def test_orthanc_sends_a_real_radiograph_and_gets_the_report_back(
     sr = _report_of(deployment.orthanc, study_id)
     _check_report(sr, source, tmp_path)
     assert sr.SeriesDescription  # same study, visible in the PACS as its own series
-    assert len(deployment.orthanc.study_instances(study_id)) == 2
+    # The image and the SR; with a region, also its SEG, GSPS and Secondary Capture.
+    drawn = 3 if graphics(sr) else 0
+    objects = _objects_of(deployment.orthanc, study_id, 2 + drawn)
+    assert sorted(objects) == sorted(["CR", "SR"] + (["PR", "SEG", "OT"] if drawn else []))
 
 
 def test_storescu_sender_nodule_found_where_it_was_planted(
@@ -137,6 +158,37 @@ def test_storescu_sender_nodule_found_where_it_was_planted(
     assert any(
         min(g[0::2]) <= cx <= max(g[0::2]) and min(g[1::2]) <= cy <= max(g[1::2]) for g in boxes
     ), f"no region contains the nodule centre ({cx:.0f}, {cy:.0f})"
+    # The same region as objects every viewer shows, back in the study in Orthanc.
+    study_id = deployment.orthanc.post(
+        "/tools/lookup", ds.StudyInstanceUID, content_type="text/plain"
+    )[0]["ID"]
+    # storescu sent the image to Nidaan only: Orthanc has the four result objects.
+    objects = _objects_of(deployment.orthanc, study_id, 4)
+    assert sorted(objects) == ["OT", "PR", "SEG", "SR"]
+    seg, gsps, sc = objects["SEG"], objects["PR"], objects["OT"]
+    frames = seg.pixel_array.reshape(-1, int(ds.Rows), int(ds.Columns))
+    marked = frames.any(axis=0)
+    assert marked[int(cy), int(cx)], "the SEG does not cover the nodule's centre"
+    assert marked.sum() < 0.05 * marked.size  # the region, not the image
+    refs = {
+        r.ReferencedSOPInstanceUID
+        for s in gsps.ReferencedSeriesSequence
+        for r in s.ReferencedImageSequence
+    }
+    assert refs == {ds.SOPInstanceUID}
+    assert sc.BurnedInAnnotation == "YES"
+    for modality, obj in objects.items():
+        if modality != "OT" or obj is sc:
+            assert obj.StudyInstanceUID == ds.StudyInstanceUID
+        if modality in ("SEG", "PR", "OT"):
+            path = save(obj, tmp_path / f"{modality}.dcm")
+            assert dciodvfy_errors(path) == [], modality
+    # The Hindi texts arrive intact through Orthanc (UTF-8, ISO_IR 192), beside the English.
+    assert sr.SpecificCharacterSet == "ISO_IR 192"
+    said = texts(sr)
+    assert "निदान के लिए नहीं" in said
+    assert any(t.startswith("एआई द्वारा पाए गए निष्कर्ष: फेफड़े की गांठ") for t in said)
+    assert any(t.startswith("AI findings present: Pulmonary nodule 1") for t in said)
 
 
 def test_metrics_count_instances_and_logs_carry_no_phi(deployment: Deployment) -> None:

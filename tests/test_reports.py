@@ -381,7 +381,7 @@ def test_dsrdump_reads_the_report(source: pydicom.Dataset, tmp_path: Path) -> No
 def test_dsr2html_renders_the_hindi_text(source: pydicom.Dataset, tmp_path: Path) -> None:
     sr, _, _ = _build([ImageAnalysis(SYNTHETIC, source, _findings())], language="hi")
     path = _save(sr, tmp_path / "hi.dcm")
-    run = subprocess.run([need("dsr2html"), "+Cr", str(path)], capture_output=True, timeout=60)
+    run = subprocess.run([need("dsr2html"), "+U8", str(path)], capture_output=True, timeout=60)
     assert run.returncode == 0, run.stderr
     html = run.stdout.decode("utf-8")
     assert "charset=UTF-8" in html or "charset=utf-8" in html
