@@ -351,6 +351,10 @@ def ct_series_datasets(slices: int, size: int = 512, seed: int = 0) -> list[Data
     for i in range(slices):
         ds = with_new_uids(base, study, series)
         ds.InstanceNumber = i + 1
+        # Each slice at its own position, as a scanner writes them (a Segmentation of the
+        # study's regions needs distinct planes).
+        ds.ImagePositionPatient = [-250.0, -250.0, -100.0 - 5.0 * i]
+        ds.SliceLocation = -100.0 - 5.0 * i
         ds.Rows = ds.Columns = size
         ds.PixelData = rng.integers(-1000, 2000, (size, size), dtype=np.int16).tobytes()
         out.append(ds)

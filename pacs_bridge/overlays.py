@@ -62,6 +62,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from nidaan.core.findings import NOT_FOR_DIAGNOSIS, Outline, ReportedFinding
 
+from .languages import Language
 from .uids import derived_uid, is_valid_uid, tracking_uid
 
 __all__ = [
@@ -71,6 +72,7 @@ __all__ = [
     "build_secondary_captures",
     "build_segmentations",
     "default_legend",
+    "legend_in",
     "lesion_tracking_uid",
     "outline_mask",
     "overlay_uids",
@@ -100,6 +102,28 @@ def default_legend(finding: ReportedFinding, number: int) -> str:
         f"(threshold {finding.threshold:.2f}) — {algo.model or algo.name} {algo.version}"
     )
     return f"{text} — {NOT_FOR_DIAGNOSIS}" if algo.not_for_diagnosis else text
+
+
+def legend_in(language: Language | None) -> Legend:
+    """The English legend, followed by the same in ``language`` (None: English only), e.g.
+    ``nodule 1: 0.87 (threshold 0.38) — ... / फेफड़े की गांठ ... 1: संभावना 0.87 (सीमा 0.38)``,
+    for the presentation state's text (ISO_IR 192): a viewer draws it with its own fonts."""
+    if language is None or language.tag == "en":
+        return default_legend
+
+    def legend(finding: ReportedFinding, number: int) -> str:
+        other = language.term(
+            "finding_line",
+            name=language.finding(finding.code),
+            n=number,
+            probability=f"{finding.probability:.2f}",
+            threshold=f"{finding.threshold:.2f}",
+        )
+        if finding.algorithm.not_for_diagnosis:
+            other += " — " + language.term("not_for_diagnosis")
+        return f"{default_legend(finding, number)} / {other}"
+
+    return legend
 
 
 def lesion_tracking_uid(finding: ReportedFinding) -> str:
@@ -661,7 +685,7 @@ def _burn(
         points = [(x - 0.5, y - 0.5) for x, y in outline.points]
         draw.line(points, fill=_OUTLINE_RGB, width=thickness, joint="curve")
         box = outline.box
-        tag = str(lesion.number)
+        tag = lesion.label  # "nodule 1": the legend line above says what it is
         tag_y = box.y_min - _line_height(size) if box.y_min >= _line_height(size) else box.y_max
         draw.text(
             (max(0.0, box.x_min), tag_y),

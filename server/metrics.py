@@ -26,6 +26,12 @@ class Metrics:
             "Acknowledged images that could not be decoded or preprocessed at analysis",
             registry=self.registry,
         )
+        self.result_objects_failed = Counter(
+            "nidaan_result_objects_failed",
+            "Region objects (SEG, GSPS, SC) a study's images could not make; its SR still goes",
+            ["kind"],
+            registry=self.registry,
+        )
         self.associations_rejected = Counter(
             "nidaan_associations_rejected",
             "Associations refused (A-ASSOCIATE-RJ), by reason",

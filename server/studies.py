@@ -14,6 +14,7 @@ batchers. The entrances (``pacs_bridge.scp``, ``server.api``) only admit input a
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +27,13 @@ from nidaan.core.config import SOURCE, Config
 from nidaan.core.errors import InputError
 from nidaan.core.findings import ImageAnalysis, ReportedFinding
 from nidaan.pacs_bridge.audit import AuditLog
+from nidaan.pacs_bridge.languages import load_language
 from nidaan.pacs_bridge.lesions import group_findings
 from nidaan.pacs_bridge.overlays import (
     build_presentation_states,
     build_secondary_captures,
     build_segmentations,
+    legend_in,
     overlay_uids,
 )
 from nidaan.pacs_bridge.reports import (
@@ -52,6 +55,7 @@ from .metrics import Metrics
 from .pipeline import Pipeline, Prepared
 
 log = logging.getLogger("nidaan.studies")
+_UID_IN_TEXT = re.compile(r"\b\d+(\.\d+){2,}\b")
 
 
 @dataclass(frozen=True)
@@ -167,6 +171,8 @@ class Studies:
             for kind in peer.objects:
                 queue += [(p, uid, dest) for p, uid in objects.get(kind, peer.language)]
         self.state.enqueue_all(study_uid, queue)
+        if objects.problems:
+            note = "; ".join(filter(None, [note, *objects.problems]))
         self.state.set_study_state(study_uid, "reported", note)
         self.metrics.studies.labels("reported").inc()
         self._wake_outbox()
@@ -329,14 +335,37 @@ class ResultObjects:
         self._paths = paths
         self._made: dict[tuple[str, str], list[tuple[Path, str]]] = {}
         self._full: dict[str, Dataset] | None = None
+        #: Why region objects were left out of this study's results (for the study's reason).
+        self.problems: list[str] = []
 
     def get(self, kind: str, language: str) -> list[tuple[Path, str]]:
         """(path, SOP Instance UID) of each object of ``kind`` ('sr', 'seg', 'gsps', 'sc');
         ``language`` matters to the SR only."""
-        slot = (kind, language if kind == "sr" else "")
+        # The SR and the presentation state carry the destination's language (the SEG has no
+        # text to translate; the SC's burned-in text is English, see docs/reports.md).
+        slot = (kind, language if kind in ("sr", "gsps") else "")
         if slot not in self._made:
-            self._made[slot] = self._make(kind, slot[1])
+            if kind == "sr":
+                self._made[slot] = self._make(kind, slot[1])
+            else:
+                self._made[slot] = self._region_objects(kind, slot[1])
         return self._made[slot]
+
+    def _region_objects(self, kind: str, language: str) -> list[tuple[Path, str]]:
+        """A region object kind, or none when these images cannot make one (highdicom refuses
+        a Segmentation of slices that share a position, for one): the SR, which says
+        everything, still goes out; the study's reason and the log name what was left out."""
+        try:
+            return self._make(kind, language)
+        except (ValueError, TypeError, AttributeError, OSError) as exc:
+            # UIDs out of the message: the log names studies by digest only.
+            detail = _UID_IN_TEXT.sub("<uid>", str(exc))[:200]
+            why = f"no {kind.upper()}: {type(exc).__name__}: {detail}"
+            if why not in self.problems:
+                self.problems.append(why)
+            log.warning("study %s: %s", ref(self._study_uid), why)
+            self._studies.metrics.result_objects_failed.labels(kind).inc()
+            return []
 
     def made(self, kind: str, language: str, path: Path, sop_uid: str) -> None:
         """Record an object made already (the English SR)."""
@@ -373,13 +402,15 @@ class ResultObjects:
                 **common,
             )
         elif kind == "gsps":
-            series_uid, uids = overlay_uids("pr", key, series)
+            pr_kind = "pr" + (f"|{language}" if language else "")
+            series_uid, uids = overlay_uids(pr_kind, key, series)
             made = build_presentation_states(
                 drawable,
                 images,
                 series_instance_uid=series_uid,
                 sop_instance_uids=uids,
                 device_serial_number=serial_number(s.device_uid),
+                legend=legend_in(load_language(language) if language else None),
                 **common,
             )
         elif kind == "sc":

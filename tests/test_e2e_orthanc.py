@@ -176,6 +176,14 @@ def test_storescu_sender_nodule_found_where_it_was_planted(
         for r in s.ReferencedImageSequence
     }
     assert refs == {ds.SOPInstanceUID}
+    # Its legends carry the peer's language too, intact through Orthanc.
+    legends = [
+        str(t.UnformattedTextValue)
+        for a in gsps.GraphicAnnotationSequence
+        for t in a.get("TextObjectSequence", [])
+    ]
+    assert gsps.SpecificCharacterSet == "ISO_IR 192"
+    assert any("nodule 1" in t and "फेफड़े की गांठ (पल्मोनरी नोड्यूल) 1" in t for t in legends)
     assert sc.BurnedInAnnotation == "YES"
     for modality, obj in objects.items():
         if modality != "OT" or obj is sc:
@@ -277,3 +285,29 @@ def test_a_study_with_radiograph_and_ct_comes_back_with_one_report_from_both_mod
     ), "no region around the CT nodule"
     path = save(sr, tmp_path / "report.dcm")
     assert dciodvfy_errors(path) == []
+
+
+def test_images_that_cannot_make_a_segmentation_still_get_their_report(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    """Slices that share one position (as some exports write them) cannot make a SEG
+    (highdicom refuses duplicate planes): the SR, the GSPS and the SC still arrive, and the
+    study's reason and the metrics say what was left out."""
+    series, _ = synthetic_ct_series(5, (0, 1), slices=2, size=512)
+    for ds in series:
+        ds.ImagePositionPatient = [-250.0, -250.0, -100.0]
+    paths = [save(ds, tmp_path / f"{i}.dcm") for i, ds in enumerate(series)]
+    run = storescu(deployment.nidaan_port, paths)
+    assert run.returncode == 0, run.stderr
+    study_uid = series[0].StudyInstanceUID
+    sr = _report_of_study(deployment.orthanc, study_uid)
+    assert graphics(sr), "the model found no nodule: the case tests nothing"
+    study_id = deployment.orthanc.post("/tools/lookup", study_uid, content_type="text/plain")[0][
+        "ID"
+    ]
+    objects = _objects_of(deployment.orthanc, study_id, 3)
+    assert sorted(objects) == ["OT", "PR", "SR"]
+    url = f"http://127.0.0.1:{deployment.http_port}/metrics"
+    with urllib.request.urlopen(url) as r:
+        assert 'nidaan_result_objects_failed_total{kind="seg"} 1.0' in r.read().decode()
+    assert "no SEG: ValueError" in deployment.log.read_text()

@@ -21,7 +21,7 @@ from conftest import make_config
 from factory import synthetic_ct_series, synthetic_cxr
 from netutil import c_store
 from peers import free_port, wait_until
-from srutil import dciodvfy_errors, evidence, numbers
+from srutil import dciodvfy_errors, evidence, numbers, walk
 
 
 def _mixed_study(seed: int) -> list[pydicom.Dataset]:
@@ -188,3 +188,33 @@ def test_get_study_tells_state_findings_and_report_of_a_dicom_study(tmp_path, st
         assert evidence(sr) == {ds.SOPInstanceUID}
         without = client.get_study(ds.StudyInstanceUID)
         assert without.report == b"" and len(without.results) == 1
+        # The same findings have the same Tracking UIDs in the gRPC route's report of the study,
+        # though the two reports are different objects.
+        grpc_sr = pydicom.dcmread(io.BytesIO(client.analyze([_bytes(ds)], report=True).report))
+        assert grpc_sr.SOPInstanceUID != sr.SOPInstanceUID
+        assert _tracking_uids(grpc_sr) == _tracking_uids(sr) and _tracking_uids(sr)
+
+
+def _tracking_uids(sr: pydicom.Dataset) -> list[str]:
+    """Tracking Unique Identifiers (112040, DCM) of an SR's groups, in order."""
+    return [
+        str(item.UID) for item in walk(sr) if item.ConceptNameCodeSequence[0].CodeValue == "112040"
+    ]
+
+
+def test_get_study_finds_the_report_of_a_study_with_no_destination(tmp_path, start_server) -> None:  # type: ignore[no-untyped-def]
+    """No destination for the sender: the report stays in the data dir, and GetStudy still
+    shows its findings and the report."""
+    server = start_server(make_config(tmp_path))
+    ds, _ = synthetic_cxr(77, nodule=True, rows=800, columns=700)
+    with Client(f"127.0.0.1:{server.api.port}") as client:
+        c_store(server.scp.port, [ds])
+        study = wait_until(
+            lambda: (s := client.get_study(ds.StudyInstanceUID, report=True)).report and s,
+            60,
+            "the study's report",
+        )
+        assert study.state == "reported" and len(study.results) == 1
+        assert pydicom.dcmread(io.BytesIO(study.report)).SOPInstanceUID == (
+            study.report_sop_instance_uid
+        )

@@ -14,11 +14,14 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from nidaan.core.findings import AlgorithmInfo, CodedValue, LesionPart, Outline, ReportedFinding
+from nidaan.pacs_bridge.languages import load_language
 from nidaan.pacs_bridge.overlays import (
     NOT_FOR_DIAGNOSIS,
     build_presentation_states,
     build_secondary_captures,
     build_segmentations,
+    default_legend,
+    legend_in,
     overlay_uids,
 )
 
@@ -382,3 +385,29 @@ def test_secondary_capture_of_the_real_monochrome1_radiograph(tmp_path: Path) ->
     gray = sc.pixel_array[..., 0]
     stored = cxr.pixel_array
     assert gray[stored >= np.percentile(stored, 99)].mean() < 64
+
+
+def test_a_second_language_legend_is_carried_in_utf8(tmp_path: Path) -> None:
+    """The presentation state's legend in English and the peer's language (ISO_IR 192)."""
+    images = _two_image_series(False)
+    points = ((40.25, 30.5), (120.75, 40.0), (90.5, 110.25), (40.25, 30.5))
+    finding = _finding([(images[0], points)])
+    (pr,) = build_presentation_states(
+        [finding],
+        _images(*images),
+        legend=legend_in(load_language("hi")),
+        **_series_kwargs("pr", images[0]),
+    )
+    pr = _valid(pr, tmp_path / "pr.dcm")
+    back = pydicom.dcmread(tmp_path / "pr.dcm")
+    assert back.SpecificCharacterSet == "ISO_IR 192"
+    texts = [
+        str(text.UnformattedTextValue)
+        for annotation in back.GraphicAnnotationSequence
+        for text in annotation.get("TextObjectSequence", [])
+    ]
+    (legend,) = [t for t in texts if t.startswith("nodule 1")]
+    assert legend.endswith(
+        "/ फेफड़े की गांठ (पल्मोनरी नोड्यूल) 1: संभावना 0.87 (सीमा 0.38) — निदान के लिए नहीं"
+    )
+    assert legend_in(None) is default_legend

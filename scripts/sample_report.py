@@ -1,0 +1,113 @@
+"""Write the sample report and overlay shown in the README (docs/samples/).
+
+    .venv/bin/python scripts/sample_report.py
+
+A synthetic chest radiograph with two planted nodules (the demo model's own generator, a real CR
+header from pydicom-data, made-up patient data) goes through the real pipeline (``cxr_screen``)
+and the real writers: the SR in English and Hindi rendered by dcmtk's ``dsr2html`` and
+``dsrdump``, and the Secondary Capture fallback saved as a PNG.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from PIL import Image
+from pydicom.data import get_testdata_file
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from nidaan.core.config import InferenceConfig
+from nidaan.pacs_bridge.lesions import group_findings
+from nidaan.pacs_bridge.overlays import build_secondary_captures, overlay_uids
+from nidaan.pacs_bridge.reports import build_report, report_uids, software_version
+from nidaan.server.backends import create_backend
+from nidaan.server.model_repository import load_repository
+from nidaan.server.pipeline import Pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "docs" / "samples"
+
+
+def _radiograph() -> pydicom.Dataset:
+    spec = importlib.util.spec_from_file_location(
+        "synthetic", ROOT / "models" / "training" / "synthetic.py"
+    )
+    assert spec and spec.loader
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    rng = np.random.default_rng(7)
+    img, _ = gen.synthesize_radiograph(rng, 1024, 900, nodule=True, tb=True)
+    path = get_testdata_file("RG1_UNCR.dcm")
+    if path is None:
+        sys.exit("pydicom-data is needed: pip install pydicom-data")
+    ds = copy.deepcopy(pydicom.dcmread(path, stop_before_pixels=True))
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.PatientName, ds.PatientID = "Sample^Synthetic", "SAMPLE-0001"
+    ds.Rows, ds.Columns = 1024, 900
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.WindowCenter, ds.WindowWidth = 2048, 4096
+    ds.PixelData = np.clip(np.round(img * 4095), 0, 4095).astype(np.uint16).tobytes()
+    ds["PixelData"].VR = "OW"
+    return ds
+
+
+def main() -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    models = load_repository(ROOT / "models")
+    pipeline = Pipeline(models, create_backend(InferenceConfig(), models))
+    ds = _radiograph()
+    analyses = pipeline.analyse([ds])
+    findings = group_findings(analyses)
+    study = str(ds.StudyInstanceUID)
+    series, sop = report_uids(study, "sample")
+    sr = build_report(
+        analyses,
+        findings=findings,
+        series_instance_uid=series,
+        sop_instance_uid=sop,
+        device_observer_uid="2.25.1",
+        institution_name="Sample Hospital",
+        language="hi",
+    )
+    sr_path = OUT / "report.dcm"
+    sr.save_as(sr_path, enforce_file_format=True)
+    for tool, args, name in (
+        ("dsr2html", ["+U8"], "report.html"),
+        ("dsrdump", ["+U8", "+Pl"], "report.txt"),
+    ):
+        exe = shutil.which(tool, path="/usr/bin:/usr/local/bin")
+        if exe is None:
+            sys.exit(f"{tool} is needed: apt-get install dcmtk")
+        run = subprocess.run([exe, *args, str(sr_path)], capture_output=True, check=True)
+        (OUT / name).write_bytes(run.stdout)
+    sr_path.unlink()
+    drawable = [f for f in findings if f.present and f.parts]
+    if drawable:
+        sc_series, uids = overlay_uids("sc", "sample", [str(ds.SOPInstanceUID)])
+        (sc,) = build_secondary_captures(
+            drawable,
+            {str(ds.SOPInstanceUID): ds},
+            series_instance_uid=sc_series,
+            sop_instance_uids=uids,
+            software_versions=software_version(),
+        )
+        Image.fromarray(sc.pixel_array).save(OUT / "overlay.png", optimize=True)
+    pipeline.backend.close()
+    pipeline.close()
+    for f in findings:
+        state = "present" if f.present else "absent"
+        print(f"{f.label}: {state} p={f.probability:.3f} parts={len(f.parts)} size={f.size_mm}")
+
+
+if __name__ == "__main__":
+    main()
