@@ -199,6 +199,49 @@ class StorageConfig:
 
 
 @dataclass
+class RetentionConfig:
+    """What the data dir keeps, for how long and within what size (``pacs_bridge.retention``).
+
+    Ages in days (0 = no limit by age), sizes in GB (0 = no limit by size). A study's instances
+    and results are removed only once the study needs nothing more (delivered, skipped, failed,
+    or reported with nothing left to deliver); Nidaan is not the archive, the PACS is.
+    """
+
+    #: Received instances of finished studies.
+    spool_days: float = 14.0
+    spool_max_gb: float = 0.0
+    #: Reports and region objects of finished studies.
+    reports_days: float = 90.0
+    reports_max_gb: float = 0.0
+    #: Refused objects and their reasons.
+    quarantine_days: float = 30.0
+    quarantine_max_gb: float = 1.0
+    #: The audit log is rotated at this size or at the first record of a new day, and rotated
+    #: files are kept this many days (an audit trail outlives the studies).
+    audit_rotate_mb: float = 64.0
+    audit_days: float = 400.0
+    #: Seconds between sweeps.
+    interval_s: float = 300.0
+
+    def validate(self) -> None:
+        for key in (
+            "spool_days",
+            "spool_max_gb",
+            "reports_days",
+            "reports_max_gb",
+            "quarantine_days",
+            "quarantine_max_gb",
+            "audit_days",
+        ):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"retention.{key} must not be negative (0: no limit)")
+        if self.audit_rotate_mb <= 0:
+            raise ConfigError("retention.audit_rotate_mb must be positive")
+        if self.interval_s <= 0:
+            raise ConfigError("retention.interval_s must be positive")
+
+
+@dataclass
 class ModelsConfig:
     """The Triton-style model repository."""
 
@@ -402,6 +445,7 @@ class Config:
     grpc: GrpcConfig = field(default_factory=GrpcConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)

@@ -33,6 +33,7 @@ class AuditLog:
         with self._lock:
             if self._fh.closed:
                 return
+            self._reopen_if_rotated()
             self._fh.write(line + "\n")
             self._fh.flush()
             fd = os.dup(self._fh.fileno())
@@ -42,6 +43,18 @@ class AuditLog:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+    def _reopen_if_rotated(self) -> None:
+        """The retention sweeper renames the file to rotate it (``pacs_bridge.retention``):
+        the next record goes to a new file at the path. What was written before the rename is
+        in the rotated file; nothing is lost (one ``stat`` per record)."""
+        try:
+            same = os.stat(self.path).st_ino == os.fstat(self._fh.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:
+            self._fh.close()
+            self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
 
     def close(self) -> None:
         with self._lock:

@@ -298,6 +298,52 @@ class StateStore:
 
     # --- GetStudy (gRPC) ---
 
+    # --- retention -------------------------------------------------------------------------------
+
+    def prunable_studies(self) -> list[tuple[str, float]]:
+        """(study UID, last change) of the studies that need nothing more, oldest first:
+        delivered, skipped or failed, or reported with no delivery waiting (queued) or dead
+        (waiting for a resend). What is received or analysed, or still to go, is never here."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT study_uid, updated_at FROM studies s"
+                " WHERE state IN ('delivered', 'skipped', 'failed', 'reported')"
+                " AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.study_uid = s.study_uid"
+                " AND o.state IN ('queued', 'dead'))"
+                " ORDER BY updated_at, study_uid"
+            ).fetchall()
+        return [(str(r[0]), float(r[1])) for r in rows]
+
+    def is_prunable(self, study_uid: str) -> bool:
+        """Whether the study still needs nothing more (checked again just before pruning: an
+        instance that arrived meanwhile reopens it)."""
+        return any(s == study_uid for s, _ in self.prunable_studies())
+
+    def report_files(self, study_uid: str) -> list[Path]:
+        """The study's result objects on disk (reports and region objects), each once."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT report_path FROM outbox WHERE study_uid = ?"
+                " UNION SELECT report_path FROM reports WHERE study_uid = ?",
+                (study_uid, study_uid),
+            ).fetchall()
+        return [p for p in (Path(r[0]) for r in rows) if p.exists()]
+
+    def forget_instances(self, study_uid: str, sop_instance_uids: Sequence[str]) -> None:
+        """These instances of the study were pruned from the spool: forget them (the study
+        stays, and so does any instance that arrived since)."""
+        with self._tx() as db:
+            db.executemany(
+                "DELETE FROM instances WHERE study_uid = ? AND sop_instance_uid = ?",
+                [(study_uid, sop) for sop in sop_instance_uids],
+            )
+
+    def forget_reports(self, study_uid: str) -> None:
+        """The study's result objects were pruned: forget their deliveries and the record."""
+        with self._tx() as db:
+            db.execute("DELETE FROM outbox WHERE study_uid = ?", (study_uid,))
+            db.execute("DELETE FROM reports WHERE study_uid = ?", (study_uid,))
+
     def record_report(self, study_uid: str, report_path: Path, sop_instance_uid: str) -> None:
         """Remember the study's newest report (its English SR), whether or not it is sent
         anywhere: what GetStudy and an operator read."""

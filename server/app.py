@@ -26,8 +26,9 @@ from nidaan.kernels import configure_cache, resolve_backend
 from nidaan.pacs_bridge.assembly import StudyAssembler
 from nidaan.pacs_bridge.audit import AuditLog
 from nidaan.pacs_bridge.languages import load_language
-from nidaan.pacs_bridge.outbox import Outbox
+from nidaan.pacs_bridge.outbox import Outbox, describe
 from nidaan.pacs_bridge.receivers import Receivers
+from nidaan.pacs_bridge.retention import AREAS, Sweeper
 from nidaan.pacs_bridge.routing import Router
 from nidaan.pacs_bridge.scp import Limits, StorageSCP, StoreOutcome
 from nidaan.pacs_bridge.spool import Spool
@@ -57,6 +58,7 @@ THREAD_ROLES = {
     "nidaan-outbox": "report delivery (outbox)",
     "nidaan-accept": "DICOM connection acceptor",
     "nidaan-receiver-events": "DICOM receivers' events",
+    "nidaan-retention": "storage retention sweeper",
 }
 
 
@@ -176,7 +178,19 @@ class NidaanServer:
         self._threads = [
             threading.Thread(target=self._work, name=f"nidaan-worker-{i}", daemon=True)
             for i in range(config.inference.workers)
-        ] + [threading.Thread(target=self._tick, name="nidaan-timer", daemon=True)]
+        ] + [
+            threading.Thread(target=self._tick, name="nidaan-timer", daemon=True),
+            threading.Thread(target=self._retain, name="nidaan-retention", daemon=True),
+        ]
+        self.sweeper = Sweeper(
+            config.retention,
+            self.spool,
+            self.state,
+            self.audit,
+            on_sweep=lambda r: self.metrics.storage(
+                r.sizes, r.free_bytes, r.removed_bytes, r.studies_pruned
+            ),
+        )
         self.http: StatusServer | None = None
         self._started_at = time.monotonic()
         self.api: ApiServer | None = None
@@ -310,6 +324,7 @@ class NidaanServer:
             ],
             "studies": self.state.counts(),
             "reports": self.state.outbox_counts(),
+            "storage": self._storage(),
             "inference": {
                 "backend": self.config.inference.backend,
                 "models": {
@@ -416,6 +431,34 @@ class NidaanServer:
     def _tick(self) -> None:
         while not self._stop.wait(0.25):
             self.assembler.tick()
+
+    def _storage(self) -> dict[str, Any]:
+        """The data dir's areas and free space as of the last retention sweep, and the limits."""
+        last = self.sweeper.last
+        r = self.config.retention
+        return {
+            "swept": last is not None,
+            "free_bytes": last.free_bytes if last else None,
+            "areas": {
+                area: {
+                    "bytes": last.sizes[area] if last else None,
+                    "keep_days": getattr(r, f"{area}_days"),
+                    "max_gb": getattr(r, f"{area}_max_gb", 0.0),
+                }
+                for area in AREAS
+            },
+        }
+
+    def _retain(self) -> None:
+        """The retention sweeper: a first sweep soon after start, then every interval_s. A
+        sweep that fails is logged (its type and where) and the next one runs on time."""
+        delay = min(5.0, self.config.retention.interval_s)
+        while not self._stop.wait(delay):
+            try:
+                self.sweeper.sweep()
+            except Exception as exc:  # keep sweeping; the disk's problems are the operator's
+                log.error("retention sweep failed: %s", describe(exc))
+            delay = self.config.retention.interval_s
 
     def _work(self) -> None:
         while True:

@@ -50,6 +50,29 @@ class Metrics:
             ["outcome"],
             registry=self.registry,
         )
+        self.storage_bytes = Gauge(
+            "nidaan_storage_bytes",
+            "Bytes each area of the data dir holds (spool, reports, quarantine, audit), as of "
+            "the last retention sweep",
+            ["area"],
+            registry=self.registry,
+        )
+        self.storage_free_bytes = Gauge(
+            "nidaan_storage_free_bytes",
+            "Free bytes on the data dir's file system, as of the last retention sweep",
+            registry=self.registry,
+        )
+        self.pruned_bytes = Counter(
+            "nidaan_pruned_bytes",
+            "Bytes the retention sweeper removed, by area",
+            ["area"],
+            registry=self.registry,
+        )
+        self.pruned_studies = Counter(
+            "nidaan_pruned_studies",
+            "Finished studies whose instances the retention sweeper removed from the spool",
+            registry=self.registry,
+        )
         self.analysis_seconds = Histogram(
             "nidaan_study_analysis_seconds",
             "Time to analyse a complete study and write its report",
@@ -87,6 +110,19 @@ class Metrics:
         """The embedded batcher's observer: one batch of ``images`` ran for ``model``."""
         self.batch_images.labels(model).observe(images)
         self.queue_seconds.labels(model).observe(queued_s)
+
+    def storage(
+        self, sizes: Mapping[str, int], free: int, removed: Mapping[str, int], studies_pruned: int
+    ) -> None:
+        """Record a retention sweep: each area's size, the free space, what was removed."""
+        for area, size in sizes.items():
+            self.storage_bytes.labels(area).set(size)
+        self.storage_free_bytes.set(free)
+        for area, n in removed.items():
+            if n:
+                self.pruned_bytes.labels(area).inc(n)
+        if studies_pruned:
+            self.pruned_studies.inc(studies_pruned)
 
     def watch_grpc_inflight(self, in_flight: Callable[[], float], limit: float) -> None:
         """Export the bytes gRPC calls hold now (and the limit, grpc.max_inflight_mb)."""

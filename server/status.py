@@ -37,6 +37,17 @@ def _table(rows: list[list[Any]], head: list[str]) -> str:
     return f"<table><tr>{cells}</tr>{body}</table>"
 
 
+def _size(n: int | None) -> str:
+    """Bytes for a person ('not measured yet' before the first retention sweep)."""
+    if n is None:
+        return "not measured yet"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return f"{n} B"
+
+
 def render(status: dict[str, Any]) -> str:
     """The status page for a snapshot (see :meth:`NidaanServer.snapshot`)."""
     models = _table(
@@ -60,6 +71,19 @@ def render(status: dict[str, Any]) -> str:
         ],
         ["model", "images", "batches", "mean batch", "queued images", "refused"],
     )
+    storage = status.get("storage", {"areas": {}, "free_bytes": None})
+    space = _table(
+        [
+            [
+                area,
+                _size(a["bytes"]),
+                f"{a['keep_days']:g} days" if a["keep_days"] else "for ever",
+                f"{a['max_gb']:g} GB" if a["max_gb"] else "no limit",
+            ]
+            for area, a in storage["areas"].items()
+        ],
+        ["area", "size", "kept", "size limit"],
+    )
     items = "".join(f"<li>{html.escape(p)}</li>" for p in status.get("problems", []))
     problems = f"<ul>{items}</ul>" if items else ""
     n = status["node"]
@@ -78,6 +102,7 @@ inference backend {html.escape(status["inference"]["backend"])},
 <h2>Models</h2>{models}
 <h2>Studies</h2>{studies}
 <h2>Report deliveries</h2>{outbox}
+<h2>Storage</h2><p>{_size(storage["free_bytes"])} free on the data dir's disk.</p>{space}
 <h2>Batches (embedded backend)</h2>{batches}
 <p><a href="/metrics">metrics</a> · <a href="/status.json">status.json</a> ·
 <a href="/healthz">healthz</a></p></body></html>
