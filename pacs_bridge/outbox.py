@@ -76,14 +76,17 @@ class Outbox:
         state: StateStore,
         on_delivered: Callable[[str], None] = lambda study_uid: None,
         on_attempt: Callable[[OutboxItem, bool, str], None] = lambda item, ok, error: None,
+        on_sent: Callable[[float], None] = lambda seconds: None,
     ) -> None:
         """``on_attempt(item, ok, error)`` runs once per delivery attempt and
-        ``on_delivered(study_uid)`` once every report of a study is delivered; both run on
-        sender threads, possibly several at once."""
+        ``on_delivered(study_uid)`` once every report of a study is delivered, and
+        ``on_sent(seconds)`` with each object's C-STORE time; they run on sender threads,
+        possibly several at once."""
         self.config = config
         self.state = state
         self._on_delivered = on_delivered
         self._on_attempt = on_attempt
+        self._on_sent = on_sent
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="nidaan-outbox", daemon=True)
@@ -299,8 +302,10 @@ class Outbox:
                     raise
                 assoc[0], stores[0] = current, 0
             stores[0] += 1
+            sending = time.monotonic()
             try:
                 current.store(ds)
+                self._call("on_sent", self._on_sent, time.monotonic() - sending)
             finally:
                 if not current.is_open:  # lost, timed out or aborted: the next item opens anew
                     self._close(current)

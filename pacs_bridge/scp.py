@@ -26,6 +26,8 @@ name included.
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import logging
 import shutil
 import socket
@@ -91,6 +93,9 @@ class StoreOutcome:
     host: str = ""
     study_uid: str = ""
     sop_instance_uid: str = ""
+    #: From the data set's arrival (the handler's event) to this outcome: admission, storage,
+    #: fsync, the state database and the audit line, before the answer.
+    seconds: float = 0.0
 
 
 #: Called for each instance before Success is sent: returns whether it is an image to analyse,
@@ -432,6 +437,11 @@ class StorageSCP:
                 host=outcome.host,
                 study=study_uid,
                 sop_instance=outcome.sop_instance_uid,
+            )
+        started = getattr(event, "timestamp", None)
+        if isinstance(started, datetime.datetime):
+            outcome = dataclasses.replace(
+                outcome, seconds=max(0.0, (datetime.datetime.now() - started).total_seconds())
             )
         self._on_outcome(outcome)
 

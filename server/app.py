@@ -12,7 +12,9 @@ delivers reports; a timer completes idle studies; the accept and receiver-event 
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import shutil
 import socket
 import sys
 import threading
@@ -113,6 +115,7 @@ class NidaanServer:
             kernel_backend=config.kernels.backend,
             decoder=self.decoder,
             prepare_threads=self.decoder.workers,
+            observe=self.metrics.stage,
         )
         self.router = Router(config, {m.name for m in self.models})
         for peer in config.peers:  # a language without its file: ConfigError now, not per study
@@ -173,7 +176,11 @@ class NidaanServer:
             self.state,
             on_delivered=self._study_delivered,
             on_attempt=self._delivery_attempt,
+            on_sent=lambda seconds: self.metrics.stage("delivery", seconds),
         )
+        self.metrics.watch_outbox(self.state.outbox_counts)
+        quarantine = self.spool.quarantine_dir
+        self.metrics.watch_quarantine(lambda: sum(1 for _ in quarantine.glob("*.json")))
         # Several workers, so that the images of concurrent studies meet in the models' batchers.
         self._threads = [
             threading.Thread(target=self._work, name=f"nidaan-worker-{i}", daemon=True)
@@ -225,7 +232,9 @@ class NidaanServer:
             )
             self.api.start(self.config.grpc.bind, self.config.grpc.port, credentials)
         if http:
-            self.http = StatusServer(self.metrics.registry, self.snapshot, self.health)
+            self.http = StatusServer(
+                self.metrics.registry, self.snapshot, self.health, self.readiness
+            )
             h = self.config.http
             try:
                 self.http.start(h.bind, h.port)
@@ -291,6 +300,41 @@ class NidaanServer:
         if isinstance(self.scp, Receivers):
             problems += self.scp.health()
         return problems
+
+    def readiness(self) -> dict[str, str]:
+        """Each readiness check and what is wrong with it ('' = ready), for /readyz: the models
+        loaded (and Triton reachable with them, when used), the spool writable with room, the
+        state database open, and every thread the node needs alive (/healthz)."""
+        checks: dict[str, str] = {}
+        checks["models"] = "" if self.models else "no model loaded"
+        inner = self.backend.backend if isinstance(self.backend, DynamicBatcher) else self.backend
+        problem = getattr(inner, "problem", None)
+        if callable(problem) and not checks["models"]:
+            checks["models"] = str(problem())
+        checks["spool"] = self._spool_problem()
+        try:
+            self.state.counts()
+            checks["state"] = ""
+        except Exception as exc:  # sqlite3 raises several types; the type says enough
+            checks["state"] = f"state database not usable: {type(exc).__name__}"
+        checks["threads"] = "; ".join(self.health())
+        return checks
+
+    def _spool_problem(self) -> str:
+        d = self.config.dicom
+        probe = self.spool.staging_dir / f".ready-{os.getpid()}"
+        try:
+            probe.write_bytes(b"")
+            probe.unlink()
+            free = shutil.disk_usage(self.spool.root).free
+        except OSError as exc:
+            return f"data dir {self.config.storage.data_dir} not writable: {exc.strerror or exc}"
+        if free < d.min_free_bytes:
+            return (
+                f"{free} bytes free on the data dir's disk, less than dicom.min_free_bytes "
+                f"({d.min_free_bytes}): new instances are refused"
+            )
+        return ""
 
     def serving(self) -> bool:
         """Whether the node accepts work and every thread it needs runs."""
@@ -402,6 +446,8 @@ class NidaanServer:
     def _count_store(self, outcome: StoreOutcome) -> None:
         # The SCP wrote the audit line (in whichever process received it) before answering.
         self.metrics.instances.labels(f"0x{outcome.status:04X}").inc()
+        if outcome.seconds:
+            self.metrics.stage("receive", outcome.seconds)
 
     def _count_rejected(self, reason: str) -> None:
         self.metrics.associations_rejected.labels(reason).inc()

@@ -20,7 +20,7 @@ from .model_repository import ModelSpec
 def create_backend(
     config: InferenceConfig,
     models: Sequence[ModelSpec] = (),
-    observe: Callable[[str, int, float], None] | None = None,
+    observe: Callable[[str, int, float, float], None] | None = None,
 ) -> InferenceBackend:
     """The backend the config asks for. The embedded one batches concurrent requests per model
     as its config.pbtxt says (Triton batches on its side)."""

@@ -38,7 +38,7 @@ from .model_repository import ModelSpec
 log = logging.getLogger("nidaan.batching")
 
 #: Called after each batch: model name, images in the batch, seconds its oldest request queued.
-BatchObserver = Callable[[str, int, float], None]
+BatchObserver = Callable[[str, int, float, float], None]
 
 
 @dataclass(frozen=True)
@@ -213,7 +213,9 @@ class _ModelQueue:
                 tensor = (
                     batch[0].tensor if len(batch) == 1 else concatenate([r.tensor for r in batch])
                 )
+                began = time.monotonic()
                 outputs = self._run(self.model, tensor)
+                ran = time.monotonic() - began
             except Exception as exc:  # every caller in the batch learns why
                 for r in batch:
                     r.future.set_exception(exc)
@@ -227,7 +229,7 @@ class _ModelQueue:
                 self.stats.execution_count += 1
             if self._observe is not None:
                 try:
-                    self._observe(self.model.name, int(tensor.shape[0]), waited)
+                    self._observe(self.model.name, int(tensor.shape[0]), waited, ran)
                 except Exception:  # a metrics hiccup must not stop the model's queue
                     log.exception("batch observer failed")
 

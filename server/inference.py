@@ -585,6 +585,18 @@ class TritonBackend:
             self._outputs[m.name] = self._check(m)
         self._share_memory()
 
+    def problem(self) -> str:
+        """Why Triton cannot serve the models now ('' when it can): for /readyz."""
+        try:
+            if not self.client.is_server_ready(client_timeout=self.timeout_s):
+                return f"Triton at {self.url} is not ready"
+            for m in self.models:
+                if not self.client.is_model_ready(m.name, client_timeout=self.timeout_s):
+                    return f"Triton at {self.url} does not have model {m.name!r} ready"
+        except self._error as exc:
+            return f"Triton at {self.url} is not reachable: {type(exc).__name__}"
+        return ""
+
     def _share_memory(self) -> None:
         local = _is_loopback(self.url)
         kinds = []

@@ -9,6 +9,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+#: The stages ``nidaan_stage_seconds`` times.
+STAGES = ("receive", "decode", "preprocess", "queue", "inference", "report", "delivery")
+
 
 class Metrics:
     """The server's metrics, in their own registry (so tests can run several servers)."""
@@ -73,6 +76,28 @@ class Metrics:
             "Finished studies whose instances the retention sweeper removed from the spool",
             registry=self.registry,
         )
+        self.stage_seconds = Histogram(
+            "nidaan_stage_seconds",
+            "Time spent in each stage: receive (one C-STORE, to its answer), decode and "
+            "preprocess (one image), queue and inference (one batch), report (a study's "
+            "results written), delivery (one object sent to one destination)",
+            ["stage"],
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=self.registry,
+        )
+        for stage in STAGES:
+            self.stage_seconds.labels(stage)
+        self.outbox_items = Gauge(
+            "nidaan_outbox_items",
+            "Result deliveries in the outbox, by state (queued, delivered, dead)",
+            ["state"],
+            registry=self.registry,
+        )
+        self.quarantined = Gauge(
+            "nidaan_quarantine_entries",
+            "Refused or unusable objects kept in the quarantine (with their reasons)",
+            registry=self.registry,
+        )
         self.analysis_seconds = Histogram(
             "nidaan_study_analysis_seconds",
             "Time to analyse a complete study and write its report",
@@ -106,10 +131,17 @@ class Metrics:
             registry=self.registry,
         )
 
-    def observe_batch(self, model: str, images: int, queued_s: float) -> None:
-        """The embedded batcher's observer: one batch of ``images`` ran for ``model``."""
+    def observe_batch(self, model: str, images: int, queued_s: float, ran_s: float) -> None:
+        """The embedded batcher's observer: one batch of ``images`` ran for ``model`` in
+        ``ran_s`` after its oldest request waited ``queued_s``."""
         self.batch_images.labels(model).observe(images)
         self.queue_seconds.labels(model).observe(queued_s)
+        self.stage("queue", queued_s)
+        self.stage("inference", ran_s)
+
+    def stage(self, stage: str, seconds: float) -> None:
+        """One pass through a stage of the pipeline (``STAGES``)."""
+        self.stage_seconds.labels(stage).observe(seconds)
 
     def storage(
         self, sizes: Mapping[str, int], free: int, removed: Mapping[str, int], studies_pruned: int
@@ -123,6 +155,17 @@ class Metrics:
                 self.pruned_bytes.labels(area).inc(n)
         if studies_pruned:
             self.pruned_studies.inc(studies_pruned)
+
+    def watch_outbox(self, counts: Callable[[], Mapping[str, int]]) -> None:
+        """Export the outbox's deliveries by state, read at each scrape."""
+        for state in ("queued", "delivered", "dead"):
+            self.outbox_items.labels(state).set_function(
+                lambda state=state: float(counts().get(state, 0))  # type: ignore[misc]
+            )
+
+    def watch_quarantine(self, entries: Callable[[], int]) -> None:
+        """Export how many entries the quarantine holds, counted at each scrape."""
+        self.quarantined.set_function(lambda: float(entries()))
 
     def watch_grpc_inflight(self, in_flight: Callable[[], float], limit: float) -> None:
         """Export the bytes gRPC calls hold now (and the limit, grpc.max_inflight_mb)."""

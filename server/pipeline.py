@@ -14,6 +14,7 @@ are analysed. The gRPC path passes its request's tensors to :meth:`Pipeline.anal
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -99,11 +100,15 @@ class Pipeline:
         kernel_backend: str = "auto",
         decoder: DecodePool | None = None,
         prepare_threads: int = 2,
+        observe: Callable[[str, float], None] | None = None,
     ) -> None:
+        """``observe(stage, seconds)`` hears how long each image's ``decode`` and
+        ``preprocess`` took (the metrics' stage histogram)."""
         self.models = list(models)
         self.backend = backend
         self.kernel_backend = kernel_backend
         self.decoder = decoder
+        self._observe = observe or (lambda stage, seconds: None)
         #: Images of a study prepared at once: decodes wait on the pool's processes and the CPU
         #: kernels release the GIL, so a study's images overlap on every core.
         self._prepare = ThreadPoolExecutor(
@@ -143,7 +148,10 @@ class Pipeline:
         models = self.models_for(ds, allowed)
         if not models:
             return {}
+        began = time.monotonic()
         image = decode(ds, self.decoder)
+        decoded = time.monotonic()
+        self._observe("decode", decoded - began)
         prepared = {}
         for m in models:
             batch, placements = preprocess(
@@ -157,6 +165,7 @@ class Pipeline:
             else:
                 tensor = to_host(batch)[0]
             prepared[m.name] = Prepared(tensor, placements[0])
+        self._observe("preprocess", time.monotonic() - decoded)
         return prepared
 
     # --- analysis --------------------------------------------------------------------------------

@@ -5,6 +5,10 @@
   background thread it needs (analysis workers, timer, outbox) runs; otherwise 503 with
   ``{"status": "not serving", "problems": [...]}`` naming what is wrong, e.g. which thread ended
   (for load balancers, Kubernetes probes and monitoring).
+- ``/readyz``: 200 ``{"status": "ready", "checks": {...}}`` when the node can take work now: its
+  models loaded (and Triton reachable with them, when used), the spool writable with
+  ``dicom.min_free_bytes`` free, the state database open, every thread alive; otherwise 503 with
+  each failing check's reason (a readiness probe: take the node out of rotation, don't restart).
 - ``/status.json`` and ``/``: what the node is doing, as JSON and as a plain HTML page: models (and
   whether they are for diagnosis), studies by state, report deliveries by state, each model's
   queue and batches, the receiver and decoder processes. Counts only: no patient data and no UIDs.
@@ -27,6 +31,8 @@ log = logging.getLogger("nidaan.status")
 Snapshot = Callable[[], dict[str, Any]]
 #: What keeps the node from serving (see :meth:`NidaanServer.health`); empty when it serves.
 Health = Callable[[], list[str]]
+#: Each readiness check and what is wrong with it ("" = ready): /readyz.
+Ready = Callable[[], dict[str, str]]
 
 
 def _table(rows: list[list[Any]], head: list[str]) -> str:
@@ -112,10 +118,17 @@ inference backend {html.escape(status["inference"]["backend"])},
 class StatusServer:
     """A small threaded HTTP server for metrics, health and status."""
 
-    def __init__(self, registry: CollectorRegistry, snapshot: Snapshot, health: Health) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        snapshot: Snapshot,
+        health: Health,
+        ready: Ready | None = None,
+    ) -> None:
         self._registry = registry
         self._snapshot = snapshot
         self._health = health
+        self._ready = ready
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.port = 0
@@ -135,6 +148,14 @@ class StatusServer:
                         if problems:
                             body = {"status": "not serving", "problems": problems}
                         self._send(503 if problems else 200, "application/json", json.dumps(body))
+                    elif path == "/readyz":
+                        checks = outer._ready() if outer._ready else {}
+                        failing = {k: v for k, v in checks.items() if v}
+                        ready = {
+                            "status": "not ready" if failing else "ready",
+                            "checks": {k: v or "ok" for k, v in checks.items()},
+                        }
+                        self._send(503 if failing else 200, "application/json", json.dumps(ready))
                     elif path == "/status.json":
                         self._send(200, "application/json", json.dumps(outer._snapshot()))
                     elif path in ("/", "/index.html"):

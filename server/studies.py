@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,6 +148,7 @@ class Studies:
             return
         self.state.set_study_state(study_uid, "analysed", note)
         log.info("study %s analysed: %s", ref(study_uid), _summary(analyses))
+        writing = time.monotonic()
         findings = group_findings(analyses)
         key = report_key(analyses, paths)
         # The English report is always written and recorded (GetStudy reads it), sent or not.
@@ -171,6 +173,7 @@ class Studies:
             for kind in peer.objects:
                 queue += [(p, uid, dest) for p, uid in objects.get(kind, peer.language)]
         self.state.enqueue_all(study_uid, queue)
+        self.metrics.stage("report", time.monotonic() - writing)
         if objects.problems:
             note = "; ".join(filter(None, [note, *objects.problems]))
         self.state.set_study_state(study_uid, "reported", note)

@@ -41,7 +41,7 @@ class _Recorder:
         self.sizes: list[int] = []
         self.lock = threading.Lock()
 
-    def __call__(self, model: str, images: int, queued_s: float) -> None:
+    def __call__(self, model: str, images: int, queued_s: float, ran_s: float) -> None:
         with self.lock:
             self.sizes.append(images)
 

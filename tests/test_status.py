@@ -58,6 +58,24 @@ def test_health_metrics_and_status_page(tmp_path: Path) -> None:
         code, kind, metrics = _get(port, "/metrics")
         assert code == 200 and kind.startswith("text/plain")
         assert 'nidaan_instances_received_total{status="0x0000"} 1.0' in metrics
+        # Every stage this study went through was timed (no destination: nothing delivered).
+        for stage in ("receive", "decode", "preprocess", "queue", "inference"):
+            count = f'nidaan_stage_seconds_count{{stage="{stage}"}} '
+            line = next(x for x in metrics.splitlines() if x.startswith(count))
+            assert float(line.split()[-1]) >= 1, line
+        assert 'nidaan_stage_seconds_count{stage="delivery"} 0.0' in metrics
+        assert 'nidaan_outbox_items{state="queued"} 0.0' in metrics
+        assert "nidaan_quarantine_entries 0.0" in metrics
+        # Ready: models, spool, state database, threads.
+        code, _, body = _get(port, "/readyz")
+        ready = json.loads(body)
+        assert code == 200 and ready["status"] == "ready"
+        assert ready["checks"] == {"models": "ok", "spool": "ok", "state": "ok", "threads": "ok"}
+        server.config.dicom.min_free_bytes = 1 << 62  # the disk is "full"
+        code, _, body = _get(port, "/readyz")
+        assert code == 503 and "dicom.min_free_bytes" in json.loads(body)["checks"]["spool"]
+        assert _get(port, "/healthz")[0] == 200  # alive, only not ready
+        server.config.dicom.min_free_bytes = 0
         for text in (page, json.dumps(status)):
             for phi in (ds.PatientName, ds.PatientID, ds.StudyInstanceUID, ds.SOPInstanceUID):
                 assert str(phi) not in text
