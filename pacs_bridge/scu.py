@@ -17,6 +17,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import AE
 from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from nidaan.core.errors import DeliveryError
 
@@ -148,3 +149,37 @@ def send_file(
         assoc.store(ds)
     finally:
         assoc.release()
+
+
+def echo(
+    *,
+    calling_ae: str,
+    peer_ae: str,
+    host: str,
+    port: int,
+    timeout_s: float = 10.0,
+    ssl_context: ssl.SSLContext | None = None,
+) -> str:
+    """C-ECHO the peer (PS3.7 9.1.5, Verification); '' when it answers Success, else what
+    went wrong, in words a person can act on."""
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    ae.add_requested_context(Verification)
+    tls_args = None if ssl_context is None else (ssl_context, host)
+    try:
+        assoc = ae.associate(host, port, ae_title=peer_ae, tls_args=tls_args)
+    except OSError as exc:
+        return f"cannot connect: {exc.strerror or type(exc).__name__}"
+    if assoc.is_rejected:
+        return "it rejected the association (does it know our AE title and host?)"
+    if not assoc.is_established:
+        return f"no association with {host}:{port} (nothing answers there as {peer_ae})"
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    if not status or "Status" not in status:
+        return "no answer to the C-ECHO"
+    if status.Status != 0x0000:
+        return f"it answered the C-ECHO with status 0x{int(status.Status):04X}"
+    return ""

@@ -368,9 +368,10 @@ class StateStore:
                 (study_uid,),
             ).fetchone()
             if row is None:
+                # The study's first queued object: its SR (the SR is queued first).
                 row = self._db.execute(
                     "SELECT report_path, sop_instance_uid FROM outbox WHERE study_uid = ?"
-                    " ORDER BY id DESC LIMIT 1",
+                    " ORDER BY id LIMIT 1",
                     (study_uid,),
                 ).fetchone()
         return None if row is None else (Path(row[0]), str(row[1]))

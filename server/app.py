@@ -16,6 +16,7 @@ import os
 import queue
 import shutil
 import socket
+import sqlite3
 import sys
 import threading
 import time
@@ -122,12 +123,22 @@ class NidaanServer:
             if peer.language:
                 load_language(peer.language)
         data = Path(config.storage.data_dir)
-        self.spool = Spool(data)
-        self.state = StateStore(data / "state.sqlite3")
-        self.audit = AuditLog(data / "audit.jsonl")
-        # One UID per installation, made once and kept in the data dir (TID 1004 Device
-        # Observer UID): an AE title is the same in every default installation.
-        self.device_uid = node_uid(data)
+        try:
+            self.spool = Spool(data)
+            probe = self.spool.staging_dir / f".writable-{os.getpid()}"
+            probe.write_bytes(b"")  # a read-only file system fails here, not at the first study
+            probe.unlink()
+            self.state = StateStore(data / "state.sqlite3")
+            self.audit = AuditLog(data / "audit.jsonl")
+            # One UID per installation, made once and kept in the data dir (TID 1004 Device
+            # Observer UID): an AE title is the same in every default installation.
+            self.device_uid = node_uid(data)
+        except (OSError, sqlite3.Error, ValueError) as exc:
+            why = getattr(exc, "strerror", None) or str(exc)
+            raise ConfigError(
+                f"storage.data_dir: cannot use {data} ({why}); give a writable folder "
+                "(NIDAAN_STORAGE_DATA_DIR or [storage] data_dir)"
+            ) from exc
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._stop = threading.Event()
         self._busy_lock = threading.Lock()

@@ -79,6 +79,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"data in {cfg.storage.data_dir}",
         flush=True,
     )
+    for line in exposure_warnings(cfg):  # the defaults listen on every interface
+        logging.getLogger("nidaan.server").warning("%s", line)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
@@ -361,6 +363,31 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
+def exposure_warnings(cfg: Config) -> list[str]:
+    """What a node listening beyond loopback accepts from anyone, said at start and by doctor."""
+    out = []
+    if not _is_loopback(cfg.dicom.bind) and not cfg.dicom.require_known_callers:
+        out.append(
+            f"DICOM listens on {cfg.dicom.bind}:{cfg.dicom.port} and accepts any caller: set "
+            "dicom.require_known_callers = true to accept only the configured [[peers]]"
+        )
+    if not _is_loopback(cfg.grpc.bind) and not (cfg.grpc.tls or cfg.grpc.tokens_file):
+        out.append(
+            f"gRPC listens on {cfg.grpc.bind}:{cfg.grpc.port} without authentication: set "
+            "grpc.tls = true (mutual TLS) or grpc.tokens_file (bearer tokens)"
+        )
+    if not _is_loopback(cfg.http.bind):
+        out.append(
+            f"the status page and metrics listen on {cfg.http.bind}:{cfg.http.port} for anyone "
+            '(counts only, no patient data); set http.bind = "127.0.0.1" to keep them local'
+        )
+    return out
+
+
+def _is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     """Check that this machine can run Nidaan with this config."""
     problems = 0
@@ -409,12 +436,39 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         report(free > 1.0, f"data dir {data} is writable, {free:.1f} GiB free")
     except OSError as exc:
         report(False, f"data dir {data}: {exc.strerror}")
-    for name, port, host in (
-        ("DICOM", cfg.dicom.port, cfg.dicom.bind),
-        ("HTTP", cfg.http.port, cfg.http.bind),
-        ("gRPC", cfg.grpc.port, cfg.grpc.bind),
+    for name, port, host, key in (
+        ("DICOM", cfg.dicom.port, cfg.dicom.bind, "dicom.port"),
+        ("HTTP", cfg.http.port, cfg.http.bind, "http.port"),
+        ("gRPC", cfg.grpc.port, cfg.grpc.bind, "grpc.port"),
     ):
-        report(_port_free(host, port), f"{name} port {port} is free")
+        if _port_free(host, port):
+            report(True, f"{name} port {port} on {host} is free ({key})")
+        else:
+            report(
+                False,
+                f"{name} port {port} on {host} is taken: another program (or a running "
+                f"nidaan serve) listens there; stop it or set {key}",
+            )
+    for line in exposure_warnings(cfg):
+        print(f"[warn] {line}")
+    from nidaan.pacs_bridge.scu import echo
+    from nidaan.pacs_bridge.tls import client_context
+
+    for peer in cfg.peers:
+        try:
+            context = client_context(cfg.dicom) if peer.tls else None
+            why = echo(
+                calling_ae=cfg.dicom.ae_title,
+                peer_ae=peer.ae_title,
+                host=peer.host,
+                port=peer.port,
+                timeout_s=min(10.0, cfg.dicom.network_timeout_s),
+                ssl_context=context,
+            )
+        except (OSError, ValueError) as exc:
+            why = f"TLS set-up failed: {exc}"
+        where = f"peer {peer.ae_title} at {peer.host}:{peer.port}{' (TLS)' if peer.tls else ''}"
+        report(not why, f"{where} answers C-ECHO" if not why else f"{where}: {why}")
     from .inference import onnxruntime_providers
 
     try:

@@ -153,16 +153,18 @@ class Studies:
         key = report_key(analyses, paths)
         # The English report is always written and recorded (GetStudy reads it), sent or not.
         path, sop_uid = self._write_report(study_uid, analyses, findings, key, "")
-        self.state.record_report(study_uid, path, sop_uid)
         named = [d for dec in decisions.values() if dec is not None for d in dec.destinations]
         destinations = self.destinations(calling_ae, named)
         if not destinations:
-            self.state.set_study_state(
-                study_uid,
-                "reported",
-                "no destination configured for the sending AE; report kept in the data dir",
+            why = self._no_destination(calling_ae)
+            self.state.set_study_state(study_uid, "reported", why)
+            self.state.record_report(study_uid, path, sop_uid)
+            log.warning(
+                "study %s reported, report %s not sent: %s",
+                ref(study_uid),
+                ref(sop_uid),
+                why,
             )
-            log.warning("study %s reported but no destination is configured", ref(study_uid))
             return
         objects = ResultObjects(self, study_uid, analyses, findings, key, paths)
         objects.made("sr", "", path, sop_uid)
@@ -172,13 +174,32 @@ class Studies:
             assert peer is not None  # destinations() keeps configured peers only
             for kind in peer.objects:
                 queue += [(p, uid, dest) for p, uid in objects.get(kind, peer.language)]
-        self.state.enqueue_all(study_uid, queue)
-        self.metrics.stage("report", time.monotonic() - writing)
         if objects.problems:
             note = "; ".join(filter(None, [note, *objects.problems]))
+        # Reported before anything is queued: the outbox may deliver it all at once, and its
+        # "delivered" must come after, never be overwritten.
         self.state.set_study_state(study_uid, "reported", note)
+        self.state.enqueue_all(study_uid, queue)
+        self.state.record_report(study_uid, path, sop_uid)  # after the state: GetStudy sees both
+        self.metrics.stage("report", time.monotonic() - writing)
         self.metrics.studies.labels("reported").inc()
         self._wake_outbox()
+
+    def _no_destination(self, calling_ae: str) -> str:
+        """Why a study's report goes nowhere, and how to have it delivered."""
+        kept = "the report is kept in the data dir's reports/ folder (GetStudy returns it)"
+        if self.config.peers and self.config.peer(calling_ae) is None:
+            return (
+                f"the sender, AE {calling_ae!r}, is not a configured peer, so '@source' in "
+                f"reports.destinations cannot reach it; {kept}; to deliver reports to it, add a "
+                f"[[peers]] entry with ae_title = {calling_ae!r} and its host and port, then "
+                "have the study sent again"
+            )
+        return (
+            f"no destination is configured (no [[peers]] entry for AE {calling_ae!r} and none "
+            f"in reports.destinations); {kept}; to deliver reports, add the PACS as a "
+            "[[peers]] entry"
+        )
 
     def _write_report(
         self,

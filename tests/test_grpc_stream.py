@@ -203,9 +203,9 @@ def _tracking_uids(sr: pydicom.Dataset) -> list[str]:
 
 
 def test_get_study_finds_the_report_of_a_study_with_no_destination(tmp_path, start_server) -> None:  # type: ignore[no-untyped-def]
-    """No destination for the sender: the report stays in the data dir, and GetStudy still
-    shows its findings and the report."""
-    server = start_server(make_config(tmp_path))
+    """A sender that is not a configured peer: the report stays in the data dir, the study's
+    reason says so and how to deliver it, and GetStudy still shows its findings and report."""
+    server = start_server(make_config(tmp_path, peers=[Peer("PACS", "127.0.0.1", free_port())]))
     ds, _ = synthetic_cxr(77, nodule=True, rows=800, columns=700)
     with Client(f"127.0.0.1:{server.api.port}") as client:
         c_store(server.scp.port, [ds])
@@ -215,6 +215,9 @@ def test_get_study_finds_the_report_of_a_study_with_no_destination(tmp_path, sta
             "the study's report",
         )
         assert study.state == "reported" and len(study.results) == 1
+        reason = server.state.study(str(ds.StudyInstanceUID))[1]
+        assert "AE 'MODALITY', is not a configured peer" in reason
+        assert "add a [[peers]] entry with ae_title = 'MODALITY'" in reason
         assert pydicom.dcmread(io.BytesIO(study.report)).SOPInstanceUID == (
             study.report_sop_instance_uid
         )
