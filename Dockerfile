@@ -1,9 +1,14 @@
-# Nidaan app image. CPU by default; for a GPU image build with
-#   docker build --build-arg BASE=nvidia/cuda:13.0.0-runtime-ubuntu24.04 --build-arg ORT=onnxruntime-gpu .
-ARG BASE=python:3.11-slim-bookworm
-FROM ${BASE}
-ARG ORT=onnxruntime
-ENV PYTHONUNBUFFERED=1 NIDAAN_STORAGE_DATA_DIR=/var/lib/nidaan NIDAAN_MODELS_REPOSITORY=/opt/nidaan/models \
+# Nidaan, CPU image:   docker build -t nidaan .
+# GPU image:           docker build -f Dockerfile.gpu -t nidaan-gpu .
+# Run:                 docker run -p 11112:11112 -p 50051:50051 -p 8080:8080 \
+#                        -v nidaan-data:/var/lib/nidaan nidaan
+FROM python:3.11-slim-bookworm
+
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    NIDAAN_STORAGE_DATA_DIR=/var/lib/nidaan \
+    NIDAAN_MODELS_REPOSITORY=/opt/nidaan/models \
     NUMBA_CACHE_DIR=/var/cache/nidaan/numba
 WORKDIR /opt/nidaan
 COPY pyproject.toml README.md ./
@@ -13,13 +18,20 @@ COPY kernels kernels
 COPY server server
 COPY pacs_bridge pacs_bridge
 COPY models models
-RUN pip install --no-cache-dir '.[server]' ${ORT} \
-    && useradd --system --home /var/lib/nidaan nidaan \
+# The server with the CPU ONNX Runtime (`server` extra), then an unprivileged user that owns only
+# the data and cache folders.
+# This checkout itself (its dependencies' versions are bounded in pyproject.toml).
+# hadolint ignore=DL3013
+RUN pip install --no-cache-dir '.[server]' \
+    && useradd --system --uid 10001 --home-dir /var/lib/nidaan --shell /usr/sbin/nologin nidaan \
     && mkdir -p /var/lib/nidaan /var/cache/nidaan/numba \
-    && chown -R nidaan /var/lib/nidaan /var/cache/nidaan
-USER nidaan
-# DICOM, gRPC, HTTP (metrics)
+    && chown -R nidaan:nidaan /var/lib/nidaan /var/cache/nidaan
+USER 10001:10001
+# DICOM, gRPC, HTTP (status page, metrics, /healthz, /readyz)
 EXPOSE 11112 50051 8080
 VOLUME ["/var/lib/nidaan"]
+# /healthz: 200 while serving and every thread it needs runs (no curl in the slim image).
+HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=4)"]
 ENTRYPOINT ["nidaan"]
 CMD ["serve"]
