@@ -156,22 +156,23 @@ class GrpcConfig:
             read_tokens(self.tokens_file)  # a missing, unreadable or empty file stops here
 
 
-def read_tokens(path: str) -> list[str]:
-    """The bearer tokens in ``path`` (``grpc.tokens_file``): one per line, blank lines and
-    '#' comments ignored. ConfigError naming the file (never a token) if it has none."""
+def read_tokens(path: str, key: str = "grpc.tokens_file") -> list[str]:
+    """The bearer tokens in ``path`` (``key``: ``grpc.tokens_file``, ``http.tokens_file``): one
+    per line, blank lines and '#' comments ignored. ConfigError naming the file (never a token)
+    if it has none."""
     try:
         with open(path, encoding="utf-8") as fh:
             lines = fh.read().splitlines()
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"grpc.tokens_file: cannot read {path}: {exc}") from exc
+        raise ConfigError(f"{key}: cannot read {path}: {exc}") from exc
     tokens = [t.strip() for t in lines if t.strip() and not t.strip().startswith("#")]
     if not tokens:
-        raise ConfigError(f"grpc.tokens_file: {path} holds no token")
+        raise ConfigError(f"{key}: {path} holds no token")
     for n, token in enumerate(tokens, 1):
         if len(token) < 16 or any(c.isspace() or not c.isprintable() for c in token):
             # The token itself is never quoted: it is a secret.
             raise ConfigError(
-                f"grpc.tokens_file: token {n} in {path} is shorter than 16 characters or holds "
+                f"{key}: token {n} in {path} is shorter than 16 characters or holds "
                 "spaces or control characters"
             )
     return tokens
@@ -183,9 +184,22 @@ class HttpConfig:
 
     bind: str = "0.0.0.0"
     port: int = 8080
+    #: Tokens, one per line, that open the status page and its actions (resend) and /metrics:
+    #: a browser signs in once with ``/?token=<token>``, Prometheus sends ``Authorization:
+    #: Bearer <token>``. /healthz and /readyz stay open for probes. Empty: no token needed.
+    tokens_file: str = ""
+    #: Serve HTTPS with the node's certificate (dicom.tls_certificate/_private_key) and accept
+    #: only clients whose certificate dicom.tls_ca signed, as the DICOM and gRPC ports do.
+    tls: bool = False
+    #: Seconds between C-ECHOes of each configured peer (shown on the status page).
+    echo_interval_s: float = 60.0
 
     def validate(self) -> None:
         _check_port(self.port, "http.port")
+        if self.tokens_file:
+            read_tokens(self.tokens_file, "http.tokens_file")
+        if self.echo_interval_s <= 0:
+            raise ConfigError("http.echo_interval_s must be positive")
 
 
 @dataclass
@@ -469,6 +483,11 @@ class Config:
         if self.grpc.tls and not (self.dicom.tls_certificate and self.dicom.tls_ca):
             raise ConfigError(
                 "grpc.tls = true needs dicom.tls_certificate, dicom.tls_private_key and "
+                "dicom.tls_ca (the node's certificate, and the CA that signs its clients')"
+            )
+        if self.http.tls and not (self.dicom.tls_certificate and self.dicom.tls_ca):
+            raise ConfigError(
+                "http.tls = true needs dicom.tls_certificate, dicom.tls_private_key and "
                 "dicom.tls_ca (the node's certificate, and the CA that signs its clients')"
             )
         if any(p.tls for p in self.peers) and not self.dicom.tls_ca:

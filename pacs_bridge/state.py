@@ -54,7 +54,8 @@ CREATE TABLE IF NOT EXISTS reports (
     study_uid TEXT PRIMARY KEY,
     report_path TEXT NOT NULL,
     sop_instance_uid TEXT NOT NULL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    summary TEXT NOT NULL DEFAULT ''
 );
 """
 
@@ -88,6 +89,24 @@ class OutboxItem:
     last_error: str
 
 
+@dataclass(frozen=True)
+class StudyRow:
+    """What the status page shows of one study (no patient data)."""
+
+    study_uid: str
+    calling_ae: str
+    state: str
+    reason: str
+    updated_at: float
+    received_at: float | None
+    instances: int
+    sop_classes: tuple[str, ...]
+    summary: str
+    queued: int
+    delivered: int
+    dead: int
+
+
 class StateStore:
     """Thread-safe access to the state database."""
 
@@ -99,6 +118,9 @@ class StateStore:
         # FULL: a committed row survives power loss, as the C-STORE response promises.
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(reports)")}
+        if "summary" not in columns:  # a reports table from before the summary was kept
+            self._db.execute("ALTER TABLE reports ADD COLUMN summary TEXT NOT NULL DEFAULT ''")
 
     def close(self) -> None:
         with self._lock:
@@ -344,17 +366,76 @@ class StateStore:
             db.execute("DELETE FROM outbox WHERE study_uid = ?", (study_uid,))
             db.execute("DELETE FROM reports WHERE study_uid = ?", (study_uid,))
 
-    def record_report(self, study_uid: str, report_path: Path, sop_instance_uid: str) -> None:
-        """Remember the study's newest report (its English SR), whether or not it is sent
-        anywhere: what GetStudy and an operator read."""
+    def record_report(
+        self, study_uid: str, report_path: Path, sop_instance_uid: str, summary: str = ""
+    ) -> None:
+        """Remember the study's newest report (its English SR) and its one-line summary of the
+        findings (no patient data), whether or not it is sent anywhere: what GetStudy, the
+        status page and an operator read."""
         with self._tx() as db:
             db.execute(
-                "INSERT INTO reports (study_uid, report_path, sop_instance_uid, updated_at)"
-                " VALUES (?,?,?,?) ON CONFLICT(study_uid) DO UPDATE SET"
-                " report_path = excluded.report_path,"
+                "INSERT INTO reports (study_uid, report_path, sop_instance_uid, updated_at,"
+                " summary) VALUES (?,?,?,?,?) ON CONFLICT(study_uid) DO UPDATE SET"
+                " report_path = excluded.report_path, summary = excluded.summary,"
                 " sop_instance_uid = excluded.sop_instance_uid, updated_at = excluded.updated_at",
-                (study_uid, str(report_path), sop_instance_uid, time.time()),
+                (study_uid, str(report_path), sop_instance_uid, time.time(), summary),
             )
+
+    def recent_studies(
+        self, limit: int = 50, *, state: str = "", calling_ae: str = ""
+    ) -> list[StudyRow]:
+        """The newest studies (by last change), optionally of one state or calling AE, with
+        what the status page shows of each."""
+        where, args = [], []
+        if state:
+            where.append("s.state = ?")
+            args.append(state)
+        if calling_ae:
+            where.append("s.calling_ae = ?")
+            args.append(calling_ae)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT s.study_uid, s.calling_ae, s.state, s.reason, s.updated_at,"
+                " (SELECT MIN(received_at) FROM instances i WHERE i.study_uid = s.study_uid),"
+                " (SELECT COUNT(*) FROM instances i WHERE i.study_uid = s.study_uid),"
+                " (SELECT GROUP_CONCAT(DISTINCT sop_class_uid) FROM instances i"
+                "  WHERE i.study_uid = s.study_uid),"
+                " COALESCE((SELECT summary FROM reports r WHERE r.study_uid = s.study_uid), ''),"
+                " (SELECT COUNT(*) FROM outbox o WHERE o.study_uid = s.study_uid"
+                "  AND o.state = 'queued'),"
+                " (SELECT COUNT(*) FROM outbox o WHERE o.study_uid = s.study_uid"
+                "  AND o.state = 'delivered'),"
+                " (SELECT COUNT(*) FROM outbox o WHERE o.study_uid = s.study_uid"
+                "  AND o.state = 'dead')"
+                f" FROM studies s {clause} ORDER BY s.updated_at DESC LIMIT ?",
+                (*args, limit),
+            ).fetchall()
+        return [
+            StudyRow(
+                study_uid=r[0],
+                calling_ae=r[1],
+                state=r[2],
+                reason=r[3],
+                updated_at=float(r[4]),
+                received_at=float(r[5]) if r[5] is not None else None,
+                instances=int(r[6]),
+                sop_classes=tuple(sorted(set((r[7] or "").split(",")) - {""})),
+                summary=r[8],
+                queued=int(r[9]),
+                delivered=int(r[10]),
+                dead=int(r[11]),
+            )
+            for r in rows
+        ]
+
+    def calling_aes(self) -> list[str]:
+        """Every AE title that has sent a study (the status page's filter)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT DISTINCT calling_ae FROM studies ORDER BY calling_ae"
+            ).fetchall()
+        return [r[0] for r in rows]
 
     def latest_report(self, study_uid: str) -> tuple[Path, str] | None:
         """(path, SOP Instance UID) of the study's newest report, or None.

@@ -15,6 +15,9 @@ command -v openssl >/dev/null || need_pkgs+=(openssl)
 dpkg-query -W libb64-0d >/dev/null 2>&1 || need_pkgs+=(libb64-0d)  # ldconfig may not be on PATH
 # A Devanagari font, so that a Hindi report rendered by dsr2html (or any viewer) shows its text.
 dpkg-query -W fonts-lohit-deva >/dev/null 2>&1 || need_pkgs+=(fonts-lohit-deva)
+# The browser the status page is tested in (Playwright drives Debian's chromium; it downloads
+# no browser of its own).
+command -v chromium >/dev/null || need_pkgs+=(chromium)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -q

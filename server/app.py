@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nidaan.core.config import Config
+from nidaan.core.config import Config, read_tokens
 from nidaan.core.errors import ConfigError, InferenceError, NidaanError
 from nidaan.kernels import configure_cache, resolve_backend
 from nidaan.pacs_bridge.assembly import StudyAssembler
@@ -34,14 +34,16 @@ from nidaan.pacs_bridge.receivers import Receivers
 from nidaan.pacs_bridge.retention import AREAS, Sweeper
 from nidaan.pacs_bridge.routing import Router
 from nidaan.pacs_bridge.scp import Limits, StorageSCP, StoreOutcome
+from nidaan.pacs_bridge.scu import echo
 from nidaan.pacs_bridge.spool import Spool
-from nidaan.pacs_bridge.state import OutboxItem, StateStore
-from nidaan.pacs_bridge.tls import server_context
+from nidaan.pacs_bridge.state import STUDY_STATES, OutboxItem, StateStore
+from nidaan.pacs_bridge.tls import client_context, server_context
 from nidaan.pacs_bridge.uids import node_uid, ref
 
 from .api import ApiLimits, ApiServer, InferenceService, server_credentials
 from .backends import create_backend
 from .batching import DynamicBatcher
+from .console import modality_of, quarantine_entries, short_uid
 from .decode_pool import DecodePool
 from .metrics import Metrics
 from .model_repository import load_repository
@@ -62,6 +64,7 @@ THREAD_ROLES = {
     "nidaan-accept": "DICOM connection acceptor",
     "nidaan-receiver-events": "DICOM receivers' events",
     "nidaan-retention": "storage retention sweeper",
+    "nidaan-peers": "peer C-ECHO monitor",
 }
 
 
@@ -200,6 +203,14 @@ class NidaanServer:
             threading.Thread(target=self._tick, name="nidaan-timer", daemon=True),
             threading.Thread(target=self._retain, name="nidaan-retention", daemon=True),
         ]
+        if config.peers:
+            self._threads.append(
+                threading.Thread(target=self._echo_peers, name="nidaan-peers", daemon=True)
+            )
+        #: Each peer's last C-ECHO and last delivery: (time, '' or what went wrong).
+        self._peer_lock = threading.Lock()
+        self._echoes: dict[str, tuple[float, str]] = {}
+        self._deliveries: dict[str, tuple[float, str]] = {}
         self.sweeper = Sweeper(
             config.retention,
             self.spool,
@@ -243,12 +254,22 @@ class NidaanServer:
             )
             self.api.start(self.config.grpc.bind, self.config.grpc.port, credentials)
         if http:
-            self.http = StatusServer(
-                self.metrics.registry, self.snapshot, self.health, self.readiness
-            )
             h = self.config.http
+            self.http = StatusServer(
+                self.metrics.registry,
+                self.snapshot,
+                self.health,
+                self.readiness,
+                console=self.console,
+                resend=self.resend,
+                tokens=read_tokens(h.tokens_file, "http.tokens_file") if h.tokens_file else (),
+            )
             try:
-                self.http.start(h.bind, h.port)
+                # http.tls: the node's certificate, and only clients the CA signed, as on the
+                # DICOM port (PS3.15 B.9, BCP 195).
+                self.http.start(
+                    h.bind, h.port, server_context(self.config.dicom) if h.tls else None
+                )
             except OSError as exc:
                 self.http = None
                 raise ConfigError(
@@ -465,6 +486,8 @@ class NidaanServer:
 
     def _delivery_attempt(self, item: OutboxItem, ok: bool, error: str) -> None:
         self.metrics.deliveries.labels("delivered" if ok else "failed").inc()
+        with self._peer_lock:
+            self._deliveries[item.destination] = (time.time(), "" if ok else error)
         self.audit.record(
             "report_delivery",
             ok=ok,
@@ -505,6 +528,105 @@ class NidaanServer:
                 for area in AREAS
             },
         }
+
+    def _echo_peers(self) -> None:
+        """C-ECHO every configured peer now and then, for the status page."""
+        delay = 1.0
+        while not self._stop.wait(delay):
+            for peer in self.config.peers:
+                try:
+                    why = echo(
+                        calling_ae=self.config.dicom.ae_title,
+                        peer_ae=peer.ae_title,
+                        host=peer.host,
+                        port=peer.port,
+                        timeout_s=min(10.0, self.config.dicom.network_timeout_s),
+                        ssl_context=client_context(self.config.dicom) if peer.tls else None,
+                    )
+                except Exception as exc:  # a peer's trouble must not end the monitor
+                    why = f"C-ECHO failed: {describe(exc)}"
+                with self._peer_lock:
+                    self._echoes[peer.ae_title] = (time.time(), why)
+                if self._stop.is_set():
+                    return
+            delay = self.config.http.echo_interval_s
+
+    def peers(self) -> list[dict[str, Any]]:
+        """Each configured peer with its last C-ECHO and last delivery (the status page)."""
+        out = []
+        with self._peer_lock:
+            for p in self.config.peers:
+                echo_at, echo_why = self._echoes.get(p.ae_title, (0.0, ""))
+                sent_at, sent_why = self._deliveries.get(p.ae_title, (0.0, ""))
+                out.append(
+                    {
+                        "ae_title": p.ae_title,
+                        "address": f"{p.host}:{p.port}",
+                        "tls": p.tls,
+                        "objects": list(p.objects),
+                        "language": p.language or "en",
+                        "echo_at": echo_at or None,
+                        "echo": "not tried yet" if not echo_at else (echo_why or "ok"),
+                        "delivery_at": sent_at or None,
+                        "delivery": "none yet" if not sent_at else (sent_why or "ok"),
+                    }
+                )
+        return out
+
+    def console(self, state: str = "", calling_ae: str = "", limit: int = 50) -> dict[str, Any]:
+        """What the status page lists beside the counts: recent studies (filtered by state and
+        calling AE), failures, quarantined objects, dead letters and peers. Study UIDs are
+        shortened and no patient data is read."""
+        studies = [
+            {
+                "study": short_uid(r.study_uid),
+                "calling_ae": r.calling_ae,
+                "modality": ", ".join(modality_of(c) for c in r.sop_classes),
+                "instances": r.instances,
+                "received_at": r.received_at,
+                "updated_at": r.updated_at,
+                "state": r.state,
+                "reason": r.reason,
+                "findings": r.summary,
+                "deliveries": {"queued": r.queued, "delivered": r.delivered, "dead": r.dead},
+            }
+            for r in self.state.recent_studies(limit, state=state, calling_ae=calling_ae)
+        ]
+        dead = [
+            {
+                "id": i.id,
+                "study": short_uid(i.study_uid),
+                "object": short_uid(i.sop_instance_uid),
+                "destination": i.destination,
+                "attempts": i.attempts,
+                "error": i.last_error,
+            }
+            for i in self.state.outbox("dead")
+        ][:limit]
+        return {
+            "filters": {
+                "state": state,
+                "calling_ae": calling_ae,
+                "states": list(STUDY_STATES),
+                "calling_aes": self.state.calling_aes(),
+            },
+            "studies": studies,
+            "failures": [
+                {"study": short_uid(r.study_uid), "calling_ae": r.calling_ae, "reason": r.reason}
+                for r in self.state.recent_studies(limit, state="failed")
+            ],
+            "quarantine": quarantine_entries(self.spool.quarantine_dir, limit),
+            "dead_letters": dead,
+            "peers": self.peers(),
+        }
+
+    def resend(self, item_ids: list[int]) -> int:
+        """Queue dead letters again (the status page's button); how many were."""
+        n = self.state.resend(item_ids)
+        if n:
+            self.audit.record("resend", items=item_ids, by="status page")
+            self.outbox.wake()
+        return n
 
     def _retain(self) -> None:
         """The retention sweeper: a first sweep soon after start, then every interval_s. A

@@ -16,15 +16,21 @@
 
 from __future__ import annotations
 
+import hmac
 import html
+import http.cookies
 import json
 import logging
+import ssl
 import threading
-from collections.abc import Callable
+import urllib.parse
+from collections.abc import Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from .console import REFRESH_S, sections
 
 log = logging.getLogger("nidaan.status")
 
@@ -33,6 +39,14 @@ Snapshot = Callable[[], dict[str, Any]]
 Health = Callable[[], list[str]]
 #: Each readiness check and what is wrong with it ("" = ready): /readyz.
 Ready = Callable[[], dict[str, str]]
+#: The working sections' data for (state filter, calling AE filter).
+Console = Callable[[str, str], dict[str, Any]]
+#: Queue dead letters again by outbox id; how many were.
+Resend = Callable[[list[int]], int]
+#: Pages a probe reaches without a token.
+OPEN_PATHS = ("/healthz", "/readyz")
+#: The cookie a signed-in browser carries its token in.
+COOKIE = "nidaan_token"
 
 
 def _table(rows: list[list[Any]], head: list[str]) -> str:
@@ -54,8 +68,9 @@ def _size(n: int | None) -> str:
     return f"{n} B"
 
 
-def render(status: dict[str, Any]) -> str:
-    """The status page for a snapshot (see :meth:`NidaanServer.snapshot`)."""
+def render(status: dict[str, Any], console: dict[str, Any] | None = None) -> str:
+    """The status page for a snapshot (see :meth:`NidaanServer.snapshot`) and, when given,
+    the working sections (:meth:`NidaanServer.console`)."""
     models = _table(
         [
             [
@@ -96,6 +111,7 @@ def render(status: dict[str, Any]) -> str:
     r = status["receivers"]
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>Nidaan {html.escape(n["ae_title"])}</title>
+<meta http-equiv="refresh" content="{REFRESH_S}">
 <style>body{{font-family:sans-serif;margin:2em}}
 table{{border-collapse:collapse;margin:.5em 0 1.5em}}
 td,th{{border:1px solid #bbb;padding:.2em .6em;text-align:left}}</style></head><body>
@@ -105,6 +121,7 @@ td,th{{border:1px solid #bbb;padding:.2em .6em;text-align:left}}</style></head><
 inference backend {html.escape(status["inference"]["backend"])},
 {r["processes"]} receiver process(es) ({r["restarts"]} restarted),
 {status["decoder"]["workers"]} decoder process(es) ({status["decoder"]["restarts"]} restarts).</p>
+{sections(console) if console is not None else ""}
 <h2>Models</h2>{models}
 <h2>Studies</h2>{studies}
 <h2>Report deliveries</h2>{outbox}
@@ -124,22 +141,36 @@ class StatusServer:
         snapshot: Snapshot,
         health: Health,
         ready: Ready | None = None,
+        *,
+        console: Console | None = None,
+        resend: Resend | None = None,
+        tokens: Sequence[str] = (),
     ) -> None:
+        """``tokens``: when any, every page but /healthz and /readyz needs one (see
+        ``http.tokens_file``)."""
         self._registry = registry
         self._snapshot = snapshot
         self._health = health
         self._ready = ready
+        self._console = console
+        self._resend = resend
+        self._tokens = [t.encode() for t in tokens]
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.port = 0
+        self.tls = False
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - the http.server API
-                path = self.path.split("?", 1)[0]
+                url = urllib.parse.urlsplit(self.path)
+                path = url.path
+                query = urllib.parse.parse_qs(url.query)
                 try:
+                    if path not in OPEN_PATHS and not self._allowed(query):
+                        return
                     if path == "/metrics":
                         self._send(200, CONTENT_TYPE_LATEST, generate_latest(outer._registry))
                     elif path == "/healthz":
@@ -159,12 +190,84 @@ class StatusServer:
                     elif path == "/status.json":
                         self._send(200, "application/json", json.dumps(outer._snapshot()))
                     elif path in ("/", "/index.html"):
-                        self._send(200, "text/html; charset=utf-8", render(outer._snapshot()))
+                        console = None
+                        if outer._console is not None:
+                            console = outer._console(
+                                query.get("state", [""])[0], query.get("ae", [""])[0]
+                            )
+                        page = render(outer._snapshot(), console)
+                        self._send(200, "text/html; charset=utf-8", page)
+                    elif path == "/console.json" and outer._console is not None:
+                        data = outer._console(query.get("state", [""])[0], query.get("ae", [""])[0])
+                        self._send(200, "application/json", json.dumps(data))
                     else:
                         self._send(404, "text/plain", f"no page {path!r}\n")
                 except Exception:  # a page that fails must not take the server down
                     log.exception("HTTP %s failed", path)
                     self._send(500, "text/plain", "internal error\n")
+
+            def do_POST(self) -> None:  # noqa: N802 - the http.server API
+                path = urllib.parse.urlsplit(self.path).path
+                try:
+                    if not self._allowed({}):
+                        return
+                    if path != "/resend" or outer._resend is None:
+                        self._send(404, "text/plain", f"no action {path!r}\n")
+                        return
+                    length = min(int(self.headers.get("Content-Length") or 0), 4096)
+                    form = urllib.parse.parse_qs(self.rfile.read(length).decode("ascii", "replace"))
+                    try:
+                        ids = [int(v) for v in form.get("id", [])]
+                    except ValueError:
+                        self._send(400, "text/plain", "id must be a number\n")
+                        return
+                    if not ids:
+                        self._send(400, "text/plain", "which dead letter? (id)\n")
+                        return
+                    n = outer._resend(ids)
+                    log.info("status page: %d dead letter(s) queued again", n)
+                    self._redirect("/")
+                except Exception:  # an action that fails must not take the server down
+                    log.exception("HTTP POST %s failed", path)
+                    self._send(500, "text/plain", "internal error\n")
+
+            def _allowed(self, query: dict[str, list[str]]) -> bool:
+                """Whether the request carries a valid token (or none is configured); answers
+                401, or signs the browser in (a cookie) and redirects, otherwise."""
+                if not outer._tokens:
+                    return True
+                offered = query.get("token", [""])[0]
+                if offered and outer._valid(offered):
+                    # Signed in: the token moves to a cookie and out of the address bar.
+                    self.send_response(303)
+                    self.send_header(
+                        "Set-Cookie",
+                        f"{COOKIE}={offered}; HttpOnly; SameSite=Strict; Path=/"
+                        + ("; Secure" if outer.tls else ""),
+                    )
+                    self.send_header("Location", urllib.parse.urlsplit(self.path).path)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return False
+                header = self.headers.get("Authorization", "")
+                if header.startswith("Bearer ") and outer._valid(header[7:].strip()):
+                    return True
+                cookie = http.cookies.SimpleCookie(self.headers.get("Cookie", ""))
+                if COOKIE in cookie and outer._valid(cookie[COOKIE].value):
+                    return True
+                self._send(
+                    401,
+                    "text/plain",
+                    "a token is needed (http.tokens_file): open /?token=<token> once, or send "
+                    "Authorization: Bearer <token>\n",
+                )
+                return False
+
+            def _redirect(self, where: str) -> None:
+                self.send_response(303)
+                self.send_header("Location", where)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
 
             def _send(self, code: int, kind: str, body: str | bytes) -> None:
                 data = body.encode() if isinstance(body, str) else body
@@ -180,9 +283,22 @@ class StatusServer:
 
         return Handler
 
-    def start(self, bind: str, port: int) -> int:
-        """Listen on ``bind:port`` (0 = any free port); returns the port."""
+    def _valid(self, token: str) -> bool:
+        """Whether ``token`` is one of the configured ones (constant time; never logged)."""
+        offered = token.encode()
+        return any(hmac.compare_digest(offered, t) for t in self._tokens)
+
+    def start(self, bind: str, port: int, ssl_context: ssl.SSLContext | None = None) -> int:
+        """Listen on ``bind:port`` (0 = any free port), over TLS with ``ssl_context`` (which
+        may require client certificates); returns the port."""
+        self.tls = ssl_context is not None
         self._server = ThreadingHTTPServer((bind, port), self._handler())
+        if ssl_context is not None:
+            # The handshake runs in each request's thread (on its first read), not in the
+            # accepting one, so a client that stalls it holds up only itself.
+            self._server.socket = ssl_context.wrap_socket(
+                self._server.socket, server_side=True, do_handshake_on_connect=False
+            )
         self._server.daemon_threads = True
         self.port = int(self._server.server_address[1])
         self._thread = threading.Thread(

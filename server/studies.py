@@ -158,7 +158,7 @@ class Studies:
         if not destinations:
             why = self._no_destination(calling_ae)
             self.state.set_study_state(study_uid, "reported", why)
-            self.state.record_report(study_uid, path, sop_uid)
+            self.state.record_report(study_uid, path, sop_uid, findings_summary(findings))
             log.warning(
                 "study %s reported, report %s not sent: %s",
                 ref(study_uid),
@@ -180,7 +180,8 @@ class Studies:
         # "delivered" must come after, never be overwritten.
         self.state.set_study_state(study_uid, "reported", note)
         self.state.enqueue_all(study_uid, queue)
-        self.state.record_report(study_uid, path, sop_uid)  # after the state: GetStudy sees both
+        # After the state: GetStudy sees both.
+        self.state.record_report(study_uid, path, sop_uid, findings_summary(findings))
         self.metrics.stage("report", time.monotonic() - writing)
         self.metrics.studies.labels("reported").inc()
         self._wake_outbox()
@@ -323,6 +324,17 @@ class Studies:
         if report is None or not report[0].is_file():
             return state, reason, count, None, ""
         return state, reason, count, str(report[0]), report[1]
+
+
+def findings_summary(findings: Sequence[ReportedFinding]) -> str:
+    """The status page's line for a study: what is present, with probability and size, or
+    that nothing is (finding labels and numbers only, no patient data)."""
+    present = [
+        f"{f.label} {f.probability:.2f}" + (f" {f.size_mm:.0f} mm" if f.size_mm else "")
+        for f in findings
+        if f.present
+    ]
+    return "; ".join(present) if present else "nothing present"
 
 
 def _summary(analyses: list[ImageAnalysis]) -> str:

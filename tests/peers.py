@@ -44,6 +44,8 @@ PROGRAMS = {
     },
     "dciodvfy": PeerProgram("dicom3tools", "-version", "dicom3tools Version:"),
     "openssl": PeerProgram("openssl", "version", "OpenSSL "),
+    # The browser the status page is tested in (tests/test_status_page.py, with Playwright).
+    "chromium": PeerProgram("chromium", "--version", "Chromium "),
 }
 PACKAGES = {name: program.package for name, program in PROGRAMS.items()}
 

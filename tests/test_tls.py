@@ -80,3 +80,33 @@ def test_reports_are_delivered_over_tls(
         assert pydicom.dcmread(report).StudyInstanceUID == ds.StudyInstanceUID
     finally:
         pacs.stop()
+
+
+def test_the_status_page_over_tls_admits_only_certified_clients(tmp_path: Path, pki: Path) -> None:
+    """http.tls: HTTPS with the node's certificate; a client without one our CA signed gets no
+    page (the TLS handshake fails), one with it gets the page."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    from nidaan.server.app import NidaanServer
+
+    cfg = _tls_config(tmp_path, pki)
+    cfg.http.bind, cfg.http.port, cfg.http.tls = "127.0.0.1", free_port(), True
+    server = NidaanServer(cfg)
+    server.start(http=True)
+    url = f"https://127.0.0.1:{cfg.http.port}/"
+    try:
+        anonymous = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+        try:
+            urllib.request.urlopen(url, context=anonymous, timeout=10)
+            refused = False
+        except (urllib.error.URLError, ssl.SSLError, ConnectionError):
+            refused = True
+        assert refused, "a client without a certificate got the page"
+        certified = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+        certified.load_cert_chain(str(pki / "peer.crt"), str(pki / "peer.key"))
+        with urllib.request.urlopen(url, context=certified, timeout=10) as page:
+            assert page.status == 200 and "Nidaan" in page.read().decode()
+    finally:
+        server.stop()
