@@ -362,7 +362,10 @@ def load_repository(root: Path, *, check_onnx: bool = True) -> list[ModelSpec]:
     """Load every model folder under ``root`` (folders starting with '.' or '_' are skipped)."""
     root = Path(root)
     if not root.is_dir():
-        raise ModelRepositoryError(f"model repository {root} does not exist")
+        raise ModelRepositoryError(
+            f"models.repository: {root} does not exist (set [models] repository or "
+            "NIDAAN_MODELS_REPOSITORY to a Triton-style model repository)"
+        )
     models = [
         load_model(d, check_onnx=check_onnx)
         for d in sorted(root.iterdir())

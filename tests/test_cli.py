@@ -118,3 +118,11 @@ def test_an_unusable_data_dir_is_one_line_naming_the_setting(tmp_path: Path) -> 
     assert len(lines) == 1, run.stderr
     assert lines[0].startswith("nidaan: error: storage.data_dir: cannot use")
     assert "Not a directory" in lines[0] and "Traceback" not in run.stderr
+
+
+def test_a_missing_model_repository_is_one_line_naming_the_setting(tmp_path: Path) -> None:
+    (tmp_path / "c.toml").write_text(f'[models]\nrepository = "{tmp_path / "none"}"\n')
+    run = _run("serve", cwd=tmp_path)
+    assert run.returncode == 2
+    (line,) = run.stderr.strip().splitlines()
+    assert line.startswith("nidaan: error: models.repository:") and "does not exist" in line

@@ -28,7 +28,7 @@ from peers import (
     wait_for_port,
     wait_until,
 )
-from srutil import codes, dciodvfy_errors, dsrdump_ok, evidence, graphics, numbers, texts
+from srutil import codes, dciodvfy_errors, dsrdump_ok, evidence, graphics, numbers, texts, walk
 
 NODULE, TB = "786838002", "112033"
 
@@ -88,6 +88,17 @@ def _objects_of(orthanc: Orthanc, study_id: str, count: int) -> dict[str, pydico
         assert str(ds.Modality) not in out, f"two {ds.Modality} instances"
         out[str(ds.Modality)] = ds
     return out
+
+
+def _regions(sr: pydicom.Dataset) -> list[pydicom.Dataset]:
+    """The image items the SR's regions are selected from (one per image with a region)."""
+    return [
+        child
+        for item in walk(sr)
+        if "GraphicData" in item
+        for child in item.get("ContentSequence", [])
+        if "ReferencedSOPSequence" in child
+    ]
 
 
 def _report_of_study(orthanc: Orthanc, study_uid: str) -> pydicom.Dataset:
@@ -305,8 +316,27 @@ def test_images_that_cannot_make_a_segmentation_still_get_their_report(
     study_id = deployment.orthanc.post("/tools/lookup", study_uid, content_type="text/plain")[0][
         "ID"
     ]
-    objects = _objects_of(deployment.orthanc, study_id, 3)
-    assert sorted(objects) == ["OT", "PR", "SR"]
+    # The SR, the GSPS and one Secondary Capture per slice with a region; no SEG.
+    drawn = {str(r.ReferencedSOPSequence[0].ReferencedSOPInstanceUID) for r in _regions(sr)}
+    instances = wait_until(
+        lambda: (
+            (found := deployment.orthanc.study_instances(study_id))
+            and len(found) >= 2 + len(drawn)
+            and found
+        ),
+        60,
+        "the result objects in Orthanc",
+    )
+    modalities = sorted(
+        str(
+            pydicom.dcmread(
+                io.BytesIO(deployment.orthanc.get(f"/instances/{i['ID']}/file")),
+                stop_before_pixels=True,
+            ).Modality
+        )
+        for i in instances
+    )
+    assert modalities == sorted(["SR", "PR"] + ["OT"] * len(drawn))
     url = f"http://127.0.0.1:{deployment.http_port}/metrics"
     with urllib.request.urlopen(url) as r:
         assert 'nidaan_result_objects_failed_total{kind="seg"} 1.0' in r.read().decode()
