@@ -290,6 +290,11 @@ class StorageSCP:
         """Serve connections given to :meth:`take` instead of listening (a receiver process);
         ``address`` is where the accepting process listens."""
         self._ssl_context = ssl_context
+        # The node's limit is the accepting process's to apply (it counts every receiver's
+        # associations and flags the ones over it). pynetdicom's own per-AE count here would
+        # also include associations released a moment ago whose threads have not ended yet,
+        # and reject a new one the node has room for: it stays only as a backstop.
+        self.ae.maximum_associations = 2 * self.limits.max_associations
         self._server = _HandedServer(
             self.ae,
             address,
