@@ -132,6 +132,14 @@ class DecodePool:
         for process in list(getattr(broken, "_processes", {}).values()):
             process.kill()
         broken.shutdown(wait=False, cancel_futures=True)
+        # The pool's feeder thread may be blocked writing a frame into the pipe the killed
+        # workers read, and the pool's manager thread waits for it, at interpreter exit too:
+        # Python 3.11.2 (Debian 12) then never exits. Closing this process's end of that pipe
+        # fails the write and frees both (what CPython does itself since gh-94777).
+        reader = getattr(getattr(broken, "_call_queue", None), "_reader", None)
+        if reader is not None:
+            with contextlib.suppress(OSError):
+                reader.close()
 
     def first_frame(self, ds: Dataset, frames: int = 1) -> np.ndarray:
         """Decode the first frame of ``ds`` (compressed) in a worker; DecodeError if it breaks
