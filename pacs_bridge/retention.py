@@ -125,12 +125,13 @@ class Sweeper:
 
     def _studies(self, now: float, result: SweepResult) -> None:
         cfg = self.config
-        candidates = self.state.prunable_studies()  # oldest first: (study, updated_at)
         for area, days, max_gb in (
             ("spool", cfg.spool_days, cfg.spool_max_gb),
             ("reports", cfg.reports_days, cfg.reports_max_gb),
         ):
-            left = [c for c in candidates if self._holds(area, c[0])]
+            if not days and not max_gb:
+                continue  # kept for ever, whatever its size
+            left = self.state.prunable_studies(area)  # oldest first: (study, updated_at)
             if days > 0:
                 for study, updated in list(left):
                     if now - updated >= days * _DAY:
@@ -146,11 +147,6 @@ class Sweeper:
 
     def _folder(self, area: str) -> Path:
         return self.spool.root if area == "spool" else self.spool.reports_dir
-
-    def _holds(self, area: str, study: str) -> bool:
-        if area == "spool":
-            return (self.spool.root / study).is_dir()
-        return bool(self.state.report_files(study))
 
     def _prune(self, area: str, study: str, why: str, result: SweepResult) -> int:
         """Remove one study's files of ``area``; the bytes removed.

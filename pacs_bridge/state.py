@@ -322,24 +322,41 @@ class StateStore:
 
     # --- retention -------------------------------------------------------------------------------
 
-    def prunable_studies(self) -> list[tuple[str, float]]:
-        """(study UID, last change) of the studies that need nothing more, oldest first:
-        delivered, skipped or failed, or reported with no delivery waiting (queued) or dead
-        (waiting for a resend). What is received or analysed, or still to go, is never here."""
+    #: A study that needs nothing more: finished, with no delivery queued or dead (waiting
+    #: for a resend).
+    _PRUNABLE = (
+        "s.state IN ('delivered', 'skipped', 'failed', 'reported')"
+        " AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.study_uid = s.study_uid"
+        " AND o.state IN ('queued', 'dead'))"
+    )
+    #: What each retention area holds of a study.
+    _HOLDS = {
+        "spool": "EXISTS (SELECT 1 FROM instances i WHERE i.study_uid = s.study_uid)",
+        "reports": "(EXISTS (SELECT 1 FROM outbox o WHERE o.study_uid = s.study_uid)"
+        " OR EXISTS (SELECT 1 FROM reports r WHERE r.study_uid = s.study_uid))",
+    }
+
+    def prunable_studies(self, area: str = "spool") -> list[tuple[str, float]]:
+        """(study UID, last change) of the studies that need nothing more and still hold
+        something in ``area`` (``spool``: instances; ``reports``: result objects), oldest
+        first. What is received or analysed, or still to go, is never here; nor is a study
+        pruned already, so a sweep reads only what it may remove."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT study_uid, updated_at FROM studies s"
-                " WHERE state IN ('delivered', 'skipped', 'failed', 'reported')"
-                " AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.study_uid = s.study_uid"
-                " AND o.state IN ('queued', 'dead'))"
-                " ORDER BY updated_at, study_uid"
+                f"SELECT study_uid, updated_at FROM studies s WHERE {self._PRUNABLE}"
+                f" AND {self._HOLDS[area]} ORDER BY updated_at, study_uid"
             ).fetchall()
         return [(str(r[0]), float(r[1])) for r in rows]
 
     def is_prunable(self, study_uid: str) -> bool:
         """Whether the study still needs nothing more (checked again just before pruning: an
         instance that arrived meanwhile reopens it)."""
-        return any(s == study_uid for s, _ in self.prunable_studies())
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT 1 FROM studies s WHERE s.study_uid = ? AND {self._PRUNABLE}",
+                (study_uid,),
+            ).fetchone()
+        return row is not None
 
     def report_files(self, study_uid: str) -> list[Path]:
         """The study's result objects on disk (reports and region objects), each once."""

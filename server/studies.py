@@ -159,6 +159,7 @@ class Studies:
             why = self._no_destination(calling_ae)
             self.state.set_study_state(study_uid, "reported", why)
             self.state.record_report(study_uid, path, sop_uid, findings_summary(findings))
+            self.metrics.stage("report", time.monotonic() - writing)
             log.warning(
                 "study %s reported, report %s not sent: %s",
                 ref(study_uid),
