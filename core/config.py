@@ -234,6 +234,9 @@ class RetentionConfig:
     #: files are kept this many days (an audit trail outlives the studies).
     audit_rotate_mb: float = 64.0
     audit_days: float = 400.0
+    #: Total size of the audit log, rotated files and the current one (0 = no limit): past it
+    #: the oldest rotated files go, whatever their age.
+    audit_max_gb: float = 10.0
     #: Seconds between sweeps.
     interval_s: float = 300.0
 
@@ -246,6 +249,7 @@ class RetentionConfig:
             "quarantine_days",
             "quarantine_max_gb",
             "audit_days",
+            "audit_max_gb",
         ):
             if getattr(self, key) < 0:
                 raise ConfigError(f"retention.{key} must not be negative (0: no limit)")
@@ -260,9 +264,29 @@ class ModelsConfig:
     """The Triton-style model repository."""
 
     repository: Path = Path("./models")
+    #: This site's operating thresholds, replacing the sidecar's: ``{model: {finding: value}}``,
+    #: in TOML ``[models.thresholds.cxr_screen]`` then ``nodule = 0.31``. Adopting one is an
+    #: explicit change (after ``nidaan validate`` on local data, docs/governance.md): ``nidaan
+    #: models`` shows it beside the sidecar's and the audit log records it at every start.
+    thresholds: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def validate(self) -> None:
         self.repository = Path(self.repository)
+        if not isinstance(self.thresholds, dict):
+            raise ConfigError("models.thresholds must be a table of [models.thresholds.<model>]")
+        checked: dict[str, dict[str, float]] = {}
+        for model, table in self.thresholds.items():
+            where = f"models.thresholds.{model}"
+            if not isinstance(table, dict):
+                raise ConfigError(f"{where} must be a table of finding = threshold")
+            checked[model] = {}
+            for label, value in table.items():
+                if isinstance(value, bool) or not isinstance(value, int | float):
+                    raise ConfigError(f"{where}.{label}: {value!r} is not a number")
+                if not 0.0 < float(value) < 1.0:
+                    raise ConfigError(f"{where}.{label}: {value} is outside (0, 1)")
+                checked[model][label] = float(value)
+        self.thresholds = checked
 
 
 @dataclass

@@ -395,6 +395,8 @@ def _group(
         f"operating threshold {finding.threshold:g}: {finding.label} is Present when "
         "Certainty of Finding is at or above it"
     ]
+    if algo.digest:  # provenance: exactly which weights made this finding
+        parameters.append(f"model {algo.model or algo.name} file SHA-256 {algo.digest}")
     if algo.not_for_diagnosis:
         parameters.append(_NFD_STATEMENT)
     algorithm_id = hd.sr.AlgorithmIdentification(

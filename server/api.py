@@ -954,11 +954,14 @@ class InferenceService:
                             label=f.label,
                             code=_code(f.code),
                             threshold=f.threshold,
+                            sidecar_threshold=f.sidecar_threshold,
                         )
                         for f in m.findings
                     ],
                     max_batch_size=m.max_batch_size,
                     model_card=m.card.read_text(),
+                    sha256=m.algorithm.digest,
+                    model_card_path=str(m.card),
                 )
                 for m in self.models
             ]

@@ -46,7 +46,7 @@ from .batching import DynamicBatcher
 from .console import modality_of, quarantine_entries, short_uid
 from .decode_pool import DecodePool
 from .metrics import Metrics
-from .model_repository import load_repository
+from .model_repository import load_repository, threshold_overrides
 from .pipeline import Pipeline
 from .status import StatusServer
 from .studies import Studies
@@ -105,7 +105,7 @@ class NidaanServer:
             from nidaan.kernels.executor import configure_executors
 
             configure_executors(config.kernels.gpu_max_batch, config.kernels.gpu_max_delay_ms / 1e3)
-        self.models = load_repository(config.models.repository)
+        self.models = load_repository(config.models.repository, thresholds=config.models.thresholds)
         self.metrics = Metrics()
         self.backend = create_backend(config.inference, self.models, self.metrics.observe_batch)
         if isinstance(self.backend, DynamicBatcher):
@@ -133,6 +133,8 @@ class NidaanServer:
             probe.unlink()
             self.state = StateStore(data / "state.sqlite3")
             self.audit = AuditLog(data / "audit.jsonl")
+            for override in threshold_overrides(self.models):  # a site's own operating point
+                self.audit.record("threshold_override", **override)
             # One UID per installation, made once and kept in the data dir (TID 1004 Device
             # Observer UID): an AE title is the same in every default installation.
             self.device_uid = node_uid(data)

@@ -119,7 +119,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from .pipeline import Pipeline
 
     configure_cache(cfg.kernels.cache_dir)  # warns if something imported the kernels too early
-    models = load_repository(cfg.models.repository)
+    models = load_repository(cfg.models.repository, thresholds=cfg.models.thresholds)
     pipeline = Pipeline(
         models,
         create_backend(cfg.inference, models),
@@ -286,7 +286,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     from .model_repository import load_repository
 
     cfg = _config(args)
-    models = load_repository(cfg.models.repository)
+    models = load_repository(cfg.models.repository, thresholds=cfg.models.thresholds)
     for m in models:
         flag = (
             " (trained on synthetic data: not for diagnosis)"
@@ -310,10 +310,17 @@ def cmd_models(args: argparse.Namespace) -> int:
             else "no dynamic batching"
         )
         print(f"  batches up to {m.max_batch_size} ({batching}), {m.instance_count} instance(s)")
+        print(f"  model file {m.onnx_path} sha256 {m.algorithm.digest}")
+        print(f"  model card {m.card}")
         for f in m.findings:
+            site = (
+                f" (site override in models.thresholds; sidecar {f.sidecar_threshold})"
+                if f.sidecar_threshold is not None
+                else ""
+            )
             print(
                 f"  finding {f.label}: {f.code.scheme} {f.code.value} '{f.code.meaning}', "
-                f"threshold {f.threshold}"
+                f"threshold {f.threshold}{site}"
             )
     print(f"{len(models)} model(s) valid in {cfg.models.repository}")
     return 0

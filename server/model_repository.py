@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import tomllib
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,9 @@ class FindingSpec:
     region_fraction: float = 0.5
     #: Sharpen each region to the input's pixels (None: the heatmap cells' outline).
     outline: OutlineRule | None = None
+    #: The sidecar's threshold when this site's config (``models.thresholds``) replaced it
+    #: with ``threshold``; None when ``threshold`` is the sidecar's.
+    sidecar_threshold: float | None = None
 
 
 @dataclass(frozen=True)
@@ -358,8 +362,14 @@ def load_model(directory: Path, *, check_onnx: bool = True) -> ModelSpec:
     )
 
 
-def load_repository(root: Path, *, check_onnx: bool = True) -> list[ModelSpec]:
-    """Load every model folder under ``root`` (folders starting with '.' or '_' are skipped)."""
+def load_repository(
+    root: Path,
+    *,
+    check_onnx: bool = True,
+    thresholds: Mapping[str, Mapping[str, float]] | None = None,
+) -> list[ModelSpec]:
+    """Load every model folder under ``root`` (folders starting with '.' or '_' are skipped),
+    with this site's ``thresholds`` (config ``models.thresholds``) in place of the sidecars'."""
     root = Path(root)
     if not root.is_dir():
         raise ModelRepositoryError(
@@ -373,7 +383,55 @@ def load_repository(root: Path, *, check_onnx: bool = True) -> list[ModelSpec]:
     ]
     if not models:
         raise ModelRepositoryError(f"model repository {root} holds no model (no */config.pbtxt)")
-    return models
+    return apply_thresholds(models, thresholds or {})
+
+
+def apply_thresholds(
+    models: list[ModelSpec], thresholds: Mapping[str, Mapping[str, float]]
+) -> list[ModelSpec]:
+    """The models with a site's operating thresholds (``{model: {finding: value}}``) in place of
+    their sidecars'; a model or finding the repository lacks is an error naming the setting (a
+    mistyped override must not leave the sidecar's threshold silently in force)."""
+    by_name = {m.name: m for m in models}
+    for model, table in thresholds.items():
+        if model not in by_name:
+            raise ModelRepositoryError(
+                f"models.thresholds.{model}: no model {model!r} in the repository "
+                f"(models: {', '.join(sorted(by_name))})"
+            )
+        spec = by_name[model]
+        labels = {f.label for f in spec.findings}
+        for label in table:
+            if label not in labels:
+                raise ModelRepositoryError(
+                    f"models.thresholds.{model}.{label}: model {model!r} has no finding {label!r} "
+                    f"(findings: {', '.join(sorted(labels))})"
+                )
+        findings = tuple(
+            f
+            if f.label not in table or table[f.label] == f.threshold
+            else replace(f, threshold=float(table[f.label]), sidecar_threshold=f.threshold)
+            for f in spec.findings
+        )
+        by_name[model] = replace(spec, findings=findings)
+    return [by_name[m.name] for m in models]
+
+
+def threshold_overrides(models: list[ModelSpec]) -> list[dict[str, Any]]:
+    """Each site threshold in force that differs from its sidecar's (what the audit log records
+    at start and ``nidaan models`` shows)."""
+    return [
+        {
+            "model": m.name,
+            "version": m.version,
+            "finding": f.label,
+            "threshold": f.threshold,
+            "sidecar_threshold": f.sidecar_threshold,
+        }
+        for m in models
+        for f in m.findings
+        if f.sidecar_threshold is not None
+    ]
 
 
 def _sha256(path: Path) -> str:

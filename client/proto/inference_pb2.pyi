@@ -123,17 +123,19 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelFinding(_message.Message):
-    __slots__ = ("label", "code", "threshold")
+    __slots__ = ("label", "code", "threshold", "sidecar_threshold")
     LABEL_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    SIDECAR_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     label: str
     code: CodedConcept
     threshold: float
-    def __init__(self, label: _Optional[str] = ..., code: _Optional[_Union[CodedConcept, _Mapping]] = ..., threshold: _Optional[float] = ...) -> None: ...
+    sidecar_threshold: float
+    def __init__(self, label: _Optional[str] = ..., code: _Optional[_Union[CodedConcept, _Mapping]] = ..., threshold: _Optional[float] = ..., sidecar_threshold: _Optional[float] = ...) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("name", "version", "display_name", "not_for_diagnosis", "modalities", "body_parts", "views", "findings", "max_batch_size", "model_card")
+    __slots__ = ("name", "version", "display_name", "not_for_diagnosis", "modalities", "body_parts", "views", "findings", "max_batch_size", "model_card", "sha256", "model_card_path")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +146,8 @@ class Model(_message.Message):
     FINDINGS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MODEL_CARD_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    MODEL_CARD_PATH_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     display_name: str
@@ -154,7 +158,9 @@ class Model(_message.Message):
     findings: _containers.RepeatedCompositeFieldContainer[ModelFinding]
     max_batch_size: int
     model_card: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., display_name: _Optional[str] = ..., not_for_diagnosis: bool = ..., modalities: _Optional[_Iterable[str]] = ..., body_parts: _Optional[_Iterable[str]] = ..., views: _Optional[_Iterable[str]] = ..., findings: _Optional[_Iterable[_Union[ModelFinding, _Mapping]]] = ..., max_batch_size: _Optional[int] = ..., model_card: _Optional[str] = ...) -> None: ...
+    sha256: str
+    model_card_path: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., display_name: _Optional[str] = ..., not_for_diagnosis: bool = ..., modalities: _Optional[_Iterable[str]] = ..., body_parts: _Optional[_Iterable[str]] = ..., views: _Optional[_Iterable[str]] = ..., findings: _Optional[_Iterable[_Union[ModelFinding, _Mapping]]] = ..., max_batch_size: _Optional[int] = ..., model_card: _Optional[str] = ..., sha256: _Optional[str] = ..., model_card_path: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
