@@ -15,7 +15,8 @@ grow until the disk is full and every study is refused. :class:`Sweeper` applies
 * **audit log**: ``audit.jsonl`` is rotated to ``audit-<time>.jsonl`` once it passes
   ``audit_rotate_mb`` or holds a previous day's records (every writer reopens the path on its
   next record, see :class:`~nidaan.pacs_bridge.audit.AuditLog`); rotated files older than
-  ``audit_days`` go.
+  ``audit_days`` go, then the oldest rotated files while the log (rotated and current) is over
+  ``audit_max_gb``; the current file is never removed.
 
 Every removal is written to the audit log (``pruned``: area, study, files, bytes), and the
 sizes of the areas and the free space are kept for the metrics and the status page.
@@ -151,38 +152,41 @@ class Sweeper:
     def _prune(self, area: str, study: str, why: str, result: SweepResult) -> int:
         """Remove one study's files of ``area``; the bytes removed.
 
-        Only what the state database lists is removed, after checking again that the study
-        needs nothing more: an instance that arrives meanwhile reopens the study and has a
-        file and a row of its own, which stay."""
-        if not self.state.is_prunable(study):
-            return 0
-        if area == "spool":
-            records = self.state.instances(study)
-            files = [r.path for r in records]
-        else:
-            files = self.state.report_files(study)
+        Only what the state database lists is removed, and only if the study still needs
+        nothing more, checked in the same transaction that forgets the files (see
+        :meth:`StateStore.prune`): an instance that arrives meanwhile, or a report made again,
+        keeps its file and its rows."""
         removed = 0
         count = 0
-        for path in files:
-            try:
-                size = path.stat().st_size
-                path.unlink()
-            except FileNotFoundError:
-                continue
-            removed += size
-            count += 1
+
+        def remove(files: list[Path]) -> None:
+            nonlocal removed, count
+            for path in files:
+                size = self._unlink(path)
+                if size is not None:
+                    removed += size
+                    count += 1
+
+        if self.state.prune(study, area, remove) is None:
+            return 0
         if area == "spool":
-            self.state.forget_instances(study, [r.sop_instance_uid for r in records])
             with contextlib.suppress(OSError):  # only when nothing else arrived there
                 (self.spool.root / study).rmdir()
             result.studies_pruned += 1
-        else:
-            self.state.forget_reports(study)
         result.removed_files[area] += count
         result.removed_bytes[area] += removed
         self.audit.record("pruned", area=area, study=study, files=count, bytes=removed, why=why)
         log.debug("pruned %s of study %s: %d files", area, ref(study), count)
         return removed
+
+    def _unlink(self, path: Path) -> int | None:
+        """Delete one file; its size, or None if it was gone already."""
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            return None
+        return size
 
     # --- quarantine ------------------------------------------------------------------------------
 
@@ -241,14 +245,26 @@ class Sweeper:
             target = path.with_name(f"{path.stem}-{stamp}.jsonl")
             if not target.exists():
                 os.replace(path, target)  # writers reopen the path on their next record
-        if cfg.audit_days > 0:
-            for old in self._audit_files():
-                if now - old.stat().st_mtime >= cfg.audit_days * _DAY:
-                    size = old.stat().st_size
-                    old.unlink()
-                    result.removed_files["audit"] += 1
-                    result.removed_bytes["audit"] += size
-                    self.audit.record("pruned", area="audit", entry=old.name, files=1, bytes=size)
+        rotated = []  # (file, bytes), oldest first (the names sort by time)
+        for f in self._audit_files():
+            with contextlib.suppress(FileNotFoundError):
+                rotated.append((f, f.stat().st_size))
+        current = 0
+        with contextlib.suppress(FileNotFoundError):
+            current = path.stat().st_size
+        total = current + sum(size for _, size in rotated)
+        limit = int(cfg.audit_max_gb * _GB) if cfg.audit_max_gb > 0 else None
+        for old, size in rotated:
+            aged = cfg.audit_days > 0 and now - old.stat().st_mtime >= cfg.audit_days * _DAY
+            over = limit is not None and total > limit
+            if not (aged or over):
+                continue
+            old.unlink(missing_ok=True)
+            total -= size
+            result.removed_files["audit"] += 1
+            result.removed_bytes["audit"] += size
+            why = "older than audit_days" if aged else "audit log over audit_max_gb"
+            self.audit.record("pruned", area="audit", entry=old.name, files=1, bytes=size, why=why)
 
 
 def _day(t: float) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -349,8 +349,8 @@ class StateStore:
         return [(str(r[0]), float(r[1])) for r in rows]
 
     def is_prunable(self, study_uid: str) -> bool:
-        """Whether the study still needs nothing more (checked again just before pruning: an
-        instance that arrived meanwhile reopens it)."""
+        """Whether the study needs nothing more (a look only: :meth:`prune` checks again in the
+        transaction that removes)."""
         with self._lock:
             row = self._db.execute(
                 f"SELECT 1 FROM studies s WHERE s.study_uid = ? AND {self._PRUNABLE}",
@@ -368,20 +368,45 @@ class StateStore:
             ).fetchall()
         return [p for p in (Path(r[0]) for r in rows) if p.exists()]
 
-    def forget_instances(self, study_uid: str, sop_instance_uids: Sequence[str]) -> None:
-        """These instances of the study were pruned from the spool: forget them (the study
-        stays, and so does any instance that arrived since)."""
-        with self._tx() as db:
-            db.executemany(
-                "DELETE FROM instances WHERE study_uid = ? AND sop_instance_uid = ?",
-                [(study_uid, sop) for sop in sop_instance_uids],
-            )
+    def prune(
+        self, study_uid: str, area: str, remove: Callable[[list[Path]], None]
+    ) -> list[Path] | None:
+        """Prune one study's ``area`` (``spool``: its instances; ``reports``: its result
+        objects) if it still needs nothing more; the files it held, or None when it does need
+        them (an instance arrived, or it was reported again, since it was listed).
 
-    def forget_reports(self, study_uid: str) -> None:
-        """The study's result objects were pruned: forget their deliveries and the record."""
+        The check, ``remove(files)`` (which deletes them from disk) and forgetting their rows
+        are one transaction: a study reopened or re-reported by another thread or receiving
+        process waits for it and then keeps everything it adds (its new instances, its new
+        outbox rows and report)."""
         with self._tx() as db:
-            db.execute("DELETE FROM outbox WHERE study_uid = ?", (study_uid,))
-            db.execute("DELETE FROM reports WHERE study_uid = ?", (study_uid,))
+            if not db.execute(
+                f"SELECT 1 FROM studies s WHERE s.study_uid = ? AND {self._PRUNABLE}",
+                (study_uid,),
+            ).fetchone():
+                return None
+            if area == "spool":
+                rows = db.execute(
+                    "SELECT sop_instance_uid, path FROM instances WHERE study_uid = ?",
+                    (study_uid,),
+                ).fetchall()
+                files = [Path(r[1]) for r in rows]
+                remove(files)
+                db.executemany(
+                    "DELETE FROM instances WHERE study_uid = ? AND sop_instance_uid = ?",
+                    [(study_uid, r[0]) for r in rows],
+                )
+            else:
+                rows = db.execute(
+                    "SELECT report_path FROM outbox WHERE study_uid = ?"
+                    " UNION SELECT report_path FROM reports WHERE study_uid = ?",
+                    (study_uid, study_uid),
+                ).fetchall()
+                files = [Path(r[0]) for r in rows]
+                remove(files)
+                db.execute("DELETE FROM outbox WHERE study_uid = ?", (study_uid,))
+                db.execute("DELETE FROM reports WHERE study_uid = ?", (study_uid,))
+        return files
 
     def record_report(
         self, study_uid: str, report_path: Path, sop_instance_uid: str, summary: str = ""

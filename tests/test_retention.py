@@ -231,3 +231,116 @@ def test_the_server_sweeps_in_the_background_and_shows_its_storage(tmp_path: Pat
         server.stop()
     audit = (cfg.storage.data_dir / "audit.jsonl").read_text()
     assert '"event": "pruned"' in audit and study in audit
+
+
+def test_over_the_reports_quota_the_oldest_delivered_reports_go_and_undelivered_ones_stay(
+    node: Node,
+) -> None:
+    waiting = node.study("reported", delivery="queued")  # the oldest, its report not delivered
+    dead = node.study("reported", delivery="dead")
+    delivered = [node.study("delivered", delivery="delivered") for _ in range(4)]
+    files = {s: node.state.report_files(s) for s in [waiting, dead, *delivered]}
+    # Six reports of 10 KiB; a quota of 35 KiB: the oldest delivered ones go until it fits,
+    # and neither the queued nor the dead-lettered report goes although they are older.
+    config = RetentionConfig(spool_days=0, reports_days=0, reports_max_gb=35 * KB / (1 << 30))
+    result = Sweeper(config, node.spool, node.state, node.audit).sweep()
+    assert [all(p.exists() for p in files[s]) for s in delivered] == [False, False, False, True]
+    assert all(p.is_file() for s in (waiting, dead) for p in files[s])
+    assert result.sizes["reports"] <= 35 * KB and result.removed_files["reports"] == 3
+    assert [(e["area"], e["study"]) for e in node.pruned()] == [
+        ("reports", s) for s in delivered[:3]
+    ]
+    # The dead letter is still there to be resent; the instances were not touched.
+    assert [i.study_uid for i in node.state.outbox("dead")] == [dead]
+    assert all(node.has_spool(s) for s in [waiting, dead, *delivered])
+
+
+def test_over_the_quarantine_quota_the_oldest_refused_objects_go_first(node: Node) -> None:
+    entries = []
+    for age in (5, 4, 3, 2):  # days old, the first the oldest
+        q = node.spool.quarantine(
+            [os.urandom(40 * KB)], "bad", status=0xC000, size=40 * KB, min_free_bytes=0
+        )
+        for suffix in (".dcm", ".json"):
+            f = node.spool.quarantine_dir / f"{q.name}{suffix}"
+            os.utime(f, (time.time() - age * DAY, time.time() - age * DAY))
+        entries.append(q.name)
+    # Four refused objects of 40 KiB (and their reasons); a quota of 100 KiB keeps two.
+    config = RetentionConfig(quarantine_days=30, quarantine_max_gb=100 * KB / (1 << 30))
+    result = Sweeper(config, node.spool, node.state, node.audit).sweep()
+    left = sorted({p.stem for p in node.spool.quarantine_dir.iterdir()})
+    assert left == sorted(entries[2:])
+    assert result.removed_files["quarantine"] == 4 and result.sizes["quarantine"] <= 100 * KB
+    pruned = node.pruned()
+    assert [e["entry"] for e in pruned] == entries[:2]
+    assert all("quarantine_max_gb" in e["why"] for e in pruned)
+
+
+def test_the_audit_log_is_kept_within_its_total_size_oldest_rotated_files_first(
+    node: Node,
+) -> None:
+    # Five rotated files of 30 KiB, a day apart, all younger than audit_days, and the current
+    # file: a total cap of 80 KiB leaves the two newest rotated files and the current one.
+    rotated = []
+    for i in range(5):
+        f = node.data / f"audit-2025010{i + 1}T000000.jsonl"
+        f.write_text(json.dumps({"event": "received", "pad": "x" * (30 * KB - 40)}) + "\n")
+        os.utime(f, (time.time() - (5 - i) * DAY, time.time() - (5 - i) * DAY))
+        rotated.append(f)
+    node.audit.record("received", study="1.2.3")
+    config = RetentionConfig(audit_days=400, audit_max_gb=80 * KB / (1 << 30))
+    result = Sweeper(config, node.spool, node.state, node.audit).sweep()
+    assert [f.exists() for f in rotated] == [False, False, False, True, True]
+    assert result.removed_files["audit"] == 3 and result.sizes["audit"] <= 80 * KB + 4 * KB
+    pruned = node.pruned()
+    assert [e["entry"] for e in pruned] == [f.name for f in rotated[:3]]
+    assert all("audit_max_gb" in e["why"] for e in pruned)
+    assert '"1.2.3"' in (node.data / "audit.jsonl").read_text()  # the current file stays
+
+
+def test_audit_max_gb_is_checked() -> None:
+    from nidaan.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="retention.audit_max_gb"):
+        RetentionConfig(audit_max_gb=-1).validate()
+
+
+def test_a_study_reported_again_while_its_old_report_is_pruned_keeps_its_new_delivery(
+    node: Node,
+) -> None:
+    """Another writer (a receiving process, the pipeline) reports the study again while the
+    sweeper is deleting its old result files: it waits for the sweeper's transaction, and its
+    new report and outbox row survive it."""
+    import threading
+
+    study = node.study("delivered", delivery="delivered")
+    (old,) = node.state.report_files(study)
+    other = StateStore(node.data / "state.sqlite3")  # its own connection, as another process
+    new_uid = generate_uid()
+    new = node.spool.reports_dir / f"{new_uid}.dcm"
+    new.write_bytes(b"new report")
+
+    def report_again() -> None:
+        other.record_report(study, new, new_uid)
+        other.enqueue(study, new, new_uid, "PACS")
+        other.set_study_state(study, "reported")
+
+    writers = []
+
+    class Racing(Sweeper):
+        def _unlink(self, path: Path) -> int | None:
+            writer = threading.Thread(target=report_again)
+            writer.start()
+            writer.join(1.0)  # it finishes now unless the sweeper holds the state
+            writers.append(writer)
+            return super()._unlink(path)
+
+    config = RetentionConfig(spool_days=0, reports_days=1)
+    Racing(config, node.spool, node.state, node.audit).sweep()
+    assert len(writers) == 1
+    writers[0].join(10)
+    assert not old.exists() and new.is_file()
+    queued = node.state.outbox("queued")
+    assert [(i.study_uid, i.sop_instance_uid) for i in queued] == [(study, new_uid)]
+    assert node.state.latest_report(study) is not None
+    other.close()
