@@ -402,6 +402,9 @@ class NidaanServer:
             ],
             "studies": self.state.counts(),
             "reports": self.state.outbox_counts(),
+            "quarantine": {
+                "entries": sum(1 for _ in self.spool.quarantine_dir.glob("*.json")),
+            },
             "storage": self._storage(),
             "inference": {
                 "backend": self.config.inference.backend,

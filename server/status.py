@@ -11,7 +11,9 @@
   each failing check's reason (a readiness probe: take the node out of rotation, don't restart).
 - ``/status.json`` and ``/``: what the node is doing, as JSON and as a plain HTML page: models (and
   whether they are for diagnosis), studies by state, report deliveries by state, each model's
-  queue and batches, the receiver and decoder processes. Counts only: no patient data and no UIDs.
+  queue and batches, the receiver and decoder processes, the quarantine's entries, storage; the
+  page adds recent studies (UIDs shortened), failures, the quarantine's reasons, dead letters and
+  peers. No patient data.
 """
 
 from __future__ import annotations
@@ -125,6 +127,7 @@ inference backend {html.escape(status["inference"]["backend"])},
 <h2>Models</h2>{models}
 <h2>Studies</h2>{studies}
 <h2>Report deliveries</h2>{outbox}
+<p>{status.get("quarantine", {}).get("entries", 0)} object(s) in the quarantine.</p>
 <h2>Storage</h2><p>{_size(storage["free_bytes"])} free on the data dir's disk.</p>{space}
 <h2>Batches (embedded backend)</h2>{batches}
 <p><a href="/metrics">metrics</a> · <a href="/status.json">status.json</a> ·

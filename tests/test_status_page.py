@@ -4,20 +4,42 @@ arrives at the PACS (dcmtk's storescp) once it is back."""
 
 from __future__ import annotations
 
+import json
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pydicom
 import pytest
+from pydicom.encaps import encapsulate
+from pydicom.uid import generate_uid
 
 from nidaan.core.config import Peer
+from nidaan.server.console import REFRESH_S
 
 from conftest import make_config
-from factory import synthetic_cxr
+from factory import sample_file, synthetic_cxr
 from netutil import c_store
 from peers import StoreSCP, free_port, need, stop, wait_until
 
 TOKEN = "status-page-token-0123456789"
+
+
+def _undecodable() -> pydicom.Dataset:
+    """A real CR header with a JPEG 2000 codestream that starts right and then is garbage:
+    stored and acknowledged, then quarantined at analysis and its study failed."""
+    ds = pydicom.dcmread(sample_file("RG1_J2KR.dcm"))
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + bytes(range(256)) * 8])
+    return ds
+
+
+def _section_rows(page, heading: str):  # type: ignore[no-untyped-def]
+    """The data rows of the table that follows a section's heading (or its filters)."""
+    if heading == "Recent studies":
+        return page.locator("form.filters + table tr:has(td)")
+    return page.locator(f"h2:text-is('{heading}') + table tr:has(td)")
 
 
 @pytest.fixture
@@ -91,16 +113,64 @@ def test_a_dead_letter_is_resent_from_the_page_and_arrives(tmp_path: Path, brows
 
         assert pydicom.dcmread(report).StudyInstanceUID == ds.StudyInstanceUID
 
-        def delivered() -> bool:
-            page.reload()
-            return "no dead letter" in page.inner_text("body")
+        # The page refreshes itself: without a reload it comes to show the delivery to the peer
+        # (ok, with its time) and no dead letter.
+        assert page.locator("meta[http-equiv=refresh]").get_attribute("content") == str(REFRESH_S)
 
-        wait_until(delivered, 30, "the page to show no dead letter")
+        def peer_cells() -> list[str]:
+            (peer,) = _section_rows(page, "Peers").all()
+            return peer.locator("td").all_inner_texts()
+
+        for _ in range(4):
+            with page.expect_navigation(timeout=(REFRESH_S + 10) * 1000):
+                pass  # the page's own refresh
+            if peer_cells()[5].startswith("ok "):
+                break
+        cells = peer_cells()
+        assert cells[0] == "PACS" and cells[5].startswith("ok 20"), cells
+        assert "no dead letter" in page.inner_text("body")
+
+        # A study from another modality that cannot be decoded: a failure with its reason, and
+        # the instance in the quarantine with why.
+        broken = _undecodable()
+        (ok,) = c_store(server.scp.port, [broken], calling="WARD")
+        assert ok.Status == 0x0000
+        wait_until(
+            lambda: (server.state.study(broken.StudyInstanceUID) or ("",))[0] == "failed",
+            60,
+            "the failed study",
+        )
+        page.goto(base + "/")
+        (failure,) = _section_rows(page, "Failed studies").all()
+        cells = failure.locator("td").all_inner_texts()
+        assert cells[1] == "WARD" and "could not be analysed" in cells[2], cells
+        (entry,) = _section_rows(page, "Quarantine").all()
+        cells = entry.locator("td").all_inner_texts()
+        assert cells[1] == "analysis" and "cannot be decoded" in cells[3], cells
+        assert cells[5] == "kept"
+        assert "1 object(s) in the quarantine" in page.inner_text("body")
+        request = urllib.request.Request(
+            base + "/status.json", headers={"Authorization": f"Bearer {TOKEN}"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as r:
+            assert json.loads(r.read())["quarantine"] == {"entries": 1}
+
+        # The calling-AE filter: WARD's study only.
+        page.select_option("#filter-ae", "WARD")
+        page.click("form.filters button")
+        assert "ae=WARD" in page.url
+        studies = _section_rows(page, "Recent studies").all()
+        assert [r.locator("td").nth(2).inner_text() for r in studies] == ["WARD"]
+        assert "failed" in studies[0].inner_text()
+        page.select_option("#filter-ae", "MODALITY")
+        page.click("form.filters button")
+        studies = _section_rows(page, "Recent studies").all()
+        assert [r.locator("td").nth(2).inner_text() for r in studies] == ["MODALITY"]
         page.select_option("#filter-state", "delivered")
         page.click("form.filters button")
         assert "state=delivered" in page.url
         assert "delivered" in page.locator("table").first.inner_text()
-        page.select_option("#filter-state", "failed")
+        page.select_option("#filter-state", "skipped")
         page.click("form.filters button")
         assert "no study matches" in page.inner_text("body")
         audit = (cfg.storage.data_dir / "audit.jsonl").read_text()
