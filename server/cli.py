@@ -326,6 +326,41 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Run a model over a labelled local set and write the validation report (HTML + JSON)."""
+    cfg = _config(args)  # first: it sets NUMBA_CACHE_DIR, which must precede the kernels' import
+    from .validation import validate
+
+    result = validate(
+        cfg,
+        args.model,
+        Path(args.labels),
+        args.paths,
+        Path(args.out),
+        target_sensitivity=args.target_sensitivity,
+        min_per_class=args.min_per_class,
+        progress=not args.quiet,
+        log=lambda line: print(f"nidaan: warning: {line}", file=sys.stderr),
+    )
+    for label, s in result["findings"].items():
+        lo_hi = "" if s["auc"] is None else f" ({s['auc_ci95'][0]:.3f}-{s['auc_ci95'][1]:.3f})"
+        auc = "-" if s["auc"] is None else f"{s['auc']:.3f}{lo_hi}"
+        sens, spec = s["sensitivity"]["value"], s["specificity"]["value"]
+        print(
+            f"{result['model']} {label}: {s['positives']}+/{s['negatives']}- AUC {auc}, at "
+            f"threshold {s['threshold']:g} sensitivity {sens if sens is None else round(sens, 3)} "
+            f"specificity {spec if spec is None else round(spec, 3)}"
+            + (
+                f"; {s['target']['threshold']:.4g} for sensitivity {args.target_sensitivity:g} "
+                f"(specificity {s['target']['specificity']['value']:.3f})"
+                if s["target"]
+                else ""
+            )
+        )
+    print(f"{len(result['failures'])} failed; report in {Path(args.out) / 'validation.html'}")
+    return 0
+
+
 def cmd_outbox(args: argparse.Namespace) -> int:
     """Show report deliveries; re-send dead letters (works while ``nidaan serve`` runs)."""
     import time
@@ -530,6 +565,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_analyze)
     p = sub.add_parser("models", help="list and validate the model repository")
     p.set_defaults(func=cmd_models)
+    p = sub.add_parser("validate", help="validate a model on a labelled local set (HTML + JSON)")
+    p.add_argument("paths", nargs="+", help="DICOM files or folders")
+    p.add_argument("--model", required=True, help="the model's repository name")
+    p.add_argument(
+        "--labels",
+        required=True,
+        help="CSV: sop_instance_uid or study_instance_uid, "
+        "a column per finding (1/0), other columns are subgroups",
+    )
+    p.add_argument("--out", default="validation", help="report folder (default: validation)")
+    p.add_argument(
+        "--target-sensitivity",
+        type=float,
+        default=0.90,
+        help="find the threshold that reaches this sensitivity (default 0.90)",
+    )
+    p.add_argument(
+        "--min-per-class",
+        type=int,
+        default=30,
+        help="fewer positives or negatives than this: the set is called too small",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_validate)
     p = sub.add_parser("outbox", help="report deliveries; re-send dead letters")
     p.add_argument("--state", default="all", choices=["all", "queued", "delivered", "dead"])
     p.add_argument(
