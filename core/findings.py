@@ -68,10 +68,14 @@ class Outline:
     ``points`` are (x, y) = (column, row) pairs, the first point repeated as the last, so the
     polygon is a closed POLYLINE as TID 1410's Image Region wants it. ``peak`` is the model's
     heatmap value at the region's strongest cell (how sure the model is of *this* region).
+    ``refined`` says the outline was sharpened to the model input's pixels (the sidecar's
+    ``outline`` rule found the lesion's edge); a heatmap blob's outline (coarse cells) is not,
+    and a report gives no size in mm from it.
     """
 
     points: tuple[tuple[float, float], ...]
     peak: float = 1.0
+    refined: bool = False
 
     def __post_init__(self) -> None:
         if len(self.points) < 4:
@@ -102,10 +106,10 @@ class Outline:
         return abs(twice) / 2.0
 
     @classmethod
-    def from_box(cls, box: BoundingBox, peak: float = 1.0) -> Outline:
+    def from_box(cls, box: BoundingBox, peak: float = 1.0, *, refined: bool = False) -> Outline:
         """The box as a closed rectangle."""
         x0, y0, x1, y1 = box.x_min, box.y_min, box.x_max, box.y_max
-        return cls(((x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0)), peak)
+        return cls(((x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0)), peak, refined)
 
 
 @dataclass(frozen=True)
@@ -217,7 +221,8 @@ class ReportedFinding:
     sources: tuple[Dataset, ...]
     key: str
     parts: tuple[LesionPart, ...] = ()
-    #: Longest in-plane diameter over the parts in mm (from Pixel Spacing); None without it.
+    #: Longest in-plane diameter over the parts in mm (cross-sectional images with Pixel Spacing
+    #: and refined outlines only); None otherwise.
     size_mm: float | None = None
 
     def __post_init__(self) -> None:

@@ -12,13 +12,15 @@ reads these DICOM attributes of each source image header:
   where a lesion lies in the patient (+x towards the patient's left, +y posterior, +z towards
   the head).
 * Pixel Spacing (0028,0030), PS3.3 10.7.1.3, [row spacing, column spacing] in mm (the distance
-  between rows, then between columns), or Imager Pixel Spacing (0018,1164) without it: a
-  lesion's size in mm.
+  between rows, then between columns): a lesion's size in mm on cross-sectional images (never
+  Imager Pixel Spacing (0018,1164): a projection radiograph's spacing is at the detector).
+* Modality (0008,0060): projection modalities (CR, DX, MG...) give no size.
 * Instance Number (0020,0013): the order of images without a position (radiographs).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from collections.abc import Sequence
@@ -258,6 +260,60 @@ def _lesions(images: list[_Image]) -> list[list[_Node]]:
     return list(groups.values())
 
 
+#: Modalities of projection images (PS3.3 C.7.3.1.1.1): their pixel spacing is at the detector
+#: (Imager Pixel Spacing) or an estimate at some plane; a lesion's true size is not in them.
+PROJECTION_MODALITIES = frozenset({"CR", "DX", "MG", "RG", "XA", "RF", "IO", "PX", "DG"})
+
+#: Grid (mm, patient coordinates) a lesion's centre is rounded to for its tracking key.
+TRACKING_GRID_MM = 10.0
+
+
+def _measurable(node: _Node) -> tuple[float, float] | None:
+    """The pixel spacing a part's size may be measured with, or None: only a cross-sectional
+    image (Image Position and Orientation (Patient); not a projection modality) with Pixel
+    Spacing, and only an outline sharpened to the model input's pixels (``Outline.refined``).
+    A radiograph's Imager Pixel Spacing is at the detector (magnified), and a heatmap blob's
+    outline is coarse cells: a size in mm from either would mislead."""
+    ds = node.image.analysis.source
+    if node.image.plane is None or not node.outline.refined:
+        return None
+    if str(ds.get("Modality", "") or "").upper() in PROJECTION_MODALITIES:
+        return None
+    spacing = _floats(ds, "PixelSpacing", 2)
+    if spacing is None or spacing[0] <= 0 or spacing[1] <= 0:
+        return None
+    return spacing[0], spacing[1]
+
+
+def _centre(parts: list[_Node]) -> Vector | None:
+    """A lesion's centre in patient coordinates (mm): its parts' box centres, weighted by their
+    areas in mm^2, so that a small part at the lesion's edge (a slice added later) moves it
+    little; None unless every part is on an image with a plane."""
+    total, acc = 0.0, [0.0, 0.0, 0.0]
+    for n in parts:
+        plane = n.image.plane
+        if plane is None:
+            return None
+        spacing = pixel_spacing(n.image.analysis.source)
+        dr, dc = spacing or (1.0, 1.0)
+        weight = max(n.outline.area * dr * dc, 1e-9)
+        x, y = n.outline.box.centre
+        point = plane.patient(x, y, spacing)
+        total += weight
+        for k in range(3):
+            acc[k] += weight * point[k]
+    return (acc[0] / total, acc[1] / total, acc[2] / total)
+
+
+def _position_key(parts: list[_Node], centre: Vector) -> str:
+    """The stable part of a volume lesion's tracking key: its series and the TRACKING_GRID_MM
+    cell of patient coordinates its centre lies in (not which slice is strongest, nor how many
+    slices the series had when it was analysed)."""
+    series = str(parts[0].image.analysis.source.SeriesInstanceUID)
+    cell = "|".join(str(math.floor(c / TRACKING_GRID_MM)) for c in centre)
+    return f"{series}|{cell}"
+
+
 def _reported(
     study: str, model: str, parts: list[_Node], algorithm: AlgorithmInfo
 ) -> tuple[tuple[object, ...], ReportedFinding]:
@@ -273,12 +329,17 @@ def _reported(
         if n.image.sop not in seen:
             seen.add(n.image.sop)
             sources.append(n.image.analysis.source)
+    spacings = [_measurable(n) for n in parts]
     sizes = [
         d
-        for n in parts
-        if (d := _diameter_mm(n.outline, pixel_spacing(n.image.analysis.source))) is not None
+        for n, spacing in zip(parts, spacings, strict=True)
+        if spacing is not None and (d := _diameter_mm(n.outline, spacing)) is not None
     ]
-    key = f"{study}|{model}|{finding.label}|{strongest.image.sop}|{strongest.rank}"
+    centre = _centre(parts)
+    if centre is not None:
+        key = f"{study}|{model}|{finding.label}|{_position_key(parts, centre)}"
+    else:
+        key = f"{study}|{model}|{finding.label}|{strongest.image.sop}|{strongest.rank}"
     reported = ReportedFinding(
         algorithm=algorithm,
         label=finding.label,
@@ -292,20 +353,40 @@ def _reported(
             LesionPart(n.image.analysis.source, n.outline, n.image.finding.probability)
             for n in parts
         ),
-        size_mm=max(sizes) if sizes else None,
+        # Every part measurable, or no size: a lesion measured on some of its slices only
+        # could be under-sized.
+        size_mm=max(sizes) if sizes and all(s is not None for s in spacings) else None,
     )
-    planes = [n.image.plane for n in parts]
-    if all(plane is not None for plane in planes):
-        centres = []
-        for n, plane in zip(parts, planes, strict=True):
-            assert plane is not None
-            x, y = n.outline.box.centre
-            centres.append(plane.patient(x, y, pixel_spacing(n.image.analysis.source)))
-        mean = tuple(sum(c[k] for c in centres) / len(centres) for k in range(3))
-        return (0, _anatomical((mean[0], mean[1], mean[2])), (), key), reported
+    if centre is not None:
+        return (0, _anatomical(centre), (), key), reported
     image = strongest.image
     cx, cy = strongest.outline.box.centre
     return (1, (), (image.order, cy, cx), key), reported
+
+
+def _unique_keys(ranked: list[tuple[tuple[object, ...], ReportedFinding]]) -> None:
+    """Two lesions whose centres round to the same grid cell: the later ones (in order) get
+    ``|2``, ``|3``... so every lesion's key, and Tracking UID, is its own."""
+    seen: dict[str, int] = {}
+    for i, (order, reported) in enumerate(ranked):
+        count = seen[reported.key] = seen.get(reported.key, 0) + 1
+        if count > 1:
+            ranked[i] = (order, dataclasses.replace(reported, key=f"{reported.key}|{count}"))
+
+
+def numbered(findings: Sequence[ReportedFinding]) -> list[tuple[ReportedFinding, int]]:
+    """Each finding with its number in a report: present ones 1, 2, ... per model and label, in
+    the order given (as :func:`group_findings` orders them); absent ones 0. The SR's Tracking
+    Identifier and the region objects' segment labels and legends use the same numbers."""
+    counts: dict[tuple[str, str], int] = {}
+    out = []
+    for finding in findings:
+        n = 0
+        if finding.present:
+            slot = (finding.algorithm.model or finding.algorithm.name, finding.label)
+            n = counts[slot] = counts.get(slot, 0) + 1
+        out.append((finding, n))
+    return out
 
 
 def group_findings(analyses: Sequence[ImageAnalysis]) -> list[ReportedFinding]:
@@ -319,18 +400,24 @@ def group_findings(analyses: Sequence[ImageAnalysis]) -> list[ReportedFinding]:
       slice order. On other images (radiographs) each outline is a lesion of its own.
     * A present finding without an outline is a lesion of its own image, without parts.
     * A lesion's probability is the highest of its images'; its size the longest in-plane
-      diameter of its parts' outlines in mm (Pixel Spacing, else Imager Pixel Spacing; None
-      without either).
+      diameter of its parts' outlines in mm, only where every part can be measured: an outline
+      sharpened to the model input's pixels (``Outline.refined``) on a cross-sectional image
+      with Pixel Spacing. None on projection radiographs (Imager Pixel Spacing is at the
+      detector, magnified) and for outlines of coarse heatmap cells.
     * Where no image has the finding, its absence is stated once: about every image the model
       analysed, with the highest probability among them.
 
     Order: per study and model, each label's lesions in anatomical order (those in volumes
     superior first, then right to left; those on other images by image, then top to bottom,
     then left to right; then lesions without a region), then the model's absent findings.
-    Each ``key`` (what a Tracking UID is made from) is
+    Each ``key`` (what a Tracking UID is made from) is, for a lesion in a volume,
+    ``study|model|label|series|x|y|z``: the 10 mm cell (TRACKING_GRID_MM) of patient
+    coordinates its centre (its parts' box centres weighted by area) lies in, so a revision of
+    the report with more slices (one arrived late) keeps it unless the centre crosses a cell
+    boundary; ``|2``... for a second lesion in the same cell. On other images (radiographs):
     ``study|model|label|SOP Instance UID of the lesion's strongest part|rank of that outline
     among its image's outlines`` (``...|image`` for a lesion without region; ``...|absent``
-    for an absence): the same whatever order the analyses come in, and unique per lesion.
+    for an absence). Keys are the same whatever order the analyses come in, and unique.
     """
     groups: dict[tuple[str, str], dict[str, list[tuple[ImageAnalysis, Finding]]]] = {}
     label_order: dict[tuple[str, str], dict[str, int]] = {}
@@ -370,6 +457,8 @@ def group_findings(analyses: Sequence[ImageAnalysis]) -> list[ReportedFinding]:
             ranked: list[tuple[tuple[object, ...], ReportedFinding]] = []
             for parts in _lesions(images):
                 ranked.append(_reported(study, model, parts, parts[0].image.analysis.algorithm))
+            ranked.sort(key=lambda kr: kr[0])
+            _unique_keys(ranked)
             for image in found:
                 if image.finding.outlines:
                     continue

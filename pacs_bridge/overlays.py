@@ -2,13 +2,15 @@
 
 The SR (:mod:`nidaan.pacs_bridge.reports`) states what was found; a viewer draws little of it.
 These three objects put each present lesion's outline where viewers look, each for a different
-kind of viewer, all as new series of the *source* study (Patient and General Study modules
-copied from the source images, so a PACS files them next to the images):
+kind of viewer, all as new series of the *source* study (Patient and General Study modules as
+the SR has them: the attributes the study's images agree on, ``study_attributes``, so a PACS
+files them next to the images and under the same accession):
 
 * **Segmentation** (PS3.3 A.51, Segmentation IOD; C.8.20 Segmentation Image module): the
   machine-readable region, what AIR-style consumers and segmentation-aware viewers read. One SEG
   per source series (highdicom derives a SEG from images of one series), Segmentation Type
-  BINARY, one segment per lesion (C.8.20.2 Segment Sequence: label "<finding> <n>", Segmented
+  BINARY, one segment per lesion (C.8.20.2 Segment Sequence: label and Tracking ID the SR's
+  Tracking Identifier of the lesion, e.g. "Pulmonary nodule 1", and its Tracking UID; Segmented
   Property Category (49755003, SCT, "Morphologically Abnormal Structure"), Segmented Property
   Type the finding's code, Segment Algorithm Type AUTOMATIC with the model in Segmentation
   Algorithm Identification, C.8.20.2 / 10.16), and a frame only on images where that lesion has
@@ -34,8 +36,9 @@ copied from the source images, so a PACS files them next to the images):
   pixels. Per image with parts: an 8-bit RGB copy of the image (modality LUT, then the image's
   first window, LINEAR / LINEAR_EXACT / SIGMOID as C.11.2.1.2 defines them, or min-max without
   one; MONOCHROME1 inverted so it looks as the source does), the outlines burned in in yellow
-  with each lesion's number beside its outline, and a band of text at the top (the legends, and
-  "NOT FOR DIAGNOSIS" in red when a model says so). Burned In Annotation (C.7.6.1.1.11) is YES,
+  with each lesion's name beside its outline, and a band of text at the top (the legends, and
+  "NOT FOR DIAGNOSIS" in red when a model says so); Image Comments repeats that text. Burned
+  In Annotation (C.7.6.1.1.11) is YES,
   and Source Image Sequence (C.7.6.1, with purpose (121322, DCM, "Source image for image
   processing operation")) and Derivation Description say what it was made from.
 
@@ -62,7 +65,8 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from nidaan.core.findings import NOT_FOR_DIAGNOSIS, Outline, ReportedFinding
 
-from .languages import Language
+from .languages import Language, load_language
+from .lesions import numbered
 from .uids import derived_uid, is_valid_uid, tracking_uid
 
 __all__ = [
@@ -73,6 +77,7 @@ __all__ = [
     "build_segmentations",
     "default_legend",
     "legend_in",
+    "lesion_name",
     "lesion_tracking_uid",
     "outline_mask",
     "overlay_uids",
@@ -93,12 +98,20 @@ _NFD_RGB = (255, 64, 64)
 _STROKE_RGB = (0, 0, 0)
 
 
+def lesion_name(finding: ReportedFinding, number: int) -> str:
+    """A lesion's name for a person, as the SR's Tracking Identifier says it: the finding's
+    English name from the language data and its number, e.g. ``Pulmonary nodule 1`` (never a
+    model's internal label such as ``tb``)."""
+    return f"{load_language('en').finding(finding.code)} {number}"
+
+
 def default_legend(finding: ReportedFinding, number: int) -> str:
-    """English legend of a lesion, e.g. ``nodule 1: 0.87 (threshold 0.38) — cxr_screen 0.1.0 —
-    NOT FOR DIAGNOSIS`` (the last part only when the model is not for diagnosis)."""
+    """English legend of a lesion, e.g. ``Pulmonary nodule 1: 0.87 (threshold 0.38) —
+    cxr_screen 0.1.0 — NOT FOR DIAGNOSIS`` (the last part only when the model is not for
+    diagnosis)."""
     algo = finding.algorithm
     text = (
-        f"{finding.label} {number}: {finding.probability:.2f} "
+        f"{lesion_name(finding, number)}: {finding.probability:.2f} "
         f"(threshold {finding.threshold:.2f}) — {algo.model or algo.name} {algo.version}"
     )
     return f"{text} — {NOT_FOR_DIAGNOSIS}" if algo.not_for_diagnosis else text
@@ -106,7 +119,7 @@ def default_legend(finding: ReportedFinding, number: int) -> str:
 
 def legend_in(language: Language | None) -> Legend:
     """The English legend, followed by the same in ``language`` (None: English only), e.g.
-    ``nodule 1: 0.87 (threshold 0.38) — ... / फेफड़े की गांठ ... 1: संभावना 0.87 (सीमा 0.38)``,
+    ``Pulmonary nodule 1: 0.87 (threshold 0.38) — ... / फेफड़े की गांठ ... 1: संभावना 0.87 (सीमा 0.38)``,
     for the presentation state's text (ISO_IR 192): a viewer draws it with its own fonts."""
     if language is None or language.tag == "en":
         return default_legend
@@ -184,25 +197,36 @@ class _Lesion:
 
     @property
     def label(self) -> str:
-        return f"{self.finding.label} {self.number}"
+        """``Pulmonary nodule 1``: the segment label and the SC's tag."""
+        return lesion_name(self.finding, self.number)
 
     @property
     def tracking_id(self) -> str:
-        algo = self.finding.algorithm
-        return f"{self.label} ({algo.name} {algo.version})"[:64]
+        """The SR's Tracking Identifier of the same lesion (with the same Tracking UID)."""
+        return self.label[:64]
 
 
 def _lesions(findings: Sequence[ReportedFinding], legend: Legend) -> list[_Lesion]:
-    """The present findings with regions, numbered per (model, label) in the order given."""
-    counts: dict[tuple[str, str, str], int] = {}
-    out = []
-    for finding in findings:
-        if not (finding.present and finding.parts):
-            continue
-        key = (finding.algorithm.name, finding.algorithm.version, finding.label)
-        counts[key] = counts.get(key, 0) + 1
-        out.append(_Lesion(finding, counts[key], legend(finding, counts[key])))
-    return out
+    """The present findings with regions, numbered as the SR numbers them (per model and label
+    in the order given, :func:`~nidaan.pacs_bridge.lesions.numbered`)."""
+    return [
+        _Lesion(finding, n, legend(finding, n))
+        for finding, n in numbered(findings)
+        if finding.present and finding.parts
+    ]
+
+
+def _study(ds: Dataset, attributes: Mapping[str, object] | None) -> None:
+    """Give an object the study's agreed Patient and General Study attributes (those the SR
+    carries, :func:`~nidaan.pacs_bridge.reports.study_attributes`), not only what its own source
+    image had: a CT slice without an Accession Number must not make a SEG without one. Specific
+    Character Set becomes ISO_IR 192 when a value needs more than ASCII."""
+    if not attributes:
+        return
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    if any(not str(v).isascii() for v in attributes.values()):
+        ds.SpecificCharacterSet = "ISO_IR 192"
 
 
 def _check(
@@ -331,13 +355,16 @@ def build_segmentations(
     manufacturer_model_name: str = _MODEL_NAME,
     device_serial_number: str = "0",
     legend: Legend = default_legend,
+    study_attributes: Mapping[str, object] | None = None,
 ) -> list[hd.seg.Segmentation]:
     """One binary SEG per source series holding the present findings' regions.
 
     ``images`` maps SOP Instance UID to the source data set (headers suffice here);
     ``sop_instance_uids`` maps each source Series Instance UID to its SEG's SOP Instance UID
     (see :func:`overlay_uids`); all SEGs go into the new series ``series_instance_uid``. Segment
-    labels come from ``legend``'s numbering (``nodule 1``); see the module docstring.
+    labels are the lesions' names as the SR gives them (``Pulmonary nodule 1``);
+    ``study_attributes`` the Patient and General Study attributes the SR carries (default: the
+    source images'); see the module docstring.
     """
     lesions = _check(findings, images, legend, series_instance_uid, need_pixels=False)
     out = []
@@ -413,6 +440,7 @@ def build_segmentations(
             # reference; the source's, or present and empty when it has none.
             orientation = _patient_orientation(refs[0])
             seg.PatientOrientation = list(orientation) if orientation else None
+        _study(seg, study_attributes)
         out.append(seg)
     return out
 
@@ -492,12 +520,14 @@ def build_presentation_states(
     manufacturer_model_name: str = _MODEL_NAME,
     device_serial_number: str = "0",
     legend: Legend = default_legend,
+    study_attributes: Mapping[str, object] | None = None,
 ) -> list[hd.pr.GrayscaleSoftcopyPresentationState]:
     """One GSPS per source series outlining the present findings' regions on their images.
 
     ``images`` maps SOP Instance UID to the source data set (pixels are read only for a source
     without a window); ``sop_instance_uids`` maps each source Series Instance UID to its GSPS's
-    SOP Instance UID; see the module docstring for the content.
+    SOP Instance UID; ``study_attributes`` the Patient and General Study attributes the SR
+    carries (default: the source images'); see the module docstring for the content.
     """
     lesions = _check(findings, images, legend, series_instance_uid, need_pixels=False)
     regions = hd.pr.GraphicLayer(
@@ -619,6 +649,7 @@ def build_presentation_states(
         )
         # General Series (C.7.3.1): Laterality is type 2C; the source's, or empty if unknown.
         pr.Laterality = _laterality(refs) or ""
+        _study(pr, study_attributes)
         out.append(pr)
     return out
 
@@ -685,7 +716,7 @@ def _burn(
         points = [(x - 0.5, y - 0.5) for x, y in outline.points]
         draw.line(points, fill=_OUTLINE_RGB, width=thickness, joint="curve")
         box = outline.box
-        tag = lesion.label  # "nodule 1": the legend line above says what it is
+        tag = lesion.label  # "Pulmonary nodule 1": the legend line at the top says the rest
         tag_y = box.y_min - _line_height(size) if box.y_min >= _line_height(size) else box.y_max
         draw.text(
             (max(0.0, box.x_min), tag_y),
@@ -697,8 +728,7 @@ def _burn(
         )
     y = 4
     for text, is_nfd in lines:
-        # Pillow's default font has no dashes beyond ASCII's: they would burn in as boxes.
-        text = text.replace("\u2014", "-").replace("\u2013", "-")
+        text = _ascii_dashes(text)
         for line in _wrap(draw, text, font, columns - 8):
             draw.text(
                 (4, y),
@@ -710,6 +740,11 @@ def _burn(
             )
             y += _line_height(size)
     return np.asarray(picture, dtype=np.uint8)
+
+
+def _ascii_dashes(text: str) -> str:
+    """Pillow's default font has no dashes beyond ASCII's: they would burn in as boxes."""
+    return text.replace("\u2014", "-").replace("\u2013", "-")
 
 
 def _patient_orientation(image: Dataset) -> tuple[str, str] | None:
@@ -745,12 +780,15 @@ def build_secondary_captures(
     manufacturer: str = _MANUFACTURER,
     manufacturer_model_name: str = _MODEL_NAME,
     legend: Legend = default_legend,
+    study_attributes: Mapping[str, object] | None = None,
 ) -> list[hd.sc.SCImage]:
     """One RGB Secondary Capture per source image with a part, regions and legend burned in.
 
     ``images`` maps SOP Instance UID to the full source data set (pixels needed);
     ``sop_instance_uids`` maps each such source SOP Instance UID to its SC's SOP Instance UID;
-    see the module docstring for the content.
+    ``study_attributes`` the Patient and General Study attributes the SR carries (default: the
+    source image's); see the module docstring for the content. Image Comments repeats the text
+    burned in (each lesion's tag, then the lines at the top), for systems that read text.
     """
     lesions = _check(findings, images, legend, series_instance_uid, need_pixels=True)
     description = _description(lesions)
@@ -805,5 +843,8 @@ def build_secondary_captures(
             hd.sr.CodedConcept(purpose.value, purpose.scheme_designator, purpose.meaning)
         ]
         sc.SourceImageSequence = [reference]
+        burned = [lesion.label for lesion in here] + [text for text, _ in lines]
+        sc.ImageComments = "\n".join(_ascii_dashes(t) for t in burned)
+        _study(sc, study_attributes)
         out.append(sc)
     return out

@@ -23,7 +23,8 @@ Content tree (PS3.16 TID 1500 "Measurement Report")::
           or SCOORD Image Region per slice                        TID 1411, a lesion over slices
           or IMAGE Source of Measurement                          TID 1501 (no region)
       CONTAINER Qualitative Evaluations                           TID 1500 row 12
-        TEXT Summary (English, then the destination's language)
+        TEXT Summary (English, then the destination's language; starting with NOT FOR
+             DIAGNOSIS when a model's card says so)
         TEXT Comment: NOT FOR DIAGNOSIS, what Present means, each model's intended use
 
 Choices, and the reason for each:
@@ -79,6 +80,7 @@ from nidaan.core.findings import (
 
 from .languages import Language, load_language
 from .lesions import group_findings
+from .lesions import numbered as lesion_numbers
 from .uids import derived_uid, is_valid_uid, tracking_uid
 
 __all__ = [
@@ -91,6 +93,7 @@ __all__ = [
     "report_uids",
     "serial_number",
     "software_version",
+    "study_attributes",
 ]
 
 _NFD_STATEMENT = f"{NOT_FOR_DIAGNOSIS}: model trained on synthetic images only"
@@ -211,27 +214,20 @@ def build_report(
     evidence: dict[str, Dataset] = {}
     for analysis in analyses:
         evidence.setdefault(str(analysis.source.SOPInstanceUID), analysis.source)
-    agreed = _agreed_study_attributes(list(evidence.values()))
+    agreed = study_attributes(list(evidence.values()))
     reported = list(group_findings(analyses) if findings is None else findings)
     if not reported:
         raise ValueError("the analyses hold no findings to report")
     english = load_language("en")
     other = load_language(language) if language and language != "en" else None
 
-    numbers: dict[tuple[str, str], int] = {}
+    # The same numbers as the region objects' segment labels and legends.
+    numbered = lesion_numbers(reported)
     groups: list[
         hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
         | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
         | hd.sr.MeasurementsAndQualitativeEvaluations
-    ] = []
-    numbered: list[tuple[ReportedFinding, int]] = []
-    for finding in reported:
-        n = 0
-        if finding.present:
-            slot = (finding.algorithm.model or finding.algorithm.name, finding.label)
-            n = numbers[slot] = numbers.get(slot, 0) + 1
-        numbered.append((finding, n))
-        groups.append(_group(finding, n, english))
+    ] = [_group(finding, n, english) for finding, n in numbered]
 
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
@@ -317,9 +313,10 @@ def _check(
             raise ValueError("sop_instance_uid is an analysed image's SOP Instance UID")
 
 
-def _agreed_study_attributes(images: Sequence[Dataset]) -> dict[str, object]:
+def study_attributes(images: Sequence[Dataset]) -> dict[str, object]:
     """The Patient and General Study attributes the images agree on (one image's empty value
-    gives way to another's); ValueError naming the attribute (never its values: they are
+    gives way to another's): what the SR carries, and what the study's region objects (SEG,
+    GSPS, SC) must carry too. ValueError naming the attribute (never its values: they are
     patient data) where two images differ."""
     agreed: dict[str, object] = {}
     for keyword in _STUDY_ATTRIBUTES:
@@ -391,8 +388,9 @@ def _group(
     """One measurement group: TID 1410 for a region on one image, TID 1411 for a lesion over
     several, TID 1501 otherwise (an absence, or a finding without a region)."""
     algo = finding.algorithm
+    name = english.finding(finding.code)  # never the model's internal label ("tb")
     parameters = [
-        f"operating threshold {finding.threshold:g}: {finding.label} is Present when "
+        f"operating threshold {finding.threshold:g}: {name} is Present when "
         "Certainty of Finding is at or above it"
     ]
     if algo.digest:  # provenance: exactly which weights made this finding
@@ -407,7 +405,6 @@ def _group(
         parameters=parameters,
     )
     finding_type = _concept(finding.code)
-    name = english.finding(finding.code)
     tracking = hd.sr.TrackingIdentifier(
         uid=tracking_uid(finding.key),
         identifier=f"{name} {n}" if finding.present else f"{name}: absent",
@@ -507,7 +504,11 @@ def _statements(
     for language in (english, other):
         if language is None:
             continue
-        texts = [(codes.DCM.Summary, summary(numbered, language))]
+        said = summary(numbered, language)
+        if any(a.not_for_diagnosis for a in algorithms):
+            # The first text a reader sees says it, not only a comment further down.
+            said = f"{language.term('not_for_diagnosis')}: {said}"
+        texts = [(codes.DCM.Summary, said)]
         if any(a.not_for_diagnosis for a in algorithms):
             texts.append((codes.DCM.Comment, language.term("not_for_diagnosis")))
         texts.append((codes.DCM.Comment, language.term("present_rule")))

@@ -55,8 +55,8 @@ def outlines_of(
     Every connected blob of heatmap cells >= ``spec.region_fraction`` x the heatmap's peak is
     one region, outlined in source pixels. With the sidecar's ``outline`` rule the outline is
     sharpened to the input tensor's pixels (``refine_outline``; the tensor back in display
-    values, ``tensor * std + mean``), and stays the heatmap cells' outline where that finds
-    nothing.
+    values, ``tensor * std + mean``; ``Outline.refined``), and stays the heatmap cells' outline
+    where that finds nothing (not refined: a report gives no size in mm from it).
     """
     hm = np.asarray(heatmap, dtype=np.float64)
     if hm.ndim != 2 or hm.size == 0 or not np.isfinite(hm).all():
@@ -70,14 +70,14 @@ def outlines_of(
         channel = np.asarray(tensor[spec.outline.channel], dtype=np.float64) * i.std + i.mean
     out = []
     for blob in blobs:
-        points = blob.outline
+        points, refined = blob.outline, None
         if channel is not None and spec.outline is not None:
             refined = refine_outline(
                 channel, hm.shape, blob, prepared.placement, spec.outline.above
             )
             points = refined or points
         try:
-            out.append(Outline(points, blob.peak))
+            out.append(Outline(points, blob.peak, refined=refined is not None))
         except ValueError:  # degenerate after clipping to the image: no area to show
             continue
     return tuple(out)

@@ -46,6 +46,7 @@ from nidaan.pacs_bridge.reports import (
     report_uids,
     serial_number,
     software_version,
+    study_attributes,
 )
 from nidaan.pacs_bridge.routing import Router
 from nidaan.pacs_bridge.spool import FileChunks, Spool, atomic_write
@@ -146,6 +147,13 @@ class Studies:
                 raise InputError(note)
             self._skip(study_uid)
             return
+        try:
+            # The SR and the region objects all carry what the images agree on.
+            agreed = study_attributes(
+                list({str(a.source.SOPInstanceUID): a.source for a in analyses}.values())
+            )
+        except ValueError as exc:  # names the attribute, never its values (patient data)
+            raise InputError(f"no report: {exc}") from exc
         self.state.set_study_state(study_uid, "analysed", note)
         log.info("study %s analysed: %s", ref(study_uid), _summary(analyses))
         writing = time.monotonic()
@@ -167,7 +175,7 @@ class Studies:
                 why,
             )
             return
-        objects = ResultObjects(self, study_uid, analyses, findings, key, paths)
+        objects = ResultObjects(self, study_uid, analyses, findings, key, paths, agreed)
         objects.made("sr", "", path, sop_uid)
         queue: list[tuple[Path, str, str]] = []
         for dest in destinations:
@@ -363,8 +371,11 @@ class ResultObjects:
         findings: list[ReportedFinding],
         key: str,
         paths: dict[str, Path],
+        study_attributes: dict[str, object],
     ) -> None:
         self._studies = studies
+        #: The Patient and General Study attributes the SR carries: the region objects too.
+        self._study_attributes = study_attributes
         self._study_uid = study_uid
         self._analyses = analyses
         self._findings = findings
@@ -425,13 +436,14 @@ class ResultObjects:
             "software_versions": software_version(),
             "manufacturer": MANUFACTURER,
             "manufacturer_model_name": MODEL_NAME,
+            "study_attributes": self._study_attributes,
         }
         series = sorted({str(images[u].SeriesInstanceUID) for u in images})
         made: Sequence[Dataset]
         if kind == "seg":
             series_uid, uids = overlay_uids("seg", key, series)
             made = build_segmentations(
-                drawable,
+                self._findings,
                 images,
                 series_instance_uid=series_uid,
                 sop_instance_uids=uids,
@@ -442,7 +454,7 @@ class ResultObjects:
             pr_kind = "pr" + (f"|{language}" if language else "")
             series_uid, uids = overlay_uids(pr_kind, key, series)
             made = build_presentation_states(
-                drawable,
+                self._findings,
                 images,
                 series_instance_uid=series_uid,
                 sop_instance_uids=uids,
@@ -453,7 +465,11 @@ class ResultObjects:
         elif kind == "sc":
             series_uid, uids = overlay_uids("sc", key, sorted(images))
             made = build_secondary_captures(
-                drawable, images, series_instance_uid=series_uid, sop_instance_uids=uids, **common
+                self._findings,
+                images,
+                series_instance_uid=series_uid,
+                sop_instance_uids=uids,
+                **common,
             )
         else:
             raise ValueError(f"unknown result object {kind!r}")

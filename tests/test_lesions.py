@@ -26,6 +26,7 @@ from nidaan.core.findings import (
 )
 from nidaan.kernels import Placement, refine_outline, regions
 from nidaan.pacs_bridge.lesions import group_findings
+from nidaan.pacs_bridge.uids import tracking_uid
 from nidaan.server.backends import create_backend
 from nidaan.server.model_repository import OutlineRule, load_model
 from nidaan.server.pipeline import Pipeline
@@ -79,6 +80,19 @@ def test_a_ct_volume_with_two_nodules_gives_one_finding_per_lesion_with_its_size
         assert abs(r.size_mm - p.diameter_mm) <= 0.2 * p.diameter_mm, (r.size_mm, p.diameter_mm)
         assert r.probability == max(part.probability for part in r.parts)
     assert len({r.key for r in reported}) == 2
+
+
+def test_a_revision_with_a_late_slice_keeps_the_lesions_tracking_uid(pipeline: Pipeline) -> None:
+    # The nodule's centre is on the series' last slice, which arrives late: the first report
+    # sees the lesion on the slices above it only, the revision on one more, its strongest. The
+    # same lesion keeps its Tracking UID.
+    series, (planted,) = synthetic_ct_volume(3, [Nodule(0.45, 0.32, 15, 20.0)], slices=16)
+    first = [r for r in group_findings(pipeline.analyse(series[:-1])) if r.present]
+    again = [r for r in group_findings(pipeline.analyse(series)) if r.present]
+    assert len(first) == len(again) == 1
+    assert series[-1] in again[0].sources and series[-1] not in first[0].sources
+    assert len(again[0].parts) == len(first[0].parts) + 1
+    assert tracking_uid(again[0].key) == tracking_uid(first[0].key)
 
 
 # --- outline refinement ---------------------------------------------------------------------------
@@ -192,8 +206,26 @@ def test_overlapping_parts_on_adjacent_slices_are_one_lesion_in_slice_order() ->
     first, second = reported
     assert _numbers(first) == [2, 3, 4] and first.sources == (s[1], s[2], s[3])
     assert first.probability == 0.9  # its strongest image's
-    assert first.key.endswith(f"|demo|nodule|{s[2].SOPInstanceUID}|0")
-    assert _numbers(second) == [4] and second.key.endswith(f"|{s[3].SOPInstanceUID}|1")
+    # Keyed by series and the 10 mm cell of patient coordinates its centre lies in: this lesion's
+    # (area-weighted) centre is at pixel (118.3, 115) of slices whose first pixel centre is at
+    # x = y = -250 mm (1 mm pixels), z -5 mm: (-132.2, -135.5, -5) mm.
+    series = s[0].SeriesInstanceUID
+    assert first.key.endswith(f"|demo|nodule|{series}|-14|-14|-1")
+    assert _numbers(second) == [4] and second.key.endswith(f"|{series}|5|5|-1")
+
+
+def test_a_late_slice_that_becomes_a_lesions_strongest_part_keeps_its_tracking_uid() -> None:
+    # Slices 3-4 first, then slice 5 (the lesion's strongest part) arrives: the lesion's
+    # centre moves 1.7 mm down, within its 10 mm cell; its key, once its strongest slice's SOP
+    # Instance UID, stays. A second lesion elsewhere keeps its own.
+    s = _volume(6)
+    other = _analysis(s[0], 0.9, _box(400, 400))
+    before = [_analysis(s[2], 0.8, _box(100, 100, peak=0.7)), _analysis(s[3], 0.8, _box(102, 100))]
+    after = [*before, _analysis(s[4], 0.95, _box(101, 101, peak=0.99))]
+    first = group_findings([other, *before])
+    again = group_findings([other, *after])
+    assert [len(r.parts) for r in first] == [1, 2] and [len(r.parts) for r in again] == [1, 3]
+    assert [tracking_uid(r.key) for r in again] == [tracking_uid(r.key) for r in first]
 
 
 def test_parts_across_a_gap_are_separate_lesions() -> None:
@@ -235,8 +267,22 @@ def test_a_radiograph_with_two_outlines_gives_two_lesions_top_to_bottom() -> Non
     assert [r.parts[0].outline for r in reported] == [upper, lower]
     assert [r.key.rsplit("|", 1)[1] for r in reported] == ["1", "0"]
     assert all(r.present and r.sources == (cr,) for r in reported)
-    # Imager Pixel Spacing without Pixel Spacing: the diagonal of 100 x 50 pixels of 0.2 mm.
-    assert reported[0].size_mm == pytest.approx(0.2 * np.hypot(100, 50))
+
+
+def test_a_projection_radiograph_gets_no_size_in_mm() -> None:
+    # Imager Pixel Spacing is at the detector (the patient is magnified), and a radiograph
+    # model's outline is heatmap cells: no size, even with a refined outline or Pixel Spacing.
+    for spacing in ({"ImagerPixelSpacing": [0.2, 0.2]}, {"PixelSpacing": [0.2, 0.2]}):
+        cr = _radiograph(generate_uid(), **spacing)
+        cr.Modality = "DX"
+        for refined in (False, True):
+            box = Outline.from_box(BoundingBox(100, 100, 200, 150), 0.9, refined=refined)
+            (r,) = group_findings([_analysis(cr, 0.8, box)])
+            assert r.present and r.parts and r.size_mm is None, (spacing, refined)
+
+
+def _refined(x: float, y: float, w: float, h: float) -> Outline:
+    return Outline.from_box(BoundingBox(x, y, x + w, y + h), 0.9, refined=True)
 
 
 def test_size_follows_pixel_spacing_rows_then_columns() -> None:
@@ -244,14 +290,29 @@ def test_size_follows_pixel_spacing_rows_then_columns() -> None:
     # region 10 columns wide and 4 rows high is 20 mm wide and 2 mm high: sqrt(20^2 + 2^2) mm
     # across (swapped spacings would make it sqrt(5^2 + 8^2) = 9.4 mm).
     ds = _slice(generate_uid(), generate_uid(), 0.0, spacing=[0.5, 2.0])
-    (r,) = group_findings([_analysis(ds, 0.9, _box(10, 10, 10, 4))])
+    ds.Modality = "CT"
+    (r,) = group_findings([_analysis(ds, 0.9, _refined(10, 10, 10, 4))])
     assert r.size_mm == pytest.approx(np.hypot(20.0, 2.0))
-    # Pixel Spacing wins over Imager Pixel Spacing; without either there is no size.
+    # Pixel Spacing wins over Imager Pixel Spacing; without it there is no size.
     ds.ImagerPixelSpacing = [3.0, 3.0]
-    (r,) = group_findings([_analysis(ds, 0.9, _box(10, 10, 10, 4))])
+    (r,) = group_findings([_analysis(ds, 0.9, _refined(10, 10, 10, 4))])
     assert r.size_mm == pytest.approx(np.hypot(20.0, 2.0))
-    (r,) = group_findings([_analysis(_radiograph(generate_uid()), 0.9, _box(10, 10))])
+    del ds.PixelSpacing
+    (r,) = group_findings([_analysis(ds, 0.9, _refined(10, 10, 10, 4))])
     assert r.size_mm is None
+
+
+def test_a_ct_lesion_is_sized_only_from_outlines_sharpened_to_the_input_pixels() -> None:
+    # A model without an outline rule gives heatmap cells (8 x 8 input pixels): coarse, and
+    # no size. One slice of a lesion unrefined: no size either (it could be the widest).
+    s = _volume(3)
+    (r,) = group_findings([_analysis(s[0], 0.9, _box(10, 10, 10, 4))])
+    assert r.parts and r.size_mm is None
+    (r,) = group_findings([_analysis(ds, 0.9, _refined(100, 100, 30, 40)) for ds in s])
+    assert r.size_mm == pytest.approx(50.0)  # 30 x 40 pixels of 1 mm
+    mixed = [_analysis(s[0], 0.9, _refined(100, 100, 30, 40)), _analysis(s[1], 0.9, _box(100, 100))]
+    (r,) = group_findings(mixed)
+    assert len(r.parts) == 2 and r.size_mm is None
 
 
 def test_absent_is_stated_once_per_study_and_model_and_only_without_the_finding() -> None:
@@ -318,8 +379,11 @@ def test_keys_are_stable_whatever_the_order_and_differ_between_lesions() -> None
         assert [[p.source.SOPInstanceUID for p in r.parts] for r in again] == [
             [p.source.SOPInstanceUID for p in r.parts] for r in reference
         ]
-    # Superior first: slice 1's second outline, then the lesion on slices 1-2, named by its
-    # strongest part (on slice 2), not the slice it starts on.
-    assert keys[0] == f"{study}|demo|nodule|{s[0].SOPInstanceUID}|1"
+    # Superior first: slice 1's second outline, then the lesion on slices 1-2, each named by
+    # its series and the 10 mm cell its centre is in (patient mm), not by a slice.
+    series = s[0].SeriesInstanceUID
+    assert keys[0] == f"{study}|demo|nodule|{series}|5|5|0"
     assert [len(r.parts) for r in reference[:3]] == [1, 2, 1]
-    assert keys[1] == f"{study}|demo|nodule|{s[1].SOPInstanceUID}|0"
+    assert keys[1] == f"{study}|demo|nodule|{series}|-14|-15|-1"
+    # The radiograph's: its image and the outline's rank there.
+    assert keys[3:5] == [f"{study}|demo|nodule|{cr.SOPInstanceUID}|{k}" for k in (0, 1)]

@@ -134,7 +134,11 @@ def test_seg_masks_are_the_pixel_centres_inside_each_outline(tmp_path: Path) -> 
     assert seg.StudyInstanceUID == cxr.StudyInstanceUID
     assert seg.SeriesInstanceUID != cxr.SeriesInstanceUID
     segments = {int(s.SegmentNumber): s for s in seg.SegmentSequence}
-    assert [segments[n].SegmentLabel for n in (1, 2)] == ["nodule 1", "opacity 1"]
+    # The lesions' names as the SR's Tracking Identifiers give them (never "nodule", "tb").
+    assert [segments[n].SegmentLabel for n in (1, 2)] == [
+        "Pulmonary nodule 1",
+        "Abnormal opacity (TB-like) 1",
+    ]
     for number, code in ((1, NODULE), (2, OPACITY)):
         segment = segments[number]
         prop = segment.SegmentedPropertyTypeCodeSequence[0]
@@ -203,7 +207,9 @@ def test_gsps_outlines_only_the_image_with_a_part(tmp_path: Path, monochrome1: b
         for annotation in pr.GraphicAnnotationSequence
         for text in annotation.get("TextObjectSequence", [])
     ]
-    assert "nodule 1: 0.87 (threshold 0.38) — cxr_screen 0.1.0 — NOT FOR DIAGNOSIS" in texts
+    assert (
+        "Pulmonary nodule 1: 0.87 (threshold 0.38) — cxr_screen 0.1.0 — NOT FOR DIAGNOSIS" in texts
+    )
     assert NOT_FOR_DIAGNOSIS in texts
     assert {layer.GraphicLayer for layer in pr.GraphicLayerSequence} == {"AI_REGIONS", "AI_LEGEND"}
 
@@ -406,7 +412,7 @@ def test_a_second_language_legend_is_carried_in_utf8(tmp_path: Path) -> None:
         for annotation in back.GraphicAnnotationSequence
         for text in annotation.get("TextObjectSequence", [])
     ]
-    (legend,) = [t for t in texts if t.startswith("nodule 1")]
+    (legend,) = [t for t in texts if t.startswith("Pulmonary nodule 1")]
     assert legend.endswith(
         "/ फेफड़े की गांठ (पल्मोनरी नोड्यूल) 1: संभावना 0.87 (सीमा 0.38) — निदान के लिए नहीं"
     )

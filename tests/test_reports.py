@@ -237,7 +237,10 @@ def test_the_report_says_not_for_diagnosis_and_the_intended_use_as_content(
 ) -> None:
     sr, _, _ = _report(source)
     said = [str(i.TextValue) for i in _statements(sr)]
-    assert said[0].startswith("AI findings present: Pulmonary nodule 1: probability 0.91")
+    # The first text a reader sees (the summary) says it, not only a comment further down.
+    assert said[0].startswith(
+        "NOT FOR DIAGNOSIS: AI findings present: Pulmonary nodule 1: probability 0.91"
+    )
     assert NOT_FOR_DIAGNOSIS in said
     assert "Intended use of Demo CXR screen: A demonstration only." in said
     assert any("at or above the model's operating threshold" in t for t in said)
@@ -260,7 +263,9 @@ def test_absent_is_stated_once_per_study_and_model(source: pydicom.Dataset) -> N
         }
         assert refs == {source.SOPInstanceUID, other.SOPInstanceUID}
     said = [str(i.TextValue) for i in _statements(sr)]
-    assert said[0] == "No AI finding present at the models' operating thresholds."
+    assert said[0] == (
+        "NOT FOR DIAGNOSIS: No AI finding present at the models' operating thresholds."
+    )
 
 
 def test_two_regions_on_one_image_are_two_lesions(source: pydicom.Dataset) -> None:
@@ -328,7 +333,9 @@ def test_a_second_language_is_added_beside_english_in_utf8(
     english = [str(i.TextValue) for i in statements if _language_of(i) == ""]
     hindi = [str(i.TextValue) for i in statements if _language_of(i) == "hi"]
     assert english and hindi
-    assert hindi[0].startswith("एआई द्वारा पाए गए निष्कर्ष: फेफड़े की गांठ (पल्मोनरी नोड्यूल) 1")
+    assert hindi[0].startswith(
+        "निदान के लिए नहीं: एआई द्वारा पाए गए निष्कर्ष: फेफड़े की गांठ (पल्मोनरी नोड्यूल) 1"
+    )
     assert "निदान के लिए नहीं" in hindi
     assert any("केवल एक प्रदर्शन।" in t for t in hindi)
     back = pydicom.dcmread(_save(sr, tmp_path / "hi.dcm"))
@@ -392,6 +399,7 @@ def test_a_validated_model_report_carries_no_not_for_diagnosis_mark(
     source: pydicom.Dataset,
 ) -> None:
     sr, _, _ = _report(source, VALIDATED)
+    assert str(_statements(sr)[0].TextValue).startswith("AI findings present: Pulmonary nodule 1")
     assert NOT_FOR_DIAGNOSIS not in sr.SeriesDescription
     assert not any(NOT_FOR_DIAGNOSIS in t for t in texts(sr))
     assert {VALIDATED.name, VALIDATED.version} <= set(texts(sr))
