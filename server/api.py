@@ -34,6 +34,8 @@ import hashlib
 import hmac
 import io
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -1086,6 +1088,15 @@ class ApiServer:
         """Listen on ``bind:port`` (0 = any free port), over TLS with ``credentials``; returns
         the port."""
         address = f"[{bind}]:{port}" if ":" in bind else f"{bind}:{port}"
+        if port:
+            # Tried first with a plain socket: gRPC's core would log a line of its own (to
+            # stderr, whatever Python's logging says) before failing, and a person should read
+            # one line naming the setting.
+            try:
+                socket.create_server((bind, port)).close()
+            except OSError as exc:
+                why = os.strerror(exc.errno) if exc.errno else str(exc)
+                raise ConfigError(f"grpc.port: cannot listen on {address}: {why}") from None
         try:
             if credentials is None:
                 self.port = self.server.add_insecure_port(address)

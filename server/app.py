@@ -122,9 +122,7 @@ class NidaanServer:
             observe=self.metrics.stage,
         )
         self.router = Router(config, {m.name for m in self.models})
-        for peer in config.peers:  # a language without its file: ConfigError now, not per study
-            if peer.language:
-                load_language(peer.language)
+        self._check_languages()
         data = Path(config.storage.data_dir)
         try:
             self.spool = Spool(data)
@@ -244,7 +242,7 @@ class NidaanServer:
                 self.scp.start(d.bind, d.port, server_context(d))
         except OSError as exc:  # a taken port: one line naming it, not a traceback
             raise ConfigError(
-                f"dicom.port: cannot listen on {d.bind}:{d.port}: {exc.strerror or exc}"
+                f"dicom.port: cannot listen on {d.bind}:{d.port}: {_why(exc)}"
             ) from exc
         if grpc:
             self.api = self._api_server()
@@ -275,7 +273,7 @@ class NidaanServer:
             except OSError as exc:
                 self.http = None
                 raise ConfigError(
-                    f"http.port: cannot listen on {h.bind}:{h.port}: {exc.strerror or exc}"
+                    f"http.port: cannot listen on {h.bind}:{h.port}: {_why(exc)}"
                 ) from exc
         self._started_at = time.monotonic()
         log.info(
@@ -663,6 +661,41 @@ class NidaanServer:
                         self._again.discard(study)
                         self._queue.put(study)
 
+    def _check_languages(self) -> None:
+        """Each peer's report language, loaded now (a missing file is a ConfigError at start,
+        not a failure per study), with a warning at start where its texts reach a reader
+        unchecked: a language file nobody has reviewed for medical terms (empty
+        ``reviewed_by``), or a model whose sidecar has no intended use in that language (its
+        reports to the peer state it in English only)."""
+        warned: set[str] = set()
+        for peer in self.config.peers:
+            if not peer.language:
+                continue
+            language = load_language(peer.language)
+            if language.tag in warned:
+                continue
+            warned.add(language.tag)
+            if not language.reviewed_by.strip():
+                log.warning(
+                    "report language %r (pacs_bridge/languages/%s.toml, used for peer %s) has "
+                    "not been reviewed for medical terms (reviewed_by is empty): have a "
+                    "radiologist who reads %s review it and sign reviewed_by before clinical use",
+                    language.tag,
+                    language.tag,
+                    peer.ae_title,
+                    language.name,
+                )
+            for model in self.models:
+                if not model.algorithm.intended_use_in(language.tag):
+                    log.warning(
+                        "model %s has no intended use in %r ([model.intended_use] %s in its "
+                        "nidaan.toml): its reports to peer %s state it in English only",
+                        model.name,
+                        language.tag,
+                        language.tag,
+                        peer.ae_title,
+                    )
+
     def _analyse(self, study: str) -> None:
         """Analyse one study; failures leave it waiting (backend down) or visibly failed."""
         started = time.monotonic()
@@ -691,3 +724,9 @@ class NidaanServer:
         self.state.set_study_state(study_uid, "failed", reason)
         self.metrics.studies.labels("failed").inc()
         log.error("study %s failed: %s", ref(study_uid), reason)
+
+
+def _why(exc: OSError) -> str:
+    """An OSError's reason alone ("Address already in use"), without what Python adds to it
+    ("(while attempting to bind on address ...)")."""
+    return os.strerror(exc.errno) if exc.errno else str(exc)

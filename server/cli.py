@@ -418,10 +418,12 @@ def exposure_warnings(cfg: Config) -> list[str]:
             f"gRPC listens on {cfg.grpc.bind}:{cfg.grpc.port} without authentication: set "
             "grpc.tls = true (mutual TLS) or grpc.tokens_file (bearer tokens)"
         )
-    if not _is_loopback(cfg.http.bind):
+    if not _is_loopback(cfg.http.bind) and not (cfg.http.tls or cfg.http.tokens_file):
         out.append(
-            f"the status page and metrics listen on {cfg.http.bind}:{cfg.http.port} for anyone "
-            '(counts only, no patient data); set http.bind = "127.0.0.1" to keep them local'
+            f"the status page and metrics listen on {cfg.http.bind}:{cfg.http.port} for anyone: "
+            "they show recent studies (shortened UIDs, calling AEs, findings, failures; no "
+            "patient names or IDs) and let anyone resend dead letters; set http.tokens_file or "
+            'http.tls = true to protect them, or http.bind = "127.0.0.1" to keep them local'
         )
     return out
 

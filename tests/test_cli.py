@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from conftest import MODELS
 from factory import sample_file, save, synthetic_cxr
@@ -126,3 +129,115 @@ def test_a_missing_model_repository_is_one_line_naming_the_setting(tmp_path: Pat
     assert run.returncode == 2
     (line,) = run.stderr.strip().splitlines()
     assert line.startswith("nidaan: error: models.repository:") and "does not exist" in line
+
+
+def _ports_config(tmp_path: Path, ports: dict[str, int], extra: str = "") -> Path:
+    (tmp_path / "c.toml").write_text(
+        f'[models]\nrepository = "{MODELS}"\n[storage]\ndata_dir = "{tmp_path / "data"}"\n'
+        + "".join(f'[{k}]\nbind = "127.0.0.1"\nport = {v}\n' for k, v in ports.items())
+        + extra
+    )
+    return tmp_path
+
+
+@pytest.mark.parametrize("setting", ["dicom", "grpc", "http"])
+def test_a_taken_port_is_one_line_naming_the_setting_and_value(
+    tmp_path: Path, setting: str
+) -> None:
+    """Another program listens on the port: `nidaan serve` says which setting and which port
+    in one line (no traceback, no gRPC core log, no shutdown chatter) and exits non-zero."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    ports = {"dicom": 0, "grpc": 0, "http": 0} | {setting: port}
+    try:
+        run = _run("serve", cwd=_ports_config(tmp_path, ports))
+    finally:
+        taken.close()
+    assert run.returncode != 0
+    (line,) = run.stderr.strip().splitlines()
+    assert line == (
+        f"nidaan: error: {setting}.port: cannot listen on 127.0.0.1:{port}: Address already in use"
+    )
+    assert run.stdout == ""
+
+
+def _serve(tmp_path: Path, extra: str) -> tuple[subprocess.Popen, dict[str, int]]:
+    """`nidaan serve` on free loopback DICOM and gRPC ports and an HTTP port on every
+    interface; returns once it says it is up."""
+    from peers import free_port
+
+    ports = {"dicom": free_port(), "grpc": free_port(), "http": free_port()}
+    _ports_config(tmp_path, {k: v for k, v in ports.items() if k != "http"})
+    with open(tmp_path / "c.toml", "a") as f:
+        f.write(f'[http]\nbind = "0.0.0.0"\nport = {ports["http"]}\n{extra}')
+    proc = subprocess.Popen(
+        [NIDAAN, "--config", str(tmp_path / "c.toml"), "serve"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    up = proc.stdout.readline()
+    assert up.startswith("nidaan: AE NIDAAN on DICOM port"), proc.communicate(timeout=30)
+    return proc, ports
+
+
+def _stop(proc: subprocess.Popen) -> str:
+    """Stop `nidaan serve` as an operator does (SIGINT); what it logged."""
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    return err
+
+
+def test_serve_warns_of_an_open_status_page_and_says_where_an_unknown_callers_report_went(
+    tmp_path: Path,
+) -> None:
+    """An HTTP port on every interface without a token or TLS: `serve` warns what it shows and
+    how to protect it. A study from WARD, which is not a configured peer while PACS is: the log
+    says the report was kept, not sent, and how to have it delivered."""
+    from netutil import c_store
+    from peers import free_port, wait_until
+
+    peer = f'[[peers]]\nae_title = "PACS"\nhost = "127.0.0.1"\nport = {free_port()}\n'
+    proc, ports = _serve(tmp_path, peer)
+    try:
+        ds, _ = synthetic_cxr(24, rows=300, columns=300)
+        (ok,) = c_store(ports["dicom"], [ds], calling="WARD")
+        assert ok.Status == 0x0000
+        reports = tmp_path / "data" / "reports"
+        wait_until(lambda: list(reports.glob("*.dcm")), 120, "the report in reports/")
+    finally:
+        err = _stop(proc)
+    warning = next(line for line in err.splitlines() if "the status page and metrics" in line)
+    assert "WARNING" in warning and f"0.0.0.0:{ports['http']} for anyone" in warning
+    assert "resend dead letters" in warning and "http.tokens_file" in warning
+    assert "counts only" not in warning
+    (note,) = [line for line in err.splitlines() if "not sent" in line]
+    assert "the sender, AE 'WARD', is not a configured peer" in note
+    assert "reports/ folder" in note  # what happened to it
+    assert "add a [[peers]] entry with ae_title = 'WARD'" in note  # how to deliver it
+    assert "have the study sent again" in note
+    assert "no destination is configured" not in err
+
+
+def test_serve_does_not_warn_of_a_status_page_protected_by_tokens(tmp_path: Path) -> None:
+    (tmp_path / "tokens").write_text("a-token-of-twenty-characters-or-more\n")
+    proc, _ = _serve(tmp_path, f'tokens_file = "{tmp_path / "tokens"}"\n')
+    err = _stop(proc)
+    assert "the status page and metrics" not in err
+    assert "Traceback" not in err
+
+
+def test_exposure_warnings_leave_out_a_protected_status_page() -> None:
+    from nidaan.core.config import load_config
+    from nidaan.server.cli import exposure_warnings
+
+    cfg = load_config(None, environ={})
+    assert any("status page" in w for w in exposure_warnings(cfg))  # 0.0.0.0, open
+    cfg.http.tls = True
+    assert not any("status page" in w for w in exposure_warnings(cfg))
+    cfg.http.tls, cfg.http.tokens_file = False, "/etc/nidaan/tokens"
+    assert not any("status page" in w for w in exposure_warnings(cfg))
