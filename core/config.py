@@ -390,6 +390,11 @@ class Peer:
         _check_port(self.port, f"{where}.port")
         if not self.host:
             raise ConfigError(f"{where}.host is empty")
+        if not isinstance(self.objects, list) or not all(isinstance(o, str) for o in self.objects):
+            raise ConfigError(
+                f"{where}.objects must be a list of names such as [\"sr\", \"seg\"] (some of "
+                f"{', '.join(RESULT_OBJECTS)}), not {self.objects!r}"
+            )
         unknown = sorted(set(self.objects) - set(RESULT_OBJECTS))
         if unknown or not self.objects:
             raise ConfigError(
