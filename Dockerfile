@@ -30,8 +30,9 @@ USER 10001:10001
 # DICOM, gRPC, HTTP (status page, metrics, /healthz, /readyz)
 EXPOSE 11112 50051 8080
 VOLUME ["/var/lib/nidaan"]
-# /healthz: 200 while serving and every thread it needs runs (no curl in the slim image).
+# /healthz: 200 while serving and every thread it needs runs; over HTTP or, with http.tls,
+# HTTPS (no client certificate needed for it); NIDAAN_HTTP_PORT if not 8080. No curl needed.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=4)"]
+    CMD ["python", "-m", "nidaan.server.healthcheck"]
 ENTRYPOINT ["nidaan"]
 CMD ["serve"]

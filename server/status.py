@@ -5,6 +5,9 @@
   background thread it needs (analysis workers, timer, outbox) runs; otherwise 503 with
   ``{"status": "not serving", "problems": [...]}`` naming what is wrong, e.g. which thread ended
   (for load balancers, Kubernetes probes and monitoring).
+- ``/healthz`` and ``/readyz`` need neither a token nor, with ``http.tls``, a client
+  certificate (the TLS handshake still checks one that is offered); every other page needs both
+  where configured.
 - ``/readyz``: 200 ``{"status": "ready", "checks": {...}}`` when the node can take work now: its
   models loaded (and Triton reachable with them, when used), the spool writable with
   ``dicom.min_free_bytes`` free, the state database open, every thread alive; otherwise 503 with
@@ -162,6 +165,8 @@ class StatusServer:
         self._thread: threading.Thread | None = None
         self.port = 0
         self.tls = False
+        #: Whether the pages need a client certificate (http.tls with dicom.tls_ca).
+        self.client_certs = False
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         outer = self
@@ -235,8 +240,17 @@ class StatusServer:
                     self._send(500, "text/plain", "internal error\n")
 
             def _allowed(self, query: dict[str, list[str]]) -> bool:
-                """Whether the request carries a valid token (or none is configured); answers
-                401, or signs the browser in (a cookie) and redirects, otherwise."""
+                """Whether the request carries a valid token (or none is configured) and, with
+                http.tls and a CA, a client certificate the CA signed; answers 401 or 403, or
+                signs the browser in (a cookie) and redirects, otherwise."""
+                if outer.client_certs and not self.connection.getpeercert():
+                    self._send(
+                        403,
+                        "text/plain",
+                        "a client certificate signed by dicom.tls_ca is needed (http.tls); "
+                        "only /healthz and /readyz answer without one\n",
+                    )
+                    return False
                 if not outer._tokens:
                     return True
                 offered = query.get("token", [""])[0]
@@ -295,6 +309,12 @@ class StatusServer:
         """Listen on ``bind:port`` (0 = any free port), over TLS with ``ssl_context`` (which
         may require client certificates); returns the port."""
         self.tls = ssl_context is not None
+        if ssl_context is not None and ssl_context.verify_mode == ssl.CERT_REQUIRED:
+            # A client certificate is asked for and checked during the handshake, but needed
+            # only for the pages (see _allowed): probes and the container's HEALTHCHECK reach
+            # /healthz and /readyz without one, as with tokens.
+            ssl_context.verify_mode = ssl.CERT_OPTIONAL
+            self.client_certs = True
         self._server = ThreadingHTTPServer((bind, port), self._handler())
         if ssl_context is not None:
             # The handshake runs in each request's thread (on its first read), not in the

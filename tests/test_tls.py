@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pydicom
+import pytest
 
 from nidaan.core.config import Peer
 
@@ -84,7 +85,8 @@ def test_reports_are_delivered_over_tls(
 
 def test_the_status_page_over_tls_admits_only_certified_clients(tmp_path: Path, pki: Path) -> None:
     """http.tls: HTTPS with the node's certificate; a client without one our CA signed gets no
-    page (the TLS handshake fails), one with it gets the page."""
+    page (403) but the probes answer it (the container's HEALTHCHECK works), one with it gets
+    the page."""
     import ssl
     import urllib.error
     import urllib.request
@@ -98,12 +100,16 @@ def test_the_status_page_over_tls_admits_only_certified_clients(tmp_path: Path, 
     url = f"https://127.0.0.1:{cfg.http.port}/"
     try:
         anonymous = ssl.create_default_context(cafile=str(pki / "ca.crt"))
-        try:
+        with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(url, context=anonymous, timeout=10)
-            refused = False
-        except (urllib.error.URLError, ssl.SSLError, ConnectionError):
-            refused = True
-        assert refused, "a client without a certificate got the page"
+        assert refused.value.code == 403, "a client without a certificate got the page"
+        assert "client certificate" in refused.value.read().decode()
+        # Probes (and the container's HEALTHCHECK) need no certificate.
+        with urllib.request.urlopen(url + "healthz", context=anonymous, timeout=10) as r:
+            assert r.status == 200
+        from nidaan.server.healthcheck import main as healthcheck
+
+        assert healthcheck([str(cfg.http.port)]) == 0
         certified = ssl.create_default_context(cafile=str(pki / "ca.crt"))
         certified.load_cert_chain(str(pki / "peer.crt"), str(pki / "peer.key"))
         with urllib.request.urlopen(url, context=certified, timeout=10) as page:
