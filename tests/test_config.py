@@ -73,3 +73,39 @@ def test_bad_config_is_refused_with_a_message_naming_the_key(
 def test_missing_config_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config(tmp_path / "absent.toml", environ={})
+
+
+def _documented_keys() -> dict[str, set[str]]:
+    """The keys docs/configuration.md shows, by section, from its TOML blocks (each must parse:
+    a reader copies them)."""
+    import re
+    import tomllib
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
+    out: dict[str, set[str]] = {}
+    for block in re.findall(r"```toml\n(.*?)```", text, re.S):
+        for section, value in tomllib.loads(block).items():
+            tables = value if isinstance(value, list) else [value]
+            out.setdefault(section, set()).update(k for t in tables for k in t)
+    return out
+
+
+def test_the_config_reference_lists_exactly_the_keys_of_the_code() -> None:
+    """Every key of every section (and of [[peers]] and [[routes]]) is in docs/configuration.md,
+    and nothing there is not a key: adding a setting without documenting it fails here."""
+    import dataclasses
+
+    from nidaan.core import config
+
+    kinds = {"peers": config.Peer, "routes": config.Route}
+    code = {
+        f.name: {k.name for k in dataclasses.fields(kinds.get(f.name) or f.default_factory())}  # type: ignore[misc]
+        for f in dataclasses.fields(config.Config)
+    }
+    documented = _documented_keys()
+    assert set(documented) == set(code), "sections"
+    for section, keys in code.items():
+        assert documented[section] == keys, (
+            f"[{section}]: not documented {sorted(keys - documented[section])}, "
+            f"documented but not in the code {sorted(documented[section] - keys)}"
+        )
