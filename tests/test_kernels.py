@@ -137,6 +137,39 @@ def test_peak_region_maps_back_to_source_pixels() -> None:
     assert box == pytest.approx(((96 - 64) * scale, 80 * scale, (112 - 64) * scale, 88 * scale))
 
 
+def test_outlines_of_a_letterboxed_non_square_image_are_exact_source_points() -> None:
+    # 2000 rows x 1000 columns letterboxed into 256 x 256: scale 0.128, the image is input
+    # columns 64..192 (offset 64, width 128), all rows. A heatmap cell is 8 x 8 input pixels,
+    # 62.5 x 62.5 source pixels; input (X, Y) is source ((X - 64) * 7.8125, Y * 7.8125).
+    p = Placement.fit(2000, 1000, 256, 256, "letterbox")
+    assert (p.offset_y, p.offset_x, p.height, p.width) == (0, 64, 256, 128)
+    heat = np.zeros((32, 32))
+    # An L of three cells: input x 96..112 on row 10 (y 80..88), x 96..104 on row 11 (y 88..96).
+    heat[10, 12], heat[10, 13], heat[11, 12] = 1.0, 0.8, 0.7
+    heat[20, 7], heat[20, 8] = 0.9, 0.6  # input x 56..72, y 160..168: across the left padding
+    heat[5, 2] = 0.95  # input x 16..24: wholly in the padding, dropped
+    ell, edge = regions(heat, p, threshold=0.5)
+    # The L's convex hull (its inner corner (104, 88) is inside): a diagonal edge from (112, 88)
+    # to (104, 96), counter-clockwise from the top left, closed.
+    assert ell.outline == (
+        (250.0, 625.0),
+        (375.0, 625.0),
+        (375.0, 687.5),
+        (312.5, 750.0),
+        (250.0, 750.0),
+        (250.0, 625.0),
+    )
+    assert ell.box == (250.0, 625.0, 375.0, 750.0) and (ell.peak, ell.cells) == (1.0, 3)
+    # The padding's part is cut at the image's left edge (x 0), not mapped to negative columns.
+    assert edge.outline == (
+        (0.0, 1250.0),
+        (62.5, 1250.0),
+        (62.5, 1312.5),
+        (0.0, 1312.5),
+        (0.0, 1250.0),
+    )
+
+
 def test_peak_region_in_the_padding_is_none() -> None:
     p = Placement.fit(2000, 1000, 256, 256, "letterbox")
     heat = np.zeros((32, 32))

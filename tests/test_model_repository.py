@@ -71,3 +71,29 @@ def test_broken_model_is_refused_naming_the_problem(tmp_path: Path, breakage, me
 def test_empty_repository_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ModelRepositoryError, match="holds no model"):
         load_repository(tmp_path)
+
+
+#: SNOMED CT disorders a screening model cannot diagnose, which a finding code must never be
+#: (issue 12: "TB-like opacity" was coded "Pulmonary tuberculosis", so reports said
+#: "Pulmonary tuberculosis: Absent"). A finding names what the model detects.
+DISORDERS = {("SCT", "154283005"): "Pulmonary tuberculosis"}
+
+
+def test_shipped_finding_codes_name_what_a_model_detects_not_a_disorder(repository) -> None:  # type: ignore[no-untyped-def]
+    for m in repository:
+        for f in m.findings:
+            assert (f.code.scheme, f.code.value) not in DISORDERS, (m.name, f.label, f.code)
+        sidecar = (m.directory / "nidaan.toml").read_text(encoding="utf-8")
+        # Not even commented out as an example to copy.
+        assert "154283005" not in sidecar, m.name
+
+
+def test_every_shipped_model_has_an_intended_use_in_every_report_language(repository) -> None:  # type: ignore[no-untyped-def]
+    from nidaan.pacs_bridge.languages import available
+
+    for m in repository:
+        for tag in available():
+            statement = m.algorithm.intended_use_in(tag)
+            assert statement.strip(), f"{m.name} has no intended use in {tag!r}"
+            if m.algorithm.trained_on_synthetic_data and tag == "en":
+                assert "not for diagnosis" in statement.lower(), m.name

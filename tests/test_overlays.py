@@ -4,6 +4,7 @@ independent computations and by dicom3tools' dciodvfy."""
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import highdicom as hd
@@ -13,8 +14,17 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from nidaan.core.findings import AlgorithmInfo, CodedValue, LesionPart, Outline, ReportedFinding
+from nidaan.core.findings import (
+    AlgorithmInfo,
+    CodedValue,
+    Finding,
+    ImageAnalysis,
+    LesionPart,
+    Outline,
+    ReportedFinding,
+)
 from nidaan.pacs_bridge.languages import load_language
+from nidaan.pacs_bridge.lesions import group_findings
 from nidaan.pacs_bridge.overlays import (
     NOT_FOR_DIAGNOSIS,
     build_presentation_states,
@@ -24,9 +34,10 @@ from nidaan.pacs_bridge.overlays import (
     legend_in,
     overlay_uids,
 )
+from nidaan.pacs_bridge.reports import build_report, report_uids
 
 from factory import sample_file, synthetic_ct_series, synthetic_cxr
-from srutil import dciodvfy_errors
+from srutil import dciodvfy_errors, walk
 
 SYNTHETIC = AlgorithmInfo(
     "Demo CXR screen", "0.1.0", "Nidaan project", trained_on_synthetic_data=True, model="cxr_screen"
@@ -417,3 +428,106 @@ def test_a_second_language_legend_is_carried_in_utf8(tmp_path: Path) -> None:
         "/ फेफड़े की गांठ (पल्मोनरी नोड्यूल) 1: संभावना 0.87 (सीमा 0.38) — निदान के लिए नहीं"
     )
     assert legend_in(None) is default_legend
+
+
+def _all_text(ds: Dataset) -> list[str]:
+    """Every text value a person or a viewer may show, in the data set and its sequences."""
+    out = []
+    for element in ds:
+        if element.VR == "SQ":
+            for item in element.value:
+                out += _all_text(item)
+        elif element.VR in ("LO", "LT", "SH", "ST", "UT", "UC", "CS", "PN") and element.value:
+            values = element.value if element.VM > 1 else [element.value]
+            out += [str(v) for v in values]
+    return out
+
+
+def _objects_of_a_tb_like_opacity() -> tuple[Dataset, list[Dataset]]:
+    """The SR (with Hindi) and every region object of a radiograph with a nodule and a TB-like
+    opacity, as the demo model labels them internally ("nodule", "tb")."""
+    cxr, _ = synthetic_cxr(9, rows=400, columns=300)
+    outlines = {
+        "nodule": Outline(((40.5, 50.5), (90.5, 50.5), (90.5, 100.5), (40.5, 50.5)), 0.9),
+        "tb": Outline(((150.5, 200.5), (250.5, 200.5), (200.5, 300.5), (150.5, 200.5)), 0.8),
+    }
+    analysis = ImageAnalysis(
+        SYNTHETIC,
+        cxr,
+        (
+            Finding("nodule", NODULE, 0.9, 0.38, outlines=(outlines["nodule"],)),
+            Finding("tb", OPACITY, 0.8, 0.52, outlines=(outlines["tb"],)),
+        ),
+    )
+    findings = group_findings([analysis])
+    series, sop = report_uids(str(cxr.StudyInstanceUID), "tb-test")
+    sr = build_report(
+        [analysis],
+        findings=findings,
+        series_instance_uid=series,
+        sop_instance_uid=sop,
+        device_observer_uid="2.25.77",
+        language="hi",
+    )
+    images = _images(cxr)
+    hindi = legend_in(load_language("hi"))
+    objects: list[Dataset] = [
+        *build_segmentations(findings, images, **_series_kwargs("seg", cxr)),
+        *build_presentation_states(findings, images, legend=hindi, **_series_kwargs("pr", cxr)),
+        *build_secondary_captures(findings, images, **_kwargs("sc", [str(cxr.SOPInstanceUID)])),
+    ]
+    return sr, objects
+
+
+def test_no_object_says_a_models_internal_label() -> None:
+    sr, objects = _objects_of_a_tb_like_opacity()
+    for ds in [sr, *objects]:
+        said = _all_text(ds)
+        assert not [t for t in said if re.search(r"\btb\b", t)], (ds.Modality, said)
+        assert any("Abnormal opacity (TB-like) 1" in t for t in said), ds.Modality
+    (seg, pr, sc) = objects
+    assert sorted(s.SegmentLabel for s in seg.SegmentSequence) == [
+        "Abnormal opacity (TB-like) 1",
+        "Pulmonary nodule 1",
+    ]
+    # The text burned into the capture is in Image Comments too: the name beside each outline,
+    # then the legends.
+    assert str(sc.ImageComments).splitlines()[:2] == [
+        "Pulmonary nodule 1",
+        "Abnormal opacity (TB-like) 1",
+    ]
+    parameters = [
+        str(item.TextValue)
+        for item in walk(sr)
+        if "TextValue" in item and "is Present when" in str(item.TextValue)
+    ]
+    assert parameters and all(
+        "Abnormal opacity (TB-like)" in p or "Pulmonary nodule" in p for p in parameters
+    )
+
+
+def test_the_seg_names_and_tracks_each_lesion_as_the_sr_does() -> None:
+    sr, (seg, pr, _) = _objects_of_a_tb_like_opacity()
+    in_sr = {}
+    for group in walk(sr):
+        items = group.get("ContentSequence", [])
+        ids = [str(i.TextValue) for i in items if _concept(i) == "112039"]  # Tracking Identifier
+        uids = [str(i.UID) for i in items if _concept(i) == "112040"]  # Tracking Unique Id.
+        if ids and uids:
+            in_sr[uids[0]] = ids[0]
+    in_seg = {str(s.TrackingUID): str(s.TrackingID) for s in seg.SegmentSequence}
+    assert (
+        in_seg == in_sr == {uid: name for uid, name in in_sr.items() if not name.endswith("absent")}
+    )
+    assert sorted(in_seg.values()) == ["Abnormal opacity (TB-like) 1", "Pulmonary nodule 1"]
+    in_pr = {
+        str(g.TrackingUID): str(g.TrackingID)
+        for a in pr.GraphicAnnotationSequence
+        for g in a.get("GraphicObjectSequence", [])
+    }
+    assert in_pr == in_seg
+
+
+def _concept(item: Dataset) -> str:
+    names = item.get("ConceptNameCodeSequence", [])
+    return str(names[0].CodeValue) if names else ""

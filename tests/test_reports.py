@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import highdicom as hd
+import numpy as np
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
@@ -31,7 +32,8 @@ from nidaan.pacs_bridge.reports import (
 from nidaan.pacs_bridge.uids import node_uid
 
 from peers import need
-from srutil import dsrdump_ok, graphics, texts, walk
+from srutil import dciodvfy_errors, dsrdump_ok, graphics, texts, walk
+from volumes import synthetic_ct_volume
 
 SYNTHETIC = AlgorithmInfo(
     "Demo CXR screen",
@@ -519,3 +521,56 @@ def test_inconsistent_input_is_refused(source: pydicom.Dataset) -> None:
         Finding("nodule", NODULE, 1.5, 0.5)
     with pytest.raises(ValueError, match="closed"):
         Outline(((0.0, 0.0), (1.0, 0.0), (1.0, 1.0), (0.0, 1.0)))
+
+
+def test_a_lesion_over_three_ct_slices_is_one_group_with_its_size_and_a_region_per_slice(
+    tmp_path: Path,
+) -> None:
+    """TID 1411: one group for a nodule on three adjacent slices of a CT volume, its long axis
+    in mm (Pixel Spacing, outlines sharpened to the input's pixels) and its outline on each
+    slice; dicom3tools finds no error."""
+    slices, _ = synthetic_ct_volume(1, [], slices=5, size=512)  # 500 mm / 512 px, 2.5 mm apart
+    pixel = 500.0 / 512
+    outlines = {
+        1: ((200.5, 210.5), (220.5, 210.5), (220.5, 226.5), (200.5, 226.5), (200.5, 210.5)),
+        2: ((196.5, 206.5), (224.5, 206.5), (224.5, 230.5), (196.5, 230.5), (196.5, 206.5)),
+        3: ((202.5, 212.5), (218.5, 212.5), (218.5, 224.5), (202.5, 224.5), (202.5, 212.5)),
+    }
+    analyses = [
+        ImageAnalysis(
+            SYNTHETIC,
+            ds,
+            (
+                Finding(
+                    "nodule",
+                    NODULE,
+                    0.8 if k in outlines else 0.05,
+                    0.5,
+                    outlines=(Outline(outlines[k], 0.9, refined=True),) if k in outlines else (),
+                ),
+            ),
+        )
+        for k, ds in enumerate(slices)
+    ]
+    sr, _, _ = _build(analyses, key="ct-volume")
+    path = _save(sr, tmp_path / "ct.dcm")
+    assert dciodvfy_errors(path) == []
+    (group,) = _groups(pydicom.dcmread(path))
+    items = _group_items(group)
+    assert [i.TextValue for i in items["Tracking Identifier"]] == ["Pulmonary nodule 1"]
+    (size,) = items["Long axis"]
+    value = size.MeasuredValueSequence[0]
+    assert value.MeasurementUnitsCodeSequence[0].CodeValue == "mm"
+    # The widest part, slice 2: 28 x 24 pixels of 500/512 mm, corner to corner.
+    assert float(value.NumericValue) == pytest.approx(round(pixel * np.hypot(28, 24), 1))
+    regions = items["Image Region"]
+    assert len(regions) == 3
+    for region, k in zip(regions, (1, 2, 3), strict=True):
+        (ref,) = region.ContentSequence[0].ReferencedSOPSequence
+        assert ref.ReferencedSOPInstanceUID == slices[k].SOPInstanceUID
+        assert list(map(float, region.GraphicData)) == [c for p in outlines[k] for c in p]
+    summary = str(_statements(sr)[0].TextValue)
+    assert (
+        f"Pulmonary nodule 1: probability 0.80 (threshold 0.50), {pixel * np.hypot(28, 24):.0f} mm"
+        in summary
+    )
