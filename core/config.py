@@ -290,6 +290,23 @@ class ModelsConfig:
 
 
 @dataclass
+class ExportConfig:
+    """``nidaan export --deidentify``: which PS3.15 Annex E options the anonymised dataset keeps
+    (docs/governance.md). The key that makes the pseudonyms stays in the data dir
+    (``export.key``), never in an export."""
+
+    #: Retain Longitudinal Temporal Information, Full Dates Option (DCM 113106): keep dates and
+    #: times as they are. Off: the Basic Profile's dummy dates.
+    retain_dates: bool = False
+    #: Retain Patient Characteristics Option (DCM 113108): keep sex, age, size and weight (for
+    #: subgroup analyses). Off: removed or emptied as the Basic Profile says.
+    retain_patient_characteristics: bool = False
+
+    def validate(self) -> None:
+        pass
+
+
+@dataclass
 class InferenceConfig:
     """Which inference backend runs the models."""
 
@@ -490,6 +507,7 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     reports: ReportsConfig = field(default_factory=ReportsConfig)

@@ -361,6 +361,33 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write the analysed studies as a de-identified dataset with a manifest of AI labels."""
+    import datetime as dt
+
+    cfg = _config(args)
+    from .export import export
+
+    since = None
+    if args.since:
+        try:
+            since = dt.datetime.fromisoformat(args.since)
+        except ValueError:
+            print(
+                f"nidaan: error: --since {args.since!r} is not a date (YYYY-MM-DD)", file=sys.stderr
+            )
+            return 2
+    result = export(
+        cfg, Path(args.deidentify), since=since, model=args.model, progress=not args.quiet
+    )
+    print(
+        f"{result.studies} studies, {result.files} files de-identified to {result.out} "
+        f"(manifest.csv, manifest.json); {len(result.excluded)} image(s) left out for burned-in "
+        "annotation" + (" (excluded.csv)" if result.excluded else "")
+    )
+    return 0
+
+
 def cmd_outbox(args: argparse.Namespace) -> int:
     """Show report deliveries; re-send dead letters (works while ``nidaan serve`` runs)."""
     import time
@@ -591,6 +618,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_validate)
+    p = sub.add_parser("export", help="write analysed studies as a de-identified dataset")
+    p.add_argument(
+        "--deidentify",
+        metavar="OUT",
+        required=True,
+        help="folder for the de-identified files and the manifest",
+    )
+    p.add_argument("--since", help="only studies received since this date (YYYY-MM-DD)")
+    p.add_argument("--model", help="only studies this model has findings in")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_export)
     p = sub.add_parser("outbox", help="report deliveries; re-send dead letters")
     p.add_argument("--state", default="all", choices=["all", "queued", "delivered", "dead"])
     p.add_argument(
