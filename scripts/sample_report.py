@@ -5,7 +5,8 @@
 A synthetic chest radiograph with two planted nodules (the demo model's own generator, a real CR
 header from pydicom-data, made-up patient data) goes through the real pipeline (``cxr_screen``)
 and the real writers: the SR in English and Hindi rendered by dcmtk's ``dsr2html`` and
-``dsrdump``, and the Secondary Capture fallback saved as a PNG.
+``dsrdump``, that HTML photographed by Debian's chromium (Playwright, no browser download) as
+``report.png``, and the Secondary Capture fallback saved as ``overlay.png``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,12 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from nidaan.core.config import InferenceConfig
 from nidaan.pacs_bridge.lesions import group_findings
 from nidaan.pacs_bridge.overlays import build_secondary_captures, overlay_uids
-from nidaan.pacs_bridge.reports import build_report, report_uids, software_version
+from nidaan.pacs_bridge.reports import (
+    build_report,
+    report_uids,
+    software_version,
+    study_attributes,
+)
 from nidaan.server.backends import create_backend
 from nidaan.server.model_repository import load_repository
 from nidaan.server.pipeline import Pipeline
@@ -61,6 +67,24 @@ def _radiograph() -> pydicom.Dataset:
     return ds
 
 
+def _photograph(html: Path, png: Path) -> None:
+    """The rendered report as a radiologist's browser shows it: Debian's chromium, headless,
+    through Playwright (Devanagari from fonts-lohit-deva), the whole page."""
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium", path="/usr/bin:/usr/local/bin")
+    if chromium is None:
+        sys.exit("chromium is needed: apt-get install chromium fonts-lohit-deva")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1000, "height": 800})
+            page.goto(html.resolve().as_uri())
+            page.screenshot(path=str(png), full_page=True)
+        finally:
+            browser.close()
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     models = load_repository(ROOT / "models")
@@ -91,15 +115,16 @@ def main() -> None:
         run = subprocess.run([exe, *args, str(sr_path)], capture_output=True, check=True)
         (OUT / name).write_bytes(run.stdout)
     sr_path.unlink()
-    drawable = [f for f in findings if f.present and f.parts]
-    if drawable:
+    _photograph(OUT / "report.html", OUT / "report.png")
+    if any(f.present and f.parts for f in findings):
         sc_series, uids = overlay_uids("sc", "sample", [str(ds.SOPInstanceUID)])
         (sc,) = build_secondary_captures(
-            drawable,
+            findings,
             {str(ds.SOPInstanceUID): ds},
             series_instance_uid=sc_series,
             sop_instance_uids=uids,
             software_versions=software_version(),
+            study_attributes=study_attributes([ds]),
         )
         Image.fromarray(sc.pixel_array).save(OUT / "overlay.png", optimize=True)
     pipeline.backend.close()
