@@ -217,7 +217,9 @@ def _status(code: int, comment: str = "") -> Dataset:
     ds = Dataset()
     ds.Status = code
     if comment:
-        ds.ErrorComment = comment[:64]  # LO: at most 64 characters (PS3.5 6.2)
+        # LO: at most 64 characters (PS3.5 6.2), trailing spaces being padding: cut, the value
+        # would lose a space at the cut on the wire, so the comment sent is the comment kept.
+        ds.ErrorComment = comment[:64].rstrip()
     return ds
 
 
