@@ -108,6 +108,11 @@ class Client:
             request_serializer=pb.GetStudyRequest.SerializeToString,
             response_deserializer=pb.GetStudyResponse.FromString,
         )
+        self._record_feedback = self.channel.unary_unary(
+            f"/{SERVICE}/RecordFeedback",
+            request_serializer=pb.RecordFeedbackRequest.SerializeToString,
+            response_deserializer=pb.RecordFeedbackResponse.FromString,
+        )
 
     def analyze(
         self,
@@ -152,6 +157,32 @@ class Client:
         DICOM (a GetStudyResponse); NidaanError("NOT_FOUND: ...") for one it never received."""
         request = pb.GetStudyRequest(study_instance_uid=study_instance_uid, include_report=report)
         return self._call(self._get_study, request, timeout_s)
+
+    def record_feedback(
+        self,
+        study_instance_uid: str,
+        *,
+        agree: bool,
+        tracking_uid: str = "",
+        model: str = "",
+        finding: str = "",
+        comment: str = "",
+        reader_id: str = "",
+        timeout_s: float | None = None,
+    ) -> Any:
+        """A radiologist's verdict (``agree`` or not) on a finding of the study's report: the
+        finding's ``tracking_uid`` in the report, or ``model`` and ``finding`` (label); a
+        RecordFeedbackResponse. The server keeps ``reader_id`` only as a keyed digest."""
+        request = pb.RecordFeedbackRequest(
+            study_instance_uid=study_instance_uid,
+            tracking_uid=tracking_uid,
+            model=model,
+            finding=finding,
+            verdict=pb.AGREE if agree else pb.DISAGREE,
+            comment=comment,
+            reader_id=reader_id,
+        )
+        return self._call(self._record_feedback, request, timeout_s)
 
     def list_models(self) -> Any:
         """The server's models (a ListModelsResponse)."""

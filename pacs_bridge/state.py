@@ -55,8 +55,40 @@ CREATE TABLE IF NOT EXISTS reports (
     report_path TEXT NOT NULL,
     sop_instance_uid TEXT NOT NULL,
     updated_at REAL NOT NULL,
-    summary TEXT NOT NULL DEFAULT ''
+    summary TEXT NOT NULL DEFAULT '',
+    images INTEGER NOT NULL DEFAULT -1
 );
+-- Drift: one row per analysed image, model and finding (the image by a digest of its SOP
+-- Instance UID, so that an image analysed again counts once); kept two days.
+CREATE TABLE IF NOT EXISTS analysed_findings (
+    image TEXT NOT NULL,
+    model TEXT NOT NULL,
+    finding TEXT NOT NULL,
+    modality TEXT NOT NULL,
+    present INTEGER NOT NULL,
+    probability REAL NOT NULL,
+    recorded_at REAL NOT NULL,
+    PRIMARY KEY (image, model, finding)
+);
+CREATE INDEX IF NOT EXISTS analysed_findings_by_time ON analysed_findings(recorded_at);
+-- A radiologist's verdict on one finding of a report (gRPC RecordFeedback, or a verified SR
+-- whose SOP Instance UID is source_uid; NULL for gRPC, so that calls never collide).
+CREATE TABLE IF NOT EXISTS feedback (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    study_uid TEXT NOT NULL,
+    report_uid TEXT NOT NULL,
+    tracking_uid TEXT NOT NULL,
+    model TEXT NOT NULL,
+    finding TEXT NOT NULL,
+    verdict TEXT NOT NULL,
+    reader TEXT NOT NULL DEFAULT '',
+    comment TEXT NOT NULL DEFAULT '',
+    source TEXT NOT NULL,
+    source_uid TEXT,
+    recorded_at REAL NOT NULL,
+    UNIQUE (source_uid, tracking_uid, model, finding)
+);
+CREATE INDEX IF NOT EXISTS feedback_by_study ON feedback(study_uid);
 """
 
 STUDY_STATES = ("receiving", "complete", "analysed", "reported", "delivered", "skipped", "failed")
@@ -87,6 +119,29 @@ class OutboxItem:
     attempts: int
     next_attempt_at: float
     last_error: str
+
+
+@dataclass(frozen=True)
+class FeedbackRecord:
+    """A radiologist's verdict on one finding of one of Nidaan's reports."""
+
+    study_uid: str
+    #: The report's SOP Instance UID.
+    report_uid: str
+    #: The finding's Tracking Unique Identifier ('' when the verdict named model and finding).
+    tracking_uid: str
+    model: str
+    finding: str
+    #: 'agree' or 'disagree'.
+    verdict: str
+    #: A keyed digest of the reader's identity, never the identity itself ('' when not given).
+    reader: str = ""
+    comment: str = ""
+    #: 'grpc' or 'sr'.
+    source: str = "grpc"
+    #: The feedback SR's SOP Instance UID (None for gRPC).
+    source_uid: str | None = None
+    recorded_at: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -121,6 +176,8 @@ class StateStore:
         columns = {r[1] for r in self._db.execute("PRAGMA table_info(reports)")}
         if "summary" not in columns:  # a reports table from before the summary was kept
             self._db.execute("ALTER TABLE reports ADD COLUMN summary TEXT NOT NULL DEFAULT ''")
+        if "images" not in columns:  # nor how many images it covered
+            self._db.execute("ALTER TABLE reports ADD COLUMN images INTEGER NOT NULL DEFAULT -1")
 
     def close(self) -> None:
         with self._lock:
@@ -247,6 +304,15 @@ class StateStore:
                 " report_path = excluded.report_path, next_attempt_at = excluded.next_attempt_at",
                 [(study_uid, str(path), sop, dest, now) for path, sop, dest in items],
             )
+
+    def study_outbox_counts(self, study_uid: str) -> dict[str, int]:
+        """How many of one study's deliveries are in each state."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT state, COUNT(*) FROM outbox WHERE study_uid = ? GROUP BY state",
+                (study_uid,),
+            ).fetchall()
+        return {r[0]: r[1] for r in rows}
 
     def due(self, now: float | None = None) -> list[OutboxItem]:
         """Queued items whose next attempt is due."""
@@ -409,19 +475,130 @@ class StateStore:
         return files
 
     def record_report(
-        self, study_uid: str, report_path: Path, sop_instance_uid: str, summary: str = ""
+        self,
+        study_uid: str,
+        report_path: Path,
+        sop_instance_uid: str,
+        summary: str = "",
+        images: int = -1,
     ) -> None:
-        """Remember the study's newest report (its English SR) and its one-line summary of the
-        findings (no patient data), whether or not it is sent anywhere: what GetStudy, the
-        status page and an operator read."""
+        """Remember the study's newest report (its English SR), its one-line summary of the
+        findings (no patient data) and how many stored images it was made from, whether or not
+        it is sent anywhere: what GetStudy, the status page and an operator read."""
         with self._tx() as db:
             db.execute(
                 "INSERT INTO reports (study_uid, report_path, sop_instance_uid, updated_at,"
-                " summary) VALUES (?,?,?,?,?) ON CONFLICT(study_uid) DO UPDATE SET"
+                " summary, images) VALUES (?,?,?,?,?,?) ON CONFLICT(study_uid) DO UPDATE SET"
                 " report_path = excluded.report_path, summary = excluded.summary,"
-                " sop_instance_uid = excluded.sop_instance_uid, updated_at = excluded.updated_at",
-                (study_uid, str(report_path), sop_instance_uid, time.time(), summary),
+                " sop_instance_uid = excluded.sop_instance_uid, updated_at = excluded.updated_at,"
+                " images = excluded.images",
+                (study_uid, str(report_path), sop_instance_uid, time.time(), summary, images),
             )
+
+    def reported_images(self, study_uid: str) -> int:
+        """How many stored images the study's newest report was made from (-1: no report, or
+        one recorded before this was kept)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT images FROM reports WHERE study_uid = ?", (study_uid,)
+            ).fetchone()
+        return -1 if row is None else int(row[0])
+
+    def nidaan_report(self, sop_instance_uid: str) -> tuple[str, Path] | None:
+        """(study UID, path) of a report Nidaan made (any language's SR, recorded or queued)
+        with this SOP Instance UID, or None when it made none (or it was pruned)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT study_uid, report_path FROM reports WHERE sop_instance_uid = ?"
+                " UNION ALL SELECT study_uid, report_path FROM outbox"
+                " WHERE sop_instance_uid = ? LIMIT 1",
+                (sop_instance_uid, sop_instance_uid),
+            ).fetchone()
+        return None if row is None else (str(row[0]), Path(row[1]))
+
+    # --- drift -----------------------------------------------------------------------------------
+
+    #: How long analysed findings are kept (the status page shows the last day).
+    FINDINGS_KEPT_S = 2 * 86400.0
+
+    def record_findings(
+        self, rows: Sequence[tuple[str, str, str, str, bool, float]]
+    ) -> list[tuple[str, str, str, str, bool, float]]:
+        """Record analysed findings, (image digest, model, finding, modality, present,
+        probability) each; returns those not recorded before (an image analysed again within
+        FINDINGS_KEPT_S counts once). Rows older than that are forgotten here."""
+        now = time.time()
+        new = []
+        with self._tx() as db:
+            db.execute(
+                "DELETE FROM analysed_findings WHERE recorded_at < ?", (now - self.FINDINGS_KEPT_S,)
+            )
+            for row in rows:
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO analysed_findings VALUES (?,?,?,?,?,?,?)",
+                    (row[0], row[1], row[2], row[3], int(row[4]), float(row[5]), now),
+                )
+                if cur.rowcount == 1:
+                    new.append(row)
+        return new
+
+    def finding_rates(self, since: float) -> list[tuple[str, str, int, int]]:
+        """(model, finding, images analysed, images where it was present) since ``since``."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT model, finding, COUNT(*), SUM(present) FROM analysed_findings"
+                " WHERE recorded_at >= ? GROUP BY model, finding ORDER BY model, finding",
+                (since,),
+            ).fetchall()
+        return [(str(r[0]), str(r[1]), int(r[2]), int(r[3] or 0)) for r in rows]
+
+    # --- feedback --------------------------------------------------------------------------------
+
+    def add_feedback(self, rec: FeedbackRecord) -> bool:
+        """Record a verdict; False when this SR's verdict on that finding is recorded already."""
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO feedback (study_uid, report_uid, tracking_uid, model,"
+                " finding, verdict, reader, comment, source, source_uid, recorded_at)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    rec.study_uid,
+                    rec.report_uid,
+                    rec.tracking_uid,
+                    rec.model,
+                    rec.finding,
+                    rec.verdict,
+                    rec.reader,
+                    rec.comment,
+                    rec.source,
+                    rec.source_uid,
+                    rec.recorded_at or time.time(),
+                ),
+            )
+        return cur.rowcount == 1
+
+    def feedback(self, study_uid: str = "") -> list[FeedbackRecord]:
+        """The verdicts recorded (on one study's reports, or all), oldest first."""
+        query = (
+            "SELECT study_uid, report_uid, tracking_uid, model, finding, verdict, reader,"
+            " comment, source, source_uid, recorded_at FROM feedback"
+        )
+        args: tuple[str, ...] = ()
+        if study_uid:
+            query += " WHERE study_uid = ?"
+            args = (study_uid,)
+        with self._lock:
+            rows = self._db.execute(query + " ORDER BY id", args).fetchall()
+        return [FeedbackRecord(*r) for r in rows]
+
+    def feedback_counts(self) -> list[tuple[str, str, str, int]]:
+        """(model, finding, verdict, how many) over every verdict recorded."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT model, finding, verdict, COUNT(*) FROM feedback"
+                " GROUP BY model, finding, verdict ORDER BY model, finding, verdict"
+            ).fetchall()
+        return [(str(r[0]), str(r[1]), str(r[2]), int(r[3])) for r in rows]
 
     def recent_studies(
         self, limit: int = 50, *, state: str = "", calling_ae: str = ""

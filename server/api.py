@@ -65,6 +65,7 @@ from nidaan.pacs_bridge.admission import admit, read_bytes
 from nidaan.pacs_bridge.spool import Spool
 from nidaan.pacs_bridge.uids import is_valid_uid, ref
 
+from .feedback import UnknownReport
 from .model_repository import ModelSpec
 from .pipeline import Prepared
 from .studies import Studies
@@ -672,6 +673,8 @@ class InferenceService:
         with slots.worker(context):
             if method == "GetStudy":
                 return self._get_study(_one_request(requests, pb.GetStudyRequest))
+            if method == "RecordFeedback":
+                return self._record_feedback(_one_request(requests, pb.RecordFeedbackRequest))
             _one_request(requests, pb.ListModelsRequest)
             return self._list_models()
 
@@ -860,6 +863,42 @@ class InferenceService:
                 response.report = data
         return response
 
+    def _record_feedback(self, request: pb.RecordFeedbackRequest) -> Any:
+        """RecordFeedback: a radiologist's verdict on a finding of the study's newest report
+        (``server.feedback``): NOT_FOUND when Nidaan has no such report or finding."""
+        feedback = self.studies.feedback
+        if feedback is None:
+            raise _Refused(grpc.StatusCode.UNIMPLEMENTED, "feedback is not recorded by this node")
+        verdicts = {pb.AGREE: "agree", pb.DISAGREE: "disagree"}
+        if request.verdict not in verdicts:
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "verdict must be AGREE or DISAGREE")
+        uid = request.study_instance_uid.strip()
+        try:
+            report_uid, recorded = feedback.record(
+                uid,
+                verdicts[request.verdict],
+                tracking_uid=request.tracking_uid.strip(),
+                model=request.model.strip(),
+                finding=request.finding.strip(),
+                comment=request.comment,
+                reader=request.reader_id,
+            )
+        except UnknownReport as exc:
+            raise _Refused(grpc.StatusCode.NOT_FOUND, str(exc)) from exc
+        return pb.RecordFeedbackResponse(
+            study_instance_uid=uid,
+            report_sop_instance_uid=report_uid,
+            recorded=[
+                pb.RecordedFeedback(
+                    model=r.model,
+                    finding=r.finding,
+                    tracking_uid=r.tracking_uid,
+                    verdict=pb.AGREE if r.verdict == "agree" else pb.DISAGREE,
+                )
+                for r in recorded
+            ],
+        )
+
     def _report_results(self, sr: Dataset) -> list[pb.ImageResult]:
         """The findings of a Nidaan SR (TID 1500, see ``pacs_bridge.reports``), per image and
         model. The label and threshold come from the repository's model of that name and
@@ -985,6 +1024,7 @@ _METHODS: dict[str, Any] = {
     "AnalyzeStudy": pb.AnalyzeResponse,
     "GetStudy": pb.GetStudyResponse,
     "ListModels": pb.ListModelsResponse,
+    "RecordFeedback": pb.RecordFeedbackResponse,
 }
 
 

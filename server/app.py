@@ -45,6 +45,7 @@ from .backends import create_backend
 from .batching import DynamicBatcher
 from .console import modality_of, quarantine_entries, short_uid
 from .decode_pool import DecodePool
+from .feedback import Feedback
 from .metrics import Metrics
 from .model_repository import load_repository, threshold_overrides
 from .pipeline import Pipeline
@@ -55,6 +56,8 @@ log = logging.getLogger("nidaan.server")
 
 #: Seconds before a study whose inference failed (backend down) is tried again.
 INFERENCE_RETRY_S = 5.0
+#: The status page's drift window: present-rates over the last day.
+DRIFT_WINDOW_S = 86400.0
 
 #: What each background thread the node needs does, by name prefix (for /healthz).
 THREAD_ROLES = {
@@ -120,6 +123,8 @@ class NidaanServer:
             decoder=self.decoder,
             prepare_threads=self.decoder.workers,
             observe=self.metrics.stage,
+            # Drift statistics of every result, whichever entrance asked (Studies.observe).
+            on_analysed=lambda analyses: self.studies.observe(analyses),
         )
         self.router = Router(config, {m.name for m in self.models})
         self._check_languages()
@@ -157,6 +162,7 @@ class NidaanServer:
             self.audit,
             device_uid=self.device_uid,
             wake_outbox=lambda: self.outbox.wake(),
+            feedback=Feedback(self.state, self.metrics, self.models, data, self.audit),
         )
         self.assembler = StudyAssembler(config.dicom.study_idle_timeout_s, self._study_complete)
         limits = scp_limits(config)
@@ -399,6 +405,7 @@ class NidaanServer:
                 for m in self.models
             ],
             "studies": self.state.counts(),
+            "drift": self.drift(),
             "reports": self.state.outbox_counts(),
             "quarantine": {
                 "entries": sum(1 for _ in self.spool.quarantine_dir.glob("*.json")),
@@ -425,6 +432,37 @@ class NidaanServer:
                 "restarts": self.scp.restarts if isinstance(self.scp, Receivers) else 0,
             },
         }
+
+    def drift(self) -> dict[str, Any]:
+        """Each model's findings over the last day (from the state database, so a restart keeps
+        them): images analysed, present, the present-rate, and beside it the rates the model
+        card states for its held-out set; radiologists' verdicts so far. Counts only."""
+        since = time.time() - DRIFT_WINDOW_S
+        seen = {(m, f): (n, p) for m, f, n, p in self.state.finding_rates(since)}
+        verdicts: dict[tuple[str, str], dict[str, int]] = {}
+        for m, f, verdict, n in self.state.feedback_counts():
+            verdicts.setdefault((m, f), {"agree": 0, "disagree": 0})[verdict] = n
+        rows = []
+        for model in self.models:
+            for f in model.findings:
+                n, present = seen.get((model.name, f.label), (0, 0))
+                rows.append(
+                    {
+                        "model": model.name,
+                        "finding": f.label,
+                        "analysed": n,
+                        "present": present,
+                        "present_rate": round(present / n, 4) if n else None,
+                        "expected_present_rate": f.expected_present_rate,
+                        "expected_prevalence": f.expected_prevalence,
+                        # The card's rate holds at the sidecar's threshold only.
+                        "site_threshold": f.sidecar_threshold is not None,
+                        "feedback": verdicts.get(
+                            (model.name, f.label), {"agree": 0, "disagree": 0}
+                        ),
+                    }
+                )
+        return {"window_s": DRIFT_WINDOW_S, "findings": rows}
 
     def _api_server(self) -> ApiServer:
         g = self.config.grpc

@@ -24,7 +24,8 @@ anonymised dataset, with a manifest of the AI labels, for a national dataset pla
   including Nidaan's own Secondary Capture, which burns its legend in) is left out and listed.
 - ``manifest.csv`` and ``manifest.json``: one row per exported source image, with its
   pseudonymous UIDs, modality, body part, and each model's findings, probabilities and version
-  as its report states them.
+  as its report states them, with the radiologists' verdicts on each (``server.feedback``:
+  counts of agree and disagree; never a comment or a reader).
 """
 
 from __future__ import annotations
@@ -369,8 +370,12 @@ def _export_study(
 ) -> None:
     report = state.latest_report(study_uid)
     findings: dict[str, dict] = {}
+    tracked: dict[str, set[str]] = {}
     if report is not None and report[0].is_file():
-        findings = report_findings(dcmread(report[0]), labels)
+        sr = dcmread(report[0])
+        findings = report_findings(sr, labels)
+        tracked = _tracked_images(sr)
+    verdicts = state.feedback(study_uid)
     if model is not None and not any(model in per for per in findings.values()):
         return
     sources = {str(r.path) for r in state.instances(study_uid)}
@@ -413,6 +418,8 @@ def _export_study(
             for name, entry in per_model.items():
                 version, digest = digests.get(name, ("", ""))
                 entry["sha256"] = digest if version == entry["version"] else ""
+                for label, f_ in entry["findings"].items():
+                    f_["feedback"] = _feedback_on(verdicts, tracked, sop, name, label)
             result.manifest.append(
                 {
                     "file": str(target.relative_to(out)),
@@ -427,6 +434,39 @@ def _export_study(
             )
     if written:
         result.studies += 1
+
+
+def _tracked_images(sr: Dataset) -> dict[str, set[str]]:
+    """Per Tracking Unique Identifier of a Nidaan SR, the SOP Instance UIDs its group is about."""
+    out: dict[str, set[str]] = {}
+    for group in _walk(sr):
+        if group.get("ValueType") != "CONTAINER" or _name(group) != "125007":
+            continue
+        items = {_name(i): i for i in _walk(group)}
+        tracking = items.get("112040")
+        if tracking is None:
+            continue
+        out.setdefault(str(tracking.get("UID", "")), set()).update(
+            str(r.ReferencedSOPInstanceUID)
+            for item in _walk(group)
+            for r in item.get("ReferencedSOPSequence", [])
+        )
+    return out
+
+
+def _feedback_on(
+    verdicts: list[Any], tracked: dict[str, set[str]], sop: str, model: str, label: str
+) -> dict[str, int]:
+    """Verdicts on a model's finding about one image: those naming a finding it is in (by
+    Tracking UID), and those naming the model and finding of its study."""
+    counts = {"agree": 0, "disagree": 0}
+    for v in verdicts:
+        if v.model != model or v.finding != label:
+            continue
+        if v.tracking_uid and sop not in tracked.get(v.tracking_uid, ()):
+            continue
+        counts[v.verdict] = counts.get(v.verdict, 0) + 1
+    return counts
 
 
 def _write_manifest(out: Path, result: ExportResult) -> None:
@@ -449,6 +489,8 @@ def _write_manifest(out: Path, result: ExportResult) -> None:
                 "finding",
                 "probability",
                 "present",
+                "feedback_agree",
+                "feedback_disagree",
             ]
         )
         for row in result.manifest:
@@ -462,10 +504,11 @@ def _write_manifest(out: Path, result: ExportResult) -> None:
                 row["body_part"],
             ]
             if not row["models"]:
-                w.writerow([*base, "", "", "", "", ""])
+                w.writerow([*base, "", "", "", "", "", "", ""])
             for name, entry in sorted(row["models"].items()):
                 for label, f_ in sorted(entry["findings"].items()):
                     p = f_["probability"]
+                    verdicts = f_.get("feedback", {})
                     w.writerow(
                         [
                             *base,
@@ -474,6 +517,8 @@ def _write_manifest(out: Path, result: ExportResult) -> None:
                             label,
                             "" if p is None else f"{p:.4f}",
                             "yes" if f_["present"] else "no",
+                            verdicts.get("agree", 0),
+                            verdicts.get("disagree", 0),
                         ]
                     )
     if result.excluded:

@@ -1,4 +1,10 @@
-"""Prometheus metrics. Labels carry statuses and model names, never patient data."""
+"""Prometheus metrics. Labels carry statuses and model names, never patient data.
+
+Drift and feedback (docs/governance.md): each analysed image's probability per model and
+finding (a histogram) and whether the finding was present (counters), labelled by model,
+finding and modality only; radiologists' verdicts by model, finding and verdict. Never a patient,
+a study or a UID: those would make a series per study, and name them.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,11 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+#: Buckets of ``nidaan_finding_probability``: twentieths of [0, 1].
+PROBABILITY_BUCKETS = tuple(round(i / 20, 2) for i in range(1, 21))
+#: A finding's verdicts (``nidaan_feedback_total``).
+VERDICTS = ("agree", "disagree")
 
 #: The stages ``nidaan_stage_seconds`` times.
 STAGES = ("receive", "decode", "preprocess", "queue", "inference", "report", "delivery")
@@ -130,6 +141,46 @@ class Metrics:
             buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1, 5, 30),
             registry=self.registry,
         )
+
+        self.finding_probability = Histogram(
+            "nidaan_finding_probability",
+            "Each analysed image's probability of a finding, by model, finding and modality "
+            "(drift: compare the distribution with the model card's)",
+            ["model", "finding", "modality"],
+            buckets=PROBABILITY_BUCKETS,
+            registry=self.registry,
+        )
+        self.findings_analysed = Counter(
+            "nidaan_findings_analysed",
+            "Images a model analysed for a finding, by model, finding and modality",
+            ["model", "finding", "modality"],
+            registry=self.registry,
+        )
+        self.findings_present = Counter(
+            "nidaan_findings_present",
+            "Images where a finding was present (probability at or above the threshold in "
+            "force), by model, finding and modality: present-rate = present / analysed",
+            ["model", "finding", "modality"],
+            registry=self.registry,
+        )
+        self.feedback = Counter(
+            "nidaan_feedback",
+            "Radiologists' verdicts on findings (gRPC RecordFeedback or a verified SR), by "
+            "model, finding and verdict (agree, disagree)",
+            ["model", "finding", "verdict"],
+            registry=self.registry,
+        )
+
+    def observe_finding(
+        self, model: str, finding: str, modality: str, probability: float, present: bool
+    ) -> None:
+        """One image's result for one finding of one model."""
+        labels = (model, finding, modality)
+        self.finding_probability.labels(*labels).observe(probability)
+        self.findings_analysed.labels(*labels).inc()
+        present_total = self.findings_present.labels(*labels)
+        if present:
+            present_total.inc()
 
     def observe_batch(self, model: str, images: int, queued_s: float, ran_s: float) -> None:
         """The embedded batcher's observer: one batch of ``images`` ran for ``model`` in

@@ -58,6 +58,12 @@ class FindingSpec:
     #: The sidecar's threshold when this site's config (``models.thresholds``) replaced it
     #: with ``threshold``; None when ``threshold`` is the sidecar's.
     sidecar_threshold: float | None = None
+    #: The share of images with the finding in the model card's held-out set (sidecar
+    #: ``expected_prevalence``); None when the sidecar does not say.
+    expected_prevalence: float | None = None
+    #: The share of those images the model called present at the sidecar's threshold (sidecar
+    #: ``expected_present_rate``): what the status page compares the observed present-rate with.
+    expected_present_rate: float | None = None
 
 
 @dataclass(frozen=True)
@@ -139,6 +145,16 @@ def _get(table: dict[str, Any], key: str, kind: type | tuple[type, ...], model: 
     if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
         raise _fail(model, f"nidaan.toml [{where}].{key} has the wrong type: {value!r}")
     return value
+
+
+def _rate(table: dict[str, Any], key: str, model: str, where: str) -> float | None:
+    """An optional share in [0, 1] (the drift reference rates)."""
+    if key not in table:
+        return None
+    value = _get(table, key, (int, float), model, where)
+    if not 0 <= value <= 1:
+        raise _fail(model, f"{where}.{key} {value} is outside [0, 1]")
+    return float(value)
 
 
 def _outline_rule(value: Any, channels: int, model: str, where: str) -> OutlineRule | None:
@@ -286,6 +302,8 @@ def load_model(directory: Path, *, check_onnx: bool = True) -> ModelSpec:
             code=coded,
             region_fraction=float(f.get("region_fraction", 0.5)),
             outline=_outline_rule(f.get("outline"), input_spec.channels, model, where),
+            expected_prevalence=_rate(f, "expected_prevalence", model, where),
+            expected_present_rate=_rate(f, "expected_present_rate", model, where),
         )
         if not 0 < spec.region_fraction <= 1:
             raise _fail(model, f"{where}.region_fraction {spec.region_fraction} is outside (0, 1]")

@@ -101,14 +101,17 @@ class Pipeline:
         decoder: DecodePool | None = None,
         prepare_threads: int = 2,
         observe: Callable[[str, float], None] | None = None,
+        on_analysed: Callable[[list[ImageAnalysis]], None] | None = None,
     ) -> None:
         """``observe(stage, seconds)`` hears how long each image's ``decode`` and
-        ``preprocess`` took (the metrics' stage histogram)."""
+        ``preprocess`` took (the metrics' stage histogram); ``on_analysed(analyses)`` hears
+        every result :meth:`analyse` returns, whichever entrance asked (drift statistics)."""
         self.models = list(models)
         self.backend = backend
         self.kernel_backend = kernel_backend
         self.decoder = decoder
         self._observe = observe or (lambda stage, seconds: None)
+        self._on_analysed = on_analysed
         #: Images of a study prepared at once: decodes wait on the pool's processes and the CPU
         #: kernels release the GIL, so a study's images overlap on every core.
         self._prepare = ThreadPoolExecutor(
@@ -243,4 +246,6 @@ class Pipeline:
                         Finding(spec.label, spec.code, prob, spec.threshold, outlines=outlines)
                     )
                 results.append(ImageAnalysis(model.algorithm, ds, tuple(findings)))
+        if self._on_analysed is not None and results:
+            self._on_analysed(results)
         return results

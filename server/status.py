@@ -14,7 +14,9 @@
   each failing check's reason (a readiness probe: take the node out of rotation, don't restart).
 - ``/status.json`` and ``/``: what the node is doing, as JSON and as a plain HTML page: models (and
   whether they are for diagnosis), studies by state, report deliveries by state, each model's
-  queue and batches, the receiver and decoder processes, the quarantine's entries, storage; the
+  queue and batches, the receiver and decoder processes, the quarantine's entries, storage, and
+  drift (each model's present-rate per finding over the last day beside its card's, and the
+  radiologists' verdicts); the
   page adds recent studies (UIDs shortened), failures, the quarantine's reasons, dead letters and
   peers. No patient data.
 """
@@ -73,6 +75,56 @@ def _size(n: int | None) -> str:
     return f"{n} B"
 
 
+def _rate(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:.1f} %"
+
+
+def _drift(drift: dict[str, Any] | None) -> str:
+    """The drift table: each model's present-rate per finding over the window, beside the rate
+    its card expects, and the radiologists' verdicts."""
+    if not drift:
+        return ""
+    rows = [
+        [
+            d["model"],
+            d["finding"],
+            d["analysed"],
+            d["present"],
+            _rate(d["present_rate"]) if d["analysed"] else "no image yet",
+            _rate(d["expected_present_rate"]) or "not stated",
+            _rate(d["expected_prevalence"]) or "not stated",
+            f"{d['feedback']['agree']} agree, {d['feedback']['disagree']} disagree",
+        ]
+        for d in drift["findings"]
+    ]
+    hours = drift["window_s"] / 3600
+    site = any(d["site_threshold"] for d in drift["findings"])
+    note = (
+        " A site threshold is in force for some findings: the card's rates are at the "
+        "sidecar's threshold."
+        if site
+        else ""
+    )
+    return (
+        f"<h2>Drift (last {hours:g} h)</h2><p>Images each model analysed and how many it found "
+        "the finding present in, beside the present-rate the model card states for its held-out "
+        f"set (and that set's prevalence).{html.escape(note)}</p>"
+        + _table(
+            rows,
+            [
+                "model",
+                "finding",
+                "images",
+                "present",
+                "present-rate",
+                "card's present-rate",
+                "card's prevalence",
+                "radiologists (all time)",
+            ],
+        )
+    )
+
+
 def render(status: dict[str, Any], console: dict[str, Any] | None = None) -> str:
     """The status page for a snapshot (see :meth:`NidaanServer.snapshot`) and, when given,
     the working sections (:meth:`NidaanServer.console`)."""
@@ -89,6 +141,7 @@ def render(status: dict[str, Any], console: dict[str, Any] | None = None) -> str
         ["model", "version", "modalities", "use"],
     )
     studies = _table(sorted([k, v] for k, v in status["studies"].items()), ["state", "studies"])
+    drift = _drift(status.get("drift"))
     outbox = _table(sorted([k, v] for k, v in status["reports"].items()), ["state", "reports"])
     batches = _table(
         [
@@ -129,6 +182,7 @@ inference backend {html.escape(status["inference"]["backend"])},
 {sections(console) if console is not None else ""}
 <h2>Models</h2>{models}
 <h2>Studies</h2>{studies}
+{drift}
 <h2>Report deliveries</h2>{outbox}
 <p>{status.get("quarantine", {}).get("entries", 0)} object(s) in the quarantine.</p>
 <h2>Storage</h2><p>{_size(storage["free_bytes"])} free on the data dir's disk.</p>{space}

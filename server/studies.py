@@ -13,8 +13,10 @@ batchers. The entrances (``pacs_bridge.scp``, ``server.api``) only admit input a
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
+import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -53,6 +55,7 @@ from nidaan.pacs_bridge.spool import FileChunks, Spool, atomic_write
 from nidaan.pacs_bridge.state import StateStore
 from nidaan.pacs_bridge.uids import ref
 
+from .feedback import Feedback, is_sr
 from .metrics import Metrics
 from .pipeline import Pipeline, Prepared
 
@@ -85,6 +88,7 @@ class Studies:
         *,
         device_uid: str,
         wake_outbox: Callable[[], None] = lambda: None,
+        feedback: Feedback | None = None,
     ) -> None:
         self.config = config
         self.pipeline = pipeline
@@ -95,6 +99,9 @@ class Studies:
         self.audit = audit
         self.device_uid = device_uid
         self._wake_outbox = wake_outbox
+        #: Radiologists' verdicts (gRPC RecordFeedback, and verified SRs stored in a study).
+        self.feedback = feedback
+        self._accepted = {m.name: set(m.accepts.modalities) for m in pipeline.models}
 
     # --- a DICOM study ---------------------------------------------------------------------------
 
@@ -113,7 +120,14 @@ class Studies:
         if info is None:
             return
         _, _, calling_ae = info
-        records = [r for r in self.state.instances(study_uid) if r.is_image]
+        stored = self.state.instances(study_uid)
+        records = [r for r in stored if r.is_image]
+        verdicts = self._take_feedback(study_uid, stored)
+        if records and self.state.reported_images(study_uid) == len(records):
+            # Only objects that are not images (a radiologist's SR, a presentation state)
+            # arrived since the report, which they cannot change: not analysed again.
+            self._unchanged(study_uid, calling_ae, verdicts)
+            return
         if not records:
             self._skip(study_uid)
             return
@@ -166,7 +180,9 @@ class Studies:
         if not destinations:
             why = self._no_destination(calling_ae)
             self.state.set_study_state(study_uid, "reported", why)
-            self.state.record_report(study_uid, path, sop_uid, findings_summary(findings))
+            self.state.record_report(
+                study_uid, path, sop_uid, findings_summary(findings), len(records)
+            )
             self.metrics.stage("report", time.monotonic() - writing)
             log.warning(
                 "study %s reported, report %s not sent: %s",
@@ -190,10 +206,66 @@ class Studies:
         self.state.set_study_state(study_uid, "reported", note)
         self.state.enqueue_all(study_uid, queue)
         # After the state: GetStudy sees both.
-        self.state.record_report(study_uid, path, sop_uid, findings_summary(findings))
+        self.state.record_report(study_uid, path, sop_uid, findings_summary(findings), len(records))
         self.metrics.stage("report", time.monotonic() - writing)
         self.metrics.studies.labels("reported").inc()
         self._wake_outbox()
+
+    def _take_feedback(self, study_uid: str, stored: Sequence[Any]) -> int:
+        """Record the verdicts of the study's verified SRs that reference Nidaan's reports
+        (``server.feedback``; an SR read before records nothing new); how many were new."""
+        if self.feedback is None:
+            return 0
+        n = 0
+        for r in stored:
+            if not r.is_image and is_sr(r.sop_class_uid):
+                n += len(self.feedback.take_sr(r.path, study_uid).recorded)
+        return n
+
+    def _unchanged(self, study_uid: str, calling_ae: str, verdicts: int) -> None:
+        """Put back the state a reported study had before an object that is not an image
+        reopened it: delivered when every result object was, else reported."""
+        outbox = self.state.study_outbox_counts(study_uid)
+        if not outbox:
+            self.state.set_study_state(study_uid, "reported", self._no_destination(calling_ae))
+        elif set(outbox) == {"delivered"}:
+            self.state.set_study_state(study_uid, "delivered")
+        else:
+            self.state.set_study_state(study_uid, "reported")
+        log.info(
+            "study %s: no new image since its report, not analysed again (%d new verdict(s))",
+            ref(study_uid),
+            verdicts,
+        )
+
+    def observe(self, analyses: Sequence[ImageAnalysis]) -> None:
+        """The pipeline's ``on_analysed`` (wired by ``server.app``, so every entrance's results
+        are counted: a DICOM study, gRPC Analyze and AnalyzeStudy).
+
+        Drift: each image's probability and presence per model and finding, into the state
+        database (the status page's last day, kept across restarts) and the metrics (labelled
+        by model, finding and modality only). An image analysed again (a study reopened, a
+        gRPC request repeated) counts once: images are told apart by a digest of their SOP
+        Instance UID, which is all the database keeps of them."""
+        rows = []
+        for a in analyses:
+            model = a.algorithm.model or a.algorithm.name
+            modality = str(a.source.get("Modality", "")).upper()
+            if modality not in self._accepted.get(model, ()):
+                modality = "other"  # never a free-text header value as a label
+            image = hashlib.sha256(str(a.source.SOPInstanceUID).encode()).hexdigest()[:32]
+            rows += [
+                (image, model, f.label, modality, f.present, f.probability) for f in a.findings
+            ]
+        if not rows:
+            return
+        try:
+            new = self.state.record_findings(rows)
+        except sqlite3.Error as exc:  # statistics must not fail a study
+            log.error("could not record findings for drift: %s", exc)
+            new = rows
+        for _, model, label, modality, present, probability in new:
+            self.metrics.observe_finding(model, label, modality, probability, present)
 
     def _no_destination(self, calling_ae: str) -> str:
         """Why a study's report goes nowhere, and how to have it delivered."""

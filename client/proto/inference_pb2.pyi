@@ -1,10 +1,20 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class Verdict(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    VERDICT_UNSPECIFIED: _ClassVar[Verdict]
+    AGREE: _ClassVar[Verdict]
+    DISAGREE: _ClassVar[Verdict]
+VERDICT_UNSPECIFIED: Verdict
+AGREE: Verdict
+DISAGREE: Verdict
 
 class AnalyzeRequest(_message.Message):
     __slots__ = ("instances", "models", "include_report")
@@ -167,3 +177,43 @@ class ListModelsResponse(_message.Message):
     MODELS_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[Model]
     def __init__(self, models: _Optional[_Iterable[_Union[Model, _Mapping]]] = ...) -> None: ...
+
+class RecordFeedbackRequest(_message.Message):
+    __slots__ = ("study_instance_uid", "tracking_uid", "model", "finding", "verdict", "comment", "reader_id")
+    STUDY_INSTANCE_UID_FIELD_NUMBER: _ClassVar[int]
+    TRACKING_UID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    FINDING_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    COMMENT_FIELD_NUMBER: _ClassVar[int]
+    READER_ID_FIELD_NUMBER: _ClassVar[int]
+    study_instance_uid: str
+    tracking_uid: str
+    model: str
+    finding: str
+    verdict: Verdict
+    comment: str
+    reader_id: str
+    def __init__(self, study_instance_uid: _Optional[str] = ..., tracking_uid: _Optional[str] = ..., model: _Optional[str] = ..., finding: _Optional[str] = ..., verdict: _Optional[_Union[Verdict, str]] = ..., comment: _Optional[str] = ..., reader_id: _Optional[str] = ...) -> None: ...
+
+class RecordedFeedback(_message.Message):
+    __slots__ = ("model", "finding", "tracking_uid", "verdict")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    FINDING_FIELD_NUMBER: _ClassVar[int]
+    TRACKING_UID_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    finding: str
+    tracking_uid: str
+    verdict: Verdict
+    def __init__(self, model: _Optional[str] = ..., finding: _Optional[str] = ..., tracking_uid: _Optional[str] = ..., verdict: _Optional[_Union[Verdict, str]] = ...) -> None: ...
+
+class RecordFeedbackResponse(_message.Message):
+    __slots__ = ("study_instance_uid", "report_sop_instance_uid", "recorded")
+    STUDY_INSTANCE_UID_FIELD_NUMBER: _ClassVar[int]
+    REPORT_SOP_INSTANCE_UID_FIELD_NUMBER: _ClassVar[int]
+    RECORDED_FIELD_NUMBER: _ClassVar[int]
+    study_instance_uid: str
+    report_sop_instance_uid: str
+    recorded: _containers.RepeatedCompositeFieldContainer[RecordedFeedback]
+    def __init__(self, study_instance_uid: _Optional[str] = ..., report_sop_instance_uid: _Optional[str] = ..., recorded: _Optional[_Iterable[_Union[RecordedFeedback, _Mapping]]] = ...) -> None: ...
