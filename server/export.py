@@ -289,6 +289,10 @@ class ExportResult:
     excluded: list[dict[str, str]] = field(default_factory=list)
 
 
+#: SOP classes of Structured Reports (PS3.4 B.5).
+_SR_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
+
+
 def _is_image(ds: Dataset) -> bool:
     return "PixelData" in ds and str(ds.get("SOPClassUID", "")) != _SEG_SOP_CLASS
 
@@ -400,6 +404,20 @@ def _export_study(
                     "reason": "Burned In Annotation is "
                     + (str(ds.BurnedInAnnotation) if "BurnedInAnnotation" in ds else "absent")
                     + ", not NO: text in the pixels may identify the patient",
+                }
+            )
+            continue
+        if str(path) in sources and str(ds.get("SOPClassUID", "")).startswith(_SR_PREFIX):
+            # A report someone else wrote (a radiologist's review, say): its free text (a
+            # Comment's TextValue) is kept by the profile's table, so it may name anyone.
+            # Its verdicts on Nidaan's findings are in the manifest instead.
+            result.excluded.append(
+                {
+                    "sop_instance_uid": new_sop,
+                    "study_instance_uid": pseudonyms.uid(study_uid),
+                    "modality": str(ds.get("Modality", "")),
+                    "reason": "a structured report Nidaan received, not one it made: its free "
+                    "text may identify someone (its verdicts on findings are in the manifest)",
                 }
             )
             continue
