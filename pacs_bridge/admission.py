@@ -96,9 +96,23 @@ def overrun_element(ds: Dataset, file_size: int, sequences: list | None = None) 
     return ""
 
 
-def read_file(path: Path) -> Dataset:
-    """Read a received Part 10 file, leaving large values on disk; InputError if unreadable."""
+#: Received files up to this size are parsed from memory, read in one call.
+IN_MEMORY_BYTES = 4 << 20
+
+
+def read_file(path: Path, size: int | None = None) -> Dataset:
+    """Read a received Part 10 file of ``size`` bytes, leaving large values on disk;
+    InputError if unreadable.
+
+    A file of at most IN_MEMORY_BYTES is read whole and parsed from memory: parsing from the
+    file makes a system call per element (pydicom asks the file its position at each one,
+    about 290 ``lseek`` for a CT slice), and each lets go of the GIL, which a receiving
+    process with several associations then waits to get back (docs/throughput.md).
+    """
     try:
+        if size is not None and size <= IN_MEMORY_BYTES:
+            with open(path, "rb", buffering=0) as fh:
+                return dcmread(io.BytesIO(fh.read()))
         return dcmread(path, defer_size=DEFER_BYTES)
     except Exception as exc:  # pydicom raises many types for corrupt encodings
         raise InputError(f"cannot decode data set: {exc}", status=CANNOT_UNDERSTAND) from exc

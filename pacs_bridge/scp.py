@@ -52,12 +52,13 @@ from pynetdicom import (
 from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from nidaan.core.errors import InputError
 
 from .admission import DOES_NOT_MATCH_SOP_CLASS, admit, read_file
 from .audit import AuditLog
+from .reactors import QuietAssociation, WideSocket
 from .spool import FileChunks, Spool
 from .state import InstanceRecord, StateStore
 from .uids import ref
@@ -144,10 +145,10 @@ class _SharedContextsHandler(RequestHandler):
     """
 
     def _create_association(self) -> Association:
-        assoc = Association(self.ae, MODE_ACCEPTOR)
+        assoc = QuietAssociation(self.ae, MODE_ACCEPTOR)
         assoc._server = self.server
         assoc.name = f"AcceptorThread@{time.strftime('%Y%m%d%H%M%S')}"
-        assoc.set_socket(AssociationSocket(assoc, client_socket=self.request))
+        assoc.set_socket(WideSocket(assoc, client_socket=self.request))
         assoc.acceptor.maximum_length = self.ae.maximum_pdu_size
         assoc.acceptor.ae_title = self.server.ae_title
         assoc.acceptor.address_info = self.local
@@ -493,7 +494,7 @@ class StorageSCP:
         chunks = FileChunks(received, size)
         try:
             # Values over DEFER_BYTES stay on disk until something reads them (the decoder).
-            admitted = admit(read_file(received), size, self.limits.max_pixels)
+            admitted = admit(read_file(received, size), size, self.limits.max_pixels)
         except InputError as exc:
             return self._refuse(event, chunks, exc.status, str(exc))
         ds, study_uid, sop_uid = admitted.dataset, admitted.study_uid, admitted.sop_uid
