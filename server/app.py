@@ -307,6 +307,7 @@ class NidaanServer:
         self.outbox.stop()
         if self.http is not None:
             self.http.stop()
+        self.studies.close()
         self.pipeline.close()
         self.decoder.close()
         self.backend.close()

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -55,6 +54,7 @@ from nidaan.pacs_bridge.spool import FileChunks, Spool, atomic_write
 from nidaan.pacs_bridge.state import StateStore
 from nidaan.pacs_bridge.uids import ref
 
+from .drift import DriftRecorder
 from .feedback import Feedback, is_sr
 from .metrics import Metrics
 from .pipeline import Pipeline, Prepared
@@ -102,6 +102,14 @@ class Studies:
         #: Radiologists' verdicts (gRPC RecordFeedback, and verified SRs stored in a study).
         self.feedback = feedback
         self._accepted = {m.name: set(m.accepts.modalities) for m in pipeline.models}
+        self._drift = DriftRecorder(
+            state.record_findings,
+            lambda r: metrics.observe_finding(r[1], r[2], r[3], r[5], r[4]),
+        )
+
+    def close(self) -> None:
+        """Write the drift rows still queued (before the state database closes)."""
+        self._drift.close()
 
     # --- a DICOM study ---------------------------------------------------------------------------
 
@@ -246,7 +254,8 @@ class Studies:
         database (the status page's last day, kept across restarts) and the metrics (labelled
         by model, finding and modality only). An image analysed again (a study reopened, a
         gRPC request repeated) counts once: images are told apart by a digest of their SOP
-        Instance UID, which is all the database keeps of them."""
+        Instance UID, which is all the database keeps of them. The rows are written on a
+        thread of their own (:mod:`server.drift`), so the caller waits for no commit."""
         rows = []
         for a in analyses:
             model = a.algorithm.model or a.algorithm.name
@@ -257,15 +266,8 @@ class Studies:
             rows += [
                 (image, model, f.label, modality, f.present, f.probability) for f in a.findings
             ]
-        if not rows:
-            return
-        try:
-            new = self.state.record_findings(rows)
-        except sqlite3.Error as exc:  # statistics must not fail a study
-            log.error("could not record findings for drift: %s", exc)
-            new = rows
-        for _, model, label, modality, present, probability in new:
-            self.metrics.observe_finding(model, label, modality, probability, present)
+        # Written and counted on the drift thread, many calls' rows per transaction.
+        self._drift.submit(rows)
 
     def _no_destination(self, calling_ae: str) -> str:
         """Why a study's report goes nowhere, and how to have it delivered."""

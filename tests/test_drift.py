@@ -165,3 +165,39 @@ def _bytes(ds) -> bytes:  # type: ignore[no-untyped-def]
     buf = BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
+
+
+def test_drift_rows_are_written_off_the_callers_thread_in_batches_and_flushed_at_close(
+    tmp_path: Path,
+) -> None:
+    """The callers only queue their rows; one thread writes what queued meanwhile in one
+    transaction, counts only rows not seen before, and close() writes what is still queued
+    (a server stopping loses no statistics)."""
+    import threading as _threading
+
+    from nidaan.pacs_bridge.state import StateStore
+    from nidaan.server.drift import DriftRecorder
+
+    state = StateStore(tmp_path / "state.sqlite3")
+    writes: list[int] = []
+    gate = _threading.Event()
+    counted: list[tuple] = []
+
+    def record(rows):  # type: ignore[no-untyped-def]
+        gate.wait(10)  # the first write is slow: what arrives meanwhile must share the next
+        writes.append(len(rows))
+        return state.record_findings(rows)
+
+    recorder = DriftRecorder(record, counted.append)
+    rows = [
+        (f"img{i}", "cxr_screen", "nodule", "CR", i % 2 == 0, 0.1 * (i % 10)) for i in range(40)
+    ]
+    for row in rows:
+        recorder.submit([row])
+    recorder.submit([rows[0]])  # the same image again: recorded once, counted once
+    gate.set()
+    recorder.close()
+    assert sum(writes) == 41 and len(writes) < 41, writes
+    assert sorted(counted) == sorted(rows)
+    assert state.finding_rates(0) == [("cxr_screen", "nodule", 40, 20)]
+    state.close()
