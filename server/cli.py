@@ -17,6 +17,7 @@ from typing import Any
 
 from nidaan.core.config import Config, load_config
 from nidaan.core.errors import ConfigError, NidaanError
+from nidaan.server.validation import files_under
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -89,16 +90,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _files(paths: Sequence[str]) -> list[Path]:
-    out: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            out.extend(sorted(f for f in p.rglob("*") if f.is_file()))
-        else:
-            out.append(p)
-    return out
-
-
 def cmd_analyze(args: argparse.Namespace) -> int:
     """Analyse DICOM files offline and print the findings (JSON lines with --json); with
     ``--remote HOST:PORT``, have a Nidaan server analyse them over gRPC, with the same output."""
@@ -125,7 +116,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         create_backend(cfg.inference, models),
         kernel_backend=cfg.kernels.backend,
     )
-    files = _files(args.paths)
+    files = files_under(args.paths)
     failures = 0
     results: list[dict[str, Any]] = []
 
@@ -208,7 +199,7 @@ def _analyze_remote(args: argparse.Namespace, cfg: Config) -> int:
 
     from nidaan.client import Client
 
-    files = _files(args.paths)
+    files = files_under(args.paths)
     client = Client(
         args.remote,
         token_file=args.token_file,
