@@ -1,7 +1,7 @@
 """Turnaround under a fixed arrival rate: Orthanc sends studies to ``nidaan serve`` on a schedule
 (open loop) and the time from each send until its SR is stored back in Orthanc is measured.
 
-    .venv/bin/python benchmarks/turnaround.py [--seconds 60] [--cases radiograph,jpeg2000,ct]
+    .venv/bin/python benchmarks/turnaround.py [--seconds 60] [--cases radiograph,radiograph_sr,jpeg2000,jpeg2000_sr,ct]
                                               [--smoke] [--json PATH]
 
 A real Orthanc (Debian's ``Orthanc``) is the PACS. Before each case it is given, over REST, the
@@ -80,11 +80,30 @@ class Case:
     p95_target: float | None
     sample: str | None = None  # a pydicom-data file; None: a synthetic CT series
     slices: int = 100
+    #: What Orthanc gets of each study (``[[peers]] objects``); None: the product's default
+    #: (the SR, a Segmentation and a presentation state of each study with a finding).
+    objects: tuple[str, ...] | None = None
 
 
 CASES = (
     Case("radiograph", "chest CR 1955x1841 uncompressed", 5.0, 1.0, sample="RG1_UNCR.dcm"),
+    Case(
+        "radiograph_sr",
+        "chest CR 1955x1841 uncompressed, the SR alone to the PACS",
+        5.0,
+        1.0,
+        sample="RG1_UNCR.dcm",
+        objects=("sr",),
+    ),
     Case("jpeg2000", "chest CR 1955x1841 JPEG 2000 lossless", 2.0, 2.0, sample="RG1_J2KR.dcm"),
+    Case(
+        "jpeg2000_sr",
+        "chest CR 1955x1841 JPEG 2000 lossless, the SR alone to the PACS",
+        2.0,
+        2.0,
+        sample="RG1_J2KR.dcm",
+        objects=("sr",),
+    ),
     Case("ct", "CT series of 512x512 slices", 0.2, None),
 )
 
@@ -225,6 +244,7 @@ def run_case(case: Case, seconds: float, slices: int, n: int | None, drain: floa
             data_dir=work / "data",
             models=ROOT / "models",
             peers={orthanc.aet: orthanc.dicom_port},  # reports go back to @source: Orthanc
+            peer_objects=case.objects,
         )
         server = start_nidaan(config, work / "nidaan.log")
         wait_for_port(nidaan_port, timeout=180, proc=server)

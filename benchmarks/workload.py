@@ -219,8 +219,10 @@ def nidaan_config(
     models: Path,
     extra: str = "",
     peers: dict[str, int] | None = None,
+    peer_objects: tuple[str, ...] | None = None,
 ) -> Path:
-    """Write a Nidaan TOML config on loopback; ``peers`` maps AE titles to loopback ports."""
+    """Write a Nidaan TOML config on loopback; ``peers`` maps AE titles to loopback ports,
+    ``peer_objects`` (``[[peers]] objects``) what each gets, None the product's default."""
     text = (
         f'[dicom]\nbind = "127.0.0.1"\nport = {port}\n'
         f'[storage]\ndata_dir = "{data_dir}"\n[models]\nrepository = "{models}"\n{extra}'
@@ -229,6 +231,8 @@ def nidaan_config(
         text += f'[grpc]\nbind = "127.0.0.1"\nport = {free_port()}\n'
     for ae, peer_port in (peers or {}).items():
         text += f'[[peers]]\nae_title = "{ae}"\nhost = "127.0.0.1"\nport = {peer_port}\n'
+        if peer_objects is not None:
+            text += f"objects = [{', '.join(repr(o) for o in peer_objects)}]\n"
     path.write_text(text)
     return path
 
