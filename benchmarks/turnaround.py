@@ -1,8 +1,8 @@
 """Turnaround under a fixed arrival rate: Orthanc sends studies to ``nidaan serve`` on a schedule
 (open loop) and the time from each send until its SR is stored back in Orthanc is measured.
 
-    .venv/bin/python benchmarks/turnaround.py [--seconds 60] [--cases radiograph,radiograph_sr,jpeg2000,jpeg2000_sr,ct]
-                                              [--smoke] [--json PATH]
+    .venv/bin/python benchmarks/turnaround.py [--seconds 60]
+        [--cases radiograph,radiograph_sr,jpeg2000,jpeg2000_sr,ct] [--smoke] [--json PATH]
 
 A real Orthanc (Debian's ``Orthanc``) is the PACS. Before each case it is given, over REST, the
 case's studies, each with new Study/Series/SOP Instance UIDs; then a ``nidaan serve`` (with

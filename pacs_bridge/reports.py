@@ -57,8 +57,8 @@ Choices, and the reason for each:
 
 from __future__ import annotations
 
-import hashlib
 import functools
+import hashlib
 import io
 from collections.abc import Iterable, Sequence
 from importlib import metadata
