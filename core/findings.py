@@ -199,6 +199,12 @@ class LesionPart:
     probability: float
 
 
+#: The most lesions of one finding a report lists per study and model. A screening model that
+#: marks hundreds of regions (seen: 714 on a synthetic 100-slice CT) would otherwise give a
+#: report no one reads and region objects that take minutes to make; the rest are counted.
+MAX_LESIONS = 20
+
+
 @dataclass(frozen=True)
 class ReportedFinding:
     """One finding of one model in one study, as a report states it.
@@ -224,6 +230,9 @@ class ReportedFinding:
     #: Longest in-plane diameter over the parts in mm (cross-sectional images with Pixel Spacing
     #: and refined outlines only); None otherwise.
     size_mm: float | None = None
+    #: On the first listed lesion of a finding: how many further lesions of it the study has
+    #: that the report does not list (at most ``MAX_LESIONS`` are, the most probable).
+    unlisted: int = 0
 
     def __post_init__(self) -> None:
         if not self.sources:

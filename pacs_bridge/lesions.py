@@ -30,6 +30,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from nidaan.core.findings import (
+    MAX_LESIONS,
     AlgorithmInfo,
     Finding,
     ImageAnalysis,
@@ -389,6 +390,27 @@ def numbered(findings: Sequence[ReportedFinding]) -> list[tuple[ReportedFinding,
     return out
 
 
+def _most_probable(lesions: list[ReportedFinding]) -> list[ReportedFinding]:
+    """At most MAX_LESIONS of one finding's lesions, the most probable, in their order; the
+    first kept says how many were left out (``unlisted``)."""
+    if len(lesions) <= MAX_LESIONS:
+        return lesions
+    # By probability, then by the strongest region (on a radiograph all of an image's
+    # lesions share the image's probability; their outlines' peaks tell them apart).
+    ranked = sorted(
+        range(len(lesions)),
+        key=lambda i: (
+            -lesions[i].probability,
+            -max((p.outline.peak for p in lesions[i].parts), default=0.0),
+            i,
+        ),
+    )
+    keep = set(ranked[:MAX_LESIONS])
+    kept = [f for i, f in enumerate(lesions) if i in keep]
+    kept[0] = dataclasses.replace(kept[0], unlisted=len(lesions) - len(kept))
+    return kept
+
+
 def group_findings(analyses: Sequence[ImageAnalysis]) -> list[ReportedFinding]:
     """The findings of a study's analyses, one :class:`ReportedFinding` per lesion.
 
@@ -406,6 +428,9 @@ def group_findings(analyses: Sequence[ImageAnalysis]) -> list[ReportedFinding]:
       detector, magnified) and for outlines of coarse heatmap cells.
     * Where no image has the finding, its absence is stated once: about every image the model
       analysed, with the highest probability among them.
+
+    * At most MAX_LESIONS lesions of a finding are listed, the most probable; the first listed
+      counts the others (``unlisted``), which the report states.
 
     Order: per study and model, each label's lesions in anatomical order (those in volumes
     superior first, then right to left; those on other images by image, then top to bottom,
@@ -475,6 +500,6 @@ def group_findings(analyses: Sequence[ImageAnalysis]) -> list[ReportedFinding]:
                     key=key,
                 )
                 ranked.append(((2, (), image.order, key), reported))
-            present += [r for _, r in sorted(ranked, key=lambda kr: kr[0])]
+            present += _most_probable([r for _, r in sorted(ranked, key=lambda kr: kr[0])])
         out += present + absent
     return out

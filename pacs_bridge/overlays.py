@@ -371,12 +371,18 @@ def build_segmentations(
     for number, (series_uid, refs) in enumerate(_by_series(lesions, images).items(), start=1):
         _same_size(refs, series_uid)
         sop_uid = _sop_uid(sop_instance_uids, series_uid, "source series")
-        index = {str(image.SOPInstanceUID): k for k, image in enumerate(refs)}
+        in_series = {str(image.SOPInstanceUID) for image in refs}
         here = [
             lesion
             for lesion in lesions
-            if any(str(p.source.SOPInstanceUID) in index for p in lesion.finding.parts)
+            if any(str(p.source.SOPInstanceUID) in in_series for p in lesion.finding.parts)
         ]
+        # Only the images a region lies on: a frame per image of the series would make a
+        # 100-slice CT's mask array (and highdicom's checks of it) a hundred frames per segment
+        # for a lesion on three slices. Empty frames were omitted from the SEG anyway.
+        holding = {str(p.source.SOPInstanceUID) for lesion in here for p in lesion.finding.parts}
+        refs = [image for image in refs if str(image.SOPInstanceUID) in holding]
+        index = {str(image.SOPInstanceUID): k for k, image in enumerate(refs)}
         rows, columns = int(refs[0].Rows), int(refs[0].Columns)
         masks = np.zeros((len(refs), rows, columns, len(here)), dtype=bool)
         descriptions = []

@@ -71,6 +71,7 @@ from pydicom.sequence import Sequence as Sequence_
 from pydicom.sr.codedict import codes
 
 from nidaan.core.findings import (
+    MAX_LESIONS,
     NOT_FOR_DIAGNOSIS,
     AlgorithmInfo,
     CodedValue,
@@ -515,6 +516,19 @@ def _statements(
         if any(a.not_for_diagnosis for a in algorithms):
             texts.append((codes.DCM.Comment, language.term("not_for_diagnosis")))
         texts.append((codes.DCM.Comment, language.term("present_rule")))
+        for f, _ in numbered:
+            if f.unlisted:
+                texts.append(
+                    (
+                        codes.DCM.Comment,
+                        language.term(
+                            "unlisted",
+                            count=f.unlisted,
+                            name=language.finding(f.code),
+                            listed=MAX_LESIONS,
+                        ),
+                    )
+                )
         for algo in algorithms:
             statement = algo.intended_use_in(language.tag)
             if statement:

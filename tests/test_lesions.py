@@ -387,3 +387,30 @@ def test_keys_are_stable_whatever_the_order_and_differ_between_lesions() -> None
     assert keys[1] == f"{study}|demo|nodule|{series}|-14|-15|-1"
     # The radiograph's: its image and the outline's rank there.
     assert keys[3:5] == [f"{study}|demo|nodule|{cr.SOPInstanceUID}|{k}" for k in (0, 1)]
+
+
+def test_at_most_max_lesions_are_listed_the_most_probable_and_the_rest_counted() -> None:
+    """A model that marks many regions gets a report that lists the most probable
+    MAX_LESIONS of them, in their anatomical order, and says how many more there were (a
+    synthetic CT gave 714: a 20 s SR and a 4-minute Segmentation before)."""
+    from nidaan.core.findings import MAX_LESIONS
+    from nidaan.pacs_bridge.languages import load_language
+    from nidaan.pacs_bridge.reports import _statements
+
+    cr = _radiograph(generate_uid())
+    total = MAX_LESIONS + 7
+    # Separate boxes down the image, each its own lesion, with probabilities in a shuffled order.
+    peaks = [0.5 + 0.4 * k / total for k in range(total)]
+    random.Random(3).shuffle(peaks)
+    boxes = [_box(10, 10 + 30 * k, 20, 20, peak=peaks[k]) for k in range(total)]
+    reported = group_findings([_analysis(cr, 0.95, *boxes)])
+    assert len(reported) == MAX_LESIONS
+    listed = sorted(r.parts[0].outline.peak for r in reported)
+    assert listed == sorted(peaks)[-MAX_LESIONS:], "not the most probable ones"
+    tops = [r.parts[0].outline.box.y_min for r in reported]
+    assert tops == sorted(tops), "no longer in anatomical order (top to bottom)"
+    assert [r.unlisted for r in reported] == [7] + [0] * (MAX_LESIONS - 1)
+    english = load_language("en")
+    statements = _statements([(r, n) for n, r in enumerate(reported, 1)], [MODEL], english, None)
+    texts = [str(item.TextValue) for item in statements.ContentSequence]
+    assert any(t.startswith(f"7 further regions of {english.finding(CODE)}") for t in texts), texts
