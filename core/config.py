@@ -409,7 +409,7 @@ class Peer:
             raise ConfigError(f"{where}.host is empty")
         if not isinstance(self.objects, list) or not all(isinstance(o, str) for o in self.objects):
             raise ConfigError(
-                f"{where}.objects must be a list of names such as [\"sr\", \"seg\"] (some of "
+                f'{where}.objects must be a list of names such as ["sr", "seg"] (some of '
                 f"{', '.join(RESULT_OBJECTS)}), not {self.objects!r}"
             )
         unknown = sorted(set(self.objects) - set(RESULT_OBJECTS))
