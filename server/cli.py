@@ -17,7 +17,6 @@ from typing import Any
 
 from nidaan.core.config import Config, load_config
 from nidaan.core.errors import ConfigError, NidaanError
-from nidaan.server.validation import files_under
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -116,6 +115,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         create_backend(cfg.inference, models),
         kernel_backend=cfg.kernels.backend,
     )
+    from .validation import files_under  # imports the kernels: after their cache is set
+
     files = files_under(args.paths)
     failures = 0
     results: list[dict[str, Any]] = []
@@ -198,6 +199,8 @@ def _analyze_remote(args: argparse.Namespace, cfg: Config) -> int:
     from concurrent.futures import ThreadPoolExecutor
 
     from nidaan.client import Client
+
+    from .validation import files_under  # imports the kernels: after their cache is set
 
     files = files_under(args.paths)
     client = Client(
