@@ -384,19 +384,10 @@ def build_segmentations(
         refs = [image for image in refs if str(image.SOPInstanceUID) in holding]
         index = {str(image.SOPInstanceUID): k for k, image in enumerate(refs)}
         rows, columns = int(refs[0].Rows), int(refs[0].Columns)
-        masks = np.zeros((len(refs), rows, columns, len(here)), dtype=bool)
+        masks = _segment_masks(here, index, rows, columns)
         descriptions = []
         for s, lesion in enumerate(here):
             finding = lesion.finding
-            for part in finding.parts:
-                k = index.get(str(part.source.SOPInstanceUID))
-                if k is None:
-                    continue
-                mask = outline_mask(part.outline, rows, columns)
-                if not mask.any():  # smaller than a pixel: mark the pixel it sits in
-                    x, y = part.outline.box.centre
-                    mask[min(int(y), rows - 1), min(int(x), columns - 1)] = True
-                masks[k, :, :, s] |= mask
             algo = finding.algorithm
             parameters = {"operating_threshold": f"{finding.threshold:g}"}
             if algo.not_for_diagnosis:
@@ -449,6 +440,53 @@ def build_segmentations(
         _study(seg, study_attributes)
         out.append(seg)
     return out
+
+
+def _segment_masks(
+    lesions: Sequence[_Lesion], index: Mapping[str, int], rows: int, columns: int
+) -> np.ndarray:
+    """The SEG's pixel array: a label map (frames, rows, columns) of segment numbers when no two
+    lesions share a pixel, else one boolean plane per segment (frames, rows, columns, segments).
+
+    Why two forms: highdicom checks a stack of planes for overlap by summing it over the
+    segments, which on a 1955 x 1841 radiograph with three lesions was 58 of the SEG's 104 ms;
+    a label map cannot overlap, and costs it one ``max``. Overlap is found here on the lesions'
+    bounding boxes only."""
+    labels = np.zeros((len(index), rows, columns), dtype=np.uint8)
+    overlap = len(lesions) > np.iinfo(np.uint8).max
+    drawn: list[tuple[int, int, tuple[slice, slice], np.ndarray]] = []
+    for s, lesion in enumerate(lesions, start=1):
+        for part in lesion.finding.parts:
+            k = index.get(str(part.source.SOPInstanceUID))
+            if k is None:
+                continue
+            mask = outline_mask(part.outline, rows, columns)
+            if not mask.any():  # smaller than a pixel: mark the pixel it sits in
+                x, y = part.outline.box.centre
+                mask[min(int(y), rows - 1), min(int(x), columns - 1)] = True
+            box = part.outline.box
+            # outline_mask marks nothing outside its box widened by a pixel (or the one pixel
+            # at its centre, which lies inside that box too).
+            window = (
+                slice(max(0, math.floor(box.y_min) - 1), min(rows, math.ceil(box.y_max) + 1)),
+                slice(max(0, math.floor(box.x_min) - 1), min(columns, math.ceil(box.x_max) + 1)),
+            )
+            local = mask[window]
+            drawn.append((k, s, window, local))
+            if overlap:
+                continue
+            plane = labels[k][window]
+            under = plane[local]
+            if np.any((under != 0) & (under != s)):
+                overlap = True
+            else:
+                plane[local] = s
+    if not overlap:
+        return labels
+    stack = np.zeros((len(index), rows, columns, len(lesions)), dtype=bool)
+    for k, s, window, local in drawn:
+        stack[k, :, :, s - 1][window] |= local
+    return stack
 
 
 def _lab(rgb: tuple[int, int, int]) -> tuple[float, float, float]:

@@ -172,6 +172,51 @@ def test_seg_masks_are_the_pixel_centres_inside_each_outline(tmp_path: Path) -> 
     assert rectangle_frame[200:230, 100:140].all()
 
 
+#: Disjoint from RECTANGLE; and a triangle smaller than a pixel, around pixel (row 50, col 10).
+BESIDE = ((150.0, 200.0), (190.0, 200.0), (190.0, 230.0), (150.0, 230.0), (150.0, 200.0))
+SPECK = ((10.1, 50.1), (10.3, 50.1), (10.2, 50.3), (10.1, 50.1))
+
+
+@pytest.mark.parametrize("overlapping", [True, False], ids=["overlapping", "disjoint"])
+def test_each_segment_holds_its_own_lesion_whether_or_not_lesions_overlap(
+    tmp_path: Path, overlapping: bool
+) -> None:
+    """Disjoint lesions are written from a label map, overlapping ones from a stack of planes
+    (``_segment_masks``); either way every segment must hold exactly its own lesion, and the SEG
+    must say whether segments overlap (PS3.3 C.8.20.2, Segments Overlap)."""
+    # Two slices of one CT series: a radiograph has no frame of reference, so one SEG can
+    # hold one of them only.
+    (first, second), _ = synthetic_ct_series(3, slices=2, size=300)
+    outlines = [RECTANGLE, CONCAVE if overlapping else BESIDE, SPECK]
+    findings = [
+        _finding([(first, RECTANGLE), (second, BESIDE)], key="a"),
+        _finding([(first, outlines[1])], label="opacity", code=OPACITY, key="b"),
+        _finding([(second, SPECK)], key="c"),
+    ]
+    (seg,) = build_segmentations(
+        findings, _images(first, second), **_series_kwargs("seg", first)
+    )
+    seg = _valid(seg, tmp_path / "seg.dcm")
+    assert seg.SegmentsOverlap == ("YES" if overlapping else "NO")
+    frames = _frames_by_segment(seg)
+    speck = np.zeros((300, 300), dtype=bool)
+    speck[50, 10] = True
+    expected = {
+        1: {
+            str(first.SOPInstanceUID): _expected_mask(RECTANGLE, 300, 300),
+            str(second.SOPInstanceUID): _expected_mask(BESIDE, 300, 300),
+        },
+        2: {str(first.SOPInstanceUID): _expected_mask(outlines[1], 300, 300)},
+        3: {str(second.SOPInstanceUID): speck},
+    }
+    assert {n: sorted(s for s, _ in f) for n, f in frames.items()} == {
+        n: sorted(e) for n, e in expected.items()
+    }
+    for number, by_source in expected.items():
+        for source, frame in frames[number]:
+            np.testing.assert_array_equal(frame.astype(bool), by_source[source])
+
+
 def _two_image_series(monochrome1: bool) -> list[Dataset]:
     """Two images of one series: the real MONOCHROME1 chest radiograph (pydicom-data's RG1,
     Window 15000/30000) and a copy of it, or a MONOCHROME2 CT series (no window)."""
