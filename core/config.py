@@ -485,8 +485,17 @@ class ReportsConfig:
     max_associations: int = 8
     series_number: int = 9901
     institution_name: str = ""
+    #: Processes that build and write the result objects (SR, SEG, GSPS, SC), off the server's
+    #: GIL: 0 = one per core, -1 = none (built in the analysing thread).
+    workers: int = 0
+    #: A study whose objects take longer than this fails (its builder process is replaced).
+    build_timeout_s: float = 300.0
 
     def validate(self) -> None:
+        if self.workers < -1:
+            raise ConfigError("reports.workers must be -1 (in process), 0 (one per core) or more")
+        if self.build_timeout_s <= 0:
+            raise ConfigError("reports.build_timeout_s must be more than 0")
         if self.retry_initial_s <= 0 or self.retry_max_s < self.retry_initial_s:
             raise ConfigError("reports: need 0 < retry_initial_s <= retry_max_s")
         if self.max_attempts < 0:

@@ -12,6 +12,7 @@ they may name UIDs of the object at fault, tags and sizes, never attribute value
     │   └── UnsupportedError   decodable, but no model or transfer syntax supports it
     ├── InferenceError         a backend failed to run a model
     │   └── QueueFullError     the model's queue stayed full (backpressure: try again later)
+    ├── ReportError            a study's result objects could not be built (study failed)
     └── DeliveryError          a report could not be delivered (it stays queued)
 """
 
@@ -69,6 +70,11 @@ class QueueFullError(InferenceError):
     The embedded batcher bounds its queue instead of growing memory without limit; the gRPC API
     answers RESOURCE_EXHAUSTED and a DICOM study waits on disk and is retried.
     """
+
+
+class ReportError(NidaanError):
+    """A study's result objects could not be built: the process building them died twice or
+    ran past ``reports.build_timeout_s``. The study is failed visibly, with this reason."""
 
 
 class DeliveryError(NidaanError):

@@ -350,7 +350,10 @@ def _library_view(image: Dataset) -> Dataset:
     except (AttributeError, IndexError, KeyError, TypeError, ValueError):
         view = Dataset()
         for element in image:
-            if element.tag != 0x7FE00010:  # never the pixels
+            # Never the pixels; and not the image's own Modality element: the view shares the
+            # image's elements, so setting its value would change the image's header too (every
+            # later report of the study then said "OT" and "Imaging procedure").
+            if element.tag not in (0x7FE00010, 0x00080060):
                 view.add(element)
         view.Modality = "OT"  # not described by modality; its code comes from the SOP class
         return view

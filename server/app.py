@@ -49,6 +49,7 @@ from .feedback import Feedback
 from .metrics import Metrics
 from .model_repository import load_repository, threshold_overrides
 from .pipeline import Pipeline
+from .result_objects import ResultBuilder
 from .status import StatusServer
 from .studies import Studies
 
@@ -116,6 +117,7 @@ class NidaanServer:
         self.decoder = DecodePool(
             config.inference.decode_workers, config.inference.decode_timeout_s
         )
+        self.results = ResultBuilder(config.reports.workers, config.reports.build_timeout_s)
         self.pipeline = Pipeline(
             self.models,
             self.backend,
@@ -163,6 +165,7 @@ class NidaanServer:
             device_uid=self.device_uid,
             wake_outbox=lambda: self.outbox.wake(),
             feedback=Feedback(self.state, self.metrics, self.models, data, self.audit),
+            results=self.results,
         )
         self.assembler = StudyAssembler(config.dicom.study_idle_timeout_s, self._study_complete)
         limits = scp_limits(config)
@@ -310,6 +313,7 @@ class NidaanServer:
         self.studies.close()
         self.pipeline.close()
         self.decoder.close()
+        self.results.close()
         self.backend.close()
         if "nidaan.kernels.executor" in sys.modules:  # a GPU executor may have started
             sys.modules["nidaan.kernels.executor"].close_executors()
@@ -428,6 +432,10 @@ class NidaanServer:
                 },
             },
             "decoder": {"workers": self.decoder.workers, "restarts": self.decoder.restarts},
+            "report_builders": {
+                "workers": self.results.workers,
+                "restarts": self.results.restarts,
+            },
             "receivers": {
                 "processes": self.scp.count if isinstance(self.scp, Receivers) else 0,
                 "restarts": self.scp.restarts if isinstance(self.scp, Receivers) else 0,

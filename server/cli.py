@@ -69,6 +69,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         server.start(http=not args.no_http, grpc=not args.no_grpc)
         server.decoder.start()  # the codec processes, before the first compressed image waits
+        server.results.start()  # and the report builders, before the first report waits
     except BaseException:  # e.g. a taken port (a ConfigError naming it): undo what started
         server.stop()
         raise

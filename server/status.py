@@ -167,6 +167,7 @@ def render(status: dict[str, Any], console: dict[str, Any] | None = None) -> str
     problems = f"<ul>{items}</ul>" if items else ""
     n = status["node"]
     r = status["receivers"]
+    b = status.get("report_builders", {"workers": 0, "restarts": 0})
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>Nidaan {html.escape(n["ae_title"])}</title>
 <meta http-equiv="refresh" content="{REFRESH_S}">
@@ -178,7 +179,8 @@ td,th{{border:1px solid #bbb;padding:.2em .6em;text-align:left}}</style></head><
 <p>DICOM port {n["dicom_port"]}, gRPC port {n["grpc_port"]}, up {n["uptime_s"]:.0f} s,
 inference backend {html.escape(status["inference"]["backend"])},
 {r["processes"]} receiver process(es) ({r["restarts"]} restarted),
-{status["decoder"]["workers"]} decoder process(es) ({status["decoder"]["restarts"]} restarts).</p>
+{status["decoder"]["workers"]} decoder process(es) ({status["decoder"]["restarts"]} restarts),
+{b["workers"]} report builder process(es) ({b["restarts"]} restarts).</p>
 {sections(console) if console is not None else ""}
 <h2>Models</h2>{models}
 <h2>Studies</h2>{studies}

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,28 +28,16 @@ from nidaan.core.config import SOURCE, Config
 from nidaan.core.errors import InputError
 from nidaan.core.findings import ImageAnalysis, ReportedFinding
 from nidaan.pacs_bridge.audit import AuditLog
-from nidaan.pacs_bridge.languages import load_language
 from nidaan.pacs_bridge.lesions import group_findings
-from nidaan.pacs_bridge.overlays import (
-    build_presentation_states,
-    build_secondary_captures,
-    build_segmentations,
-    legend_in,
-    overlay_uids,
-)
 from nidaan.pacs_bridge.reports import (
-    MANUFACTURER,
-    MODEL_NAME,
     build_report,
     encode,
     report_key,
     report_uids,
-    serial_number,
-    software_version,
     study_attributes,
 )
 from nidaan.pacs_bridge.routing import Router
-from nidaan.pacs_bridge.spool import FileChunks, Spool, atomic_write
+from nidaan.pacs_bridge.spool import FileChunks, Spool
 from nidaan.pacs_bridge.state import StateStore
 from nidaan.pacs_bridge.uids import ref
 
@@ -58,9 +45,9 @@ from .drift import DriftRecorder
 from .feedback import Feedback, is_sr
 from .metrics import Metrics
 from .pipeline import Pipeline, Prepared
+from .result_objects import ObjectOrder, ResultBuilder, Slot, slot
 
 log = logging.getLogger("nidaan.studies")
-_UID_IN_TEXT = re.compile(r"\b\d+(\.\d+){2,}\b")
 
 
 @dataclass(frozen=True)
@@ -89,6 +76,7 @@ class Studies:
         device_uid: str,
         wake_outbox: Callable[[], None] = lambda: None,
         feedback: Feedback | None = None,
+        results: ResultBuilder | None = None,
     ) -> None:
         self.config = config
         self.pipeline = pipeline
@@ -98,6 +86,8 @@ class Studies:
         self.metrics = metrics
         self.audit = audit
         self.device_uid = device_uid
+        #: Builds and writes each reported study's SR and region objects (worker processes).
+        self.results = results or ResultBuilder(-1)
         self._wake_outbox = wake_outbox
         #: Radiologists' verdicts (gRPC RecordFeedback, and verified SRs stored in a study).
         self.feedback = feedback
@@ -180,11 +170,34 @@ class Studies:
         log.info("study %s analysed: %s", ref(study_uid), _summary(analyses))
         writing = time.monotonic()
         findings = group_findings(analyses)
-        key = report_key(analyses, paths)
-        # The English report is always written and recorded (GetStudy reads it), sent or not.
-        path, sop_uid = self._write_report(study_uid, analyses, findings, key, "")
         named = [d for dec in decisions.values() if dec is not None for d in dec.destinations]
         destinations = self.destinations(calling_ae, named)
+        wanted: list[tuple[str, Slot]] = []
+        for dest in destinations:
+            peer = self.config.peer(dest)
+            assert peer is not None  # destinations() keeps configured peers only
+            wanted += [(dest, slot(kind, peer.language)) for kind in peer.objects]
+        # Every object of the study in one order, built off this process's GIL
+        # (server.result_objects); the English SR always (GetStudy reads it), sent or not.
+        built = self.results.build(
+            ObjectOrder(
+                study_uid=study_uid,
+                analyses=analyses,
+                findings=findings,
+                key=report_key(analyses, paths),
+                sources=paths,
+                study_attributes=agreed,
+                reports_dir=self.spool.reports_dir,
+                device_uid=self.device_uid,
+                series_number=self.config.reports.series_number,
+                institution_name=self.config.reports.institution_name,
+                slots=tuple(s for _, s in wanted),
+            )
+        )
+        ((path, sop_uid),) = built.objects[("sr", "")]
+        for kind, problem in built.problems.items():
+            log.warning("study %s: %s", ref(study_uid), problem)
+            self.metrics.result_objects_failed.labels(kind).inc()
         if not destinations:
             why = self._no_destination(calling_ae)
             self.state.set_study_state(study_uid, "reported", why)
@@ -199,16 +212,9 @@ class Studies:
                 why,
             )
             return
-        objects = ResultObjects(self, study_uid, analyses, findings, key, paths, agreed)
-        objects.made("sr", "", path, sop_uid)
-        queue: list[tuple[Path, str, str]] = []
-        for dest in destinations:
-            peer = self.config.peer(dest)
-            assert peer is not None  # destinations() keeps configured peers only
-            for kind in peer.objects:
-                queue += [(p, uid, dest) for p, uid in objects.get(kind, peer.language)]
-        if objects.problems:
-            note = "; ".join(filter(None, [note, *objects.problems]))
+        queue = [(p, uid, dest) for dest, s in wanted for p, uid in built.objects[s]]
+        if built.problems:
+            note = "; ".join(filter(None, [note, *built.problems.values()]))
         # Reported before anything is queued: the outbox may deliver it all at once, and its
         # "delivered" must come after, never be overwritten.
         self.state.set_study_state(study_uid, "reported", note)
@@ -284,35 +290,6 @@ class Studies:
             f"in reports.destinations); {kept}; to deliver reports, add the PACS as a "
             "[[peers]] entry"
         )
-
-    def _write_report(
-        self,
-        study_uid: str,
-        analyses: list[ImageAnalysis],
-        findings: list[ReportedFinding],
-        key: str,
-        language: str,
-    ) -> tuple[Path, str]:
-        """Build the study's SR (with ``language`` beside English) into the reports folder; its
-        path and SOP Instance UID. The UIDs derive from the study, the models' versions, the
-        analysed instances and the language, so a re-sent report is the same object and never
-        duplicates in the PACS."""
-        series_uid, sop_uid = report_uids(
-            study_uid, key + (f"|lang={language}" if language else "")
-        )
-        report = build_report(
-            analyses,
-            findings=findings,
-            series_instance_uid=series_uid,
-            sop_instance_uid=sop_uid,
-            series_number=self.config.reports.series_number,
-            device_observer_uid=self.device_uid,
-            institution_name=self.config.reports.institution_name or None,
-            language=language,
-        )
-        path = self.spool.reports_dir / f"{sop_uid}.dcm"
-        atomic_write(path, [encode(report)])
-        return path, sop_uid
 
     def _image_failed(self, study_uid: str, ds: Dataset, path: Path, exc: InputError) -> None:
         """An acknowledged image that cannot be analysed: kept in quarantine with the reason (the
@@ -430,134 +407,3 @@ def _summary(analyses: list[ImageAnalysis]) -> str:
         )
         for a in analyses
     )
-
-
-class ResultObjects:
-    """A reported study's result objects, each made the first time a destination asks for it:
-    the SR per language, and the Segmentations, presentation states and Secondary Captures of
-    its regions (``[[peers]] objects``)."""
-
-    def __init__(
-        self,
-        studies: Studies,
-        study_uid: str,
-        analyses: list[ImageAnalysis],
-        findings: list[ReportedFinding],
-        key: str,
-        paths: dict[str, Path],
-        study_attributes: dict[str, object],
-    ) -> None:
-        self._studies = studies
-        #: The Patient and General Study attributes the SR carries: the region objects too.
-        self._study_attributes = study_attributes
-        self._study_uid = study_uid
-        self._analyses = analyses
-        self._findings = findings
-        self._key = key
-        self._paths = paths
-        self._made: dict[tuple[str, str], list[tuple[Path, str]]] = {}
-        self._full: dict[str, Dataset] | None = None
-        #: Why region objects were left out of this study's results (for the study's reason).
-        self.problems: list[str] = []
-
-    def get(self, kind: str, language: str) -> list[tuple[Path, str]]:
-        """(path, SOP Instance UID) of each object of ``kind`` ('sr', 'seg', 'gsps', 'sc');
-        ``language`` matters to the SR only."""
-        # The SR and the presentation state carry the destination's language (the SEG has no
-        # text to translate; the SC's burned-in text is English, see docs/reports.md).
-        slot = (kind, language if kind in ("sr", "gsps") else "")
-        if slot not in self._made:
-            if kind == "sr":
-                self._made[slot] = self._make(kind, slot[1])
-            else:
-                self._made[slot] = self._region_objects(kind, slot[1])
-        return self._made[slot]
-
-    def _region_objects(self, kind: str, language: str) -> list[tuple[Path, str]]:
-        """A region object kind, or none when these images cannot make one (highdicom refuses
-        a Segmentation of slices that share a position, for one): the SR, which says
-        everything, still goes out; the study's reason and the log name what was left out."""
-        try:
-            return self._make(kind, language)
-        except (ValueError, TypeError, AttributeError, OSError) as exc:
-            # UIDs out of the message: the log names studies by digest only.
-            detail = _UID_IN_TEXT.sub("<uid>", str(exc))[:200]
-            why = f"no {kind.upper()}: {type(exc).__name__}: {detail}"
-            if why not in self.problems:
-                self.problems.append(why)
-            log.warning("study %s: %s", ref(self._study_uid), why)
-            self._studies.metrics.result_objects_failed.labels(kind).inc()
-            return []
-
-    def made(self, kind: str, language: str, path: Path, sop_uid: str) -> None:
-        """Record an object made already (the English SR)."""
-        self._made[(kind, language)] = [(path, sop_uid)]
-
-    def _make(self, kind: str, language: str) -> list[tuple[Path, str]]:
-        s = self._studies
-        if kind == "sr":
-            return [
-                s._write_report(
-                    self._study_uid, self._analyses, self._findings, self._key, language
-                )
-            ]
-        drawable = [f for f in self._findings if f.present and f.parts]
-        if not drawable:
-            return []  # nothing to draw: the SR says so
-        images = self._images(drawable)
-        key = f"{self._study_uid}|{self._key}"
-        common: dict[str, Any] = {
-            "software_versions": software_version(),
-            "manufacturer": MANUFACTURER,
-            "manufacturer_model_name": MODEL_NAME,
-            "study_attributes": self._study_attributes,
-        }
-        series = sorted({str(images[u].SeriesInstanceUID) for u in images})
-        made: Sequence[Dataset]
-        if kind == "seg":
-            series_uid, uids = overlay_uids("seg", key, series)
-            made = build_segmentations(
-                self._findings,
-                images,
-                series_instance_uid=series_uid,
-                sop_instance_uids=uids,
-                device_serial_number=serial_number(s.device_uid),
-                **common,
-            )
-        elif kind == "gsps":
-            pr_kind = "pr" + (f"|{language}" if language else "")
-            series_uid, uids = overlay_uids(pr_kind, key, series)
-            made = build_presentation_states(
-                self._findings,
-                images,
-                series_instance_uid=series_uid,
-                sop_instance_uids=uids,
-                device_serial_number=serial_number(s.device_uid),
-                legend=legend_in(load_language(language) if language else None),
-                **common,
-            )
-        elif kind == "sc":
-            series_uid, uids = overlay_uids("sc", key, sorted(images))
-            made = build_secondary_captures(
-                self._findings,
-                images,
-                series_instance_uid=series_uid,
-                sop_instance_uids=uids,
-                **common,
-            )
-        else:
-            raise ValueError(f"unknown result object {kind!r}")
-        out = []
-        for ds in made:
-            path = s.spool.reports_dir / f"{ds.SOPInstanceUID}.dcm"
-            atomic_write(path, [encode(ds)])
-            out.append((path, str(ds.SOPInstanceUID)))
-        return out
-
-    def _images(self, drawable: list[ReportedFinding]) -> dict[str, Dataset]:
-        """The full source data sets (pixels too) of the images the regions are on, read once
-        for every kind of region object."""
-        if self._full is None:
-            wanted = {str(p.source.SOPInstanceUID) for f in drawable for p in f.parts}
-            self._full = {uid: dcmread(self._paths[uid]) for uid in sorted(wanted)}
-        return self._full

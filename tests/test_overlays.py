@@ -193,9 +193,7 @@ def test_each_segment_holds_its_own_lesion_whether_or_not_lesions_overlap(
         _finding([(first, outlines[1])], label="opacity", code=OPACITY, key="b"),
         _finding([(second, SPECK)], key="c"),
     ]
-    (seg,) = build_segmentations(
-        findings, _images(first, second), **_series_kwargs("seg", first)
-    )
+    (seg,) = build_segmentations(findings, _images(first, second), **_series_kwargs("seg", first))
     seg = _valid(seg, tmp_path / "seg.dcm")
     assert seg.SegmentsOverlap == ("YES" if overlapping else "NO")
     frames = _frames_by_segment(seg)

@@ -574,3 +574,21 @@ def test_a_lesion_over_three_ct_slices_is_one_group_with_its_size_and_a_region_p
         f"Pulmonary nodule 1: probability 0.80 (threshold 0.50), {pixel * np.hypot(28, 24):.0f} mm"
         in summary
     )
+
+
+def test_building_a_report_leaves_the_source_header_as_it_was(source: pydicom.Dataset) -> None:
+    """A CR that highdicom cannot describe by its modality (RG1 has no Imager Pixel Spacing) is
+    described as "OT" in the Image Library; that must not change the image's own header, which
+    the study's other reports (another language, a rebuild) read next."""
+    assert "ImagerPixelSpacing" not in source and source.Modality == "CR"
+    before = copy.deepcopy(source)
+    analyses = [ImageAnalysis(SYNTHETIC, source, _findings())]
+    for language in ("", "hi"):
+        sr, _, _ = _build(analyses, language=language)
+        procedures = [
+            item.ConceptCodeSequence[0].CodeValue
+            for item in walk(sr)
+            if item.ConceptNameCodeSequence[0].CodeValue == "121058"  # Procedure reported
+        ]
+        assert procedures == ["43468-8"], language  # (LOINC) XR unspecified body region
+    assert source == before
