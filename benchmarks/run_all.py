@@ -48,6 +48,7 @@ BENCHMARKS = (
     "end_to_end",
     "ingest",
     "turnaround",
+    "result_objects",
     "locust_dicom",
     "load",
     "grpc_memory",

@@ -29,7 +29,15 @@ ROW_KEYS = (
 )
 
 #: Benchmarks whose run() exists now; the others may be "not adapted" yet.
-ADAPTED = ("preprocess", "inference", "batching", "end_to_end", "turnaround", "locust_dicom")
+ADAPTED = (
+    "preprocess",
+    "inference",
+    "batching",
+    "end_to_end",
+    "turnaround",
+    "result_objects",
+    "locust_dicom",
+)
 
 
 def test_preprocess_benchmark_quick_prints_every_fraction() -> None:
