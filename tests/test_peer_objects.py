@@ -186,3 +186,27 @@ def test_a_language_without_its_file_stops_the_start(tmp_path: Path) -> None:
     cfg = make_config(tmp_path, peers=[Peer("PACS", "127.0.0.1", 104, language="ta")])
     with pytest.raises(ConfigError, match="no report language 'ta'"):
         NidaanServer(cfg)
+
+
+def test_a_study_whose_objects_cannot_be_built_in_time_fails_naming_why(
+    tmp_path: Path,
+    start_server,  # type: ignore[no-untyped-def]
+) -> None:
+    """The result objects are built in report builder processes (server.result_objects): one
+    that overruns ``reports.build_timeout_s`` is replaced, and its study ends ``failed`` with
+    the reason, never ``reported`` without a report, nor stuck."""
+    cfg = make_config(
+        tmp_path, peers=[Peer("PACS", "127.0.0.1", free_port())], destinations=["PACS"]
+    )
+    cfg.reports.build_timeout_s = 0.001  # no SR is built that fast
+    server = start_server(cfg)
+    cr, _ = synthetic_cxr(13, nodule=True, rows=512, columns=512)
+    study = str(cr.StudyInstanceUID)
+    assert all(s.Status == 0 for s in c_store(server.scp.port, [cr]))
+    wait_until(lambda: _state(server, study) in ("reported", "failed"), 120, "the study's end")
+    state, reason, _ = server.state.study(study)
+    assert state == "failed", reason
+    assert "building the study's result objects took longer than 0.001 s" in reason, reason
+    assert server.state.outbox() == []  # nothing half-built was queued
+    builders = server.snapshot()["report_builders"]
+    assert builders["workers"] >= 1 and builders["restarts"] >= 1, builders
