@@ -14,10 +14,9 @@
   each failing check's reason (a readiness probe: take the node out of rotation, don't restart).
 - ``/status.json`` and ``/``: what the node is doing, as JSON and as a plain HTML page: models (and
   whether they are for diagnosis), studies by state, report deliveries by state, each model's
-  queue and batches, the receiver and decoder processes, the quarantine's entries, storage, and
-  drift (each model's present-rate per finding over the last day beside its card's, and the
-  radiologists' verdicts); the
-  page adds recent studies (UIDs shortened), failures, the quarantine's reasons, dead letters and
+  queue and batches, the receiver, decoder and report builder processes, the quarantine's
+  entries, storage, and drift (each model's present-rate per finding over the last day beside
+  its card's, and the radiologists' verdicts); the page adds recent studies (UIDs shortened), failures, the quarantine's reasons, dead letters and
   peers. No patient data.
 """
 
