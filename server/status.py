@@ -16,8 +16,8 @@
   whether they are for diagnosis), studies by state, report deliveries by state, each model's
   queue and batches, the receiver, decoder and report builder processes, the quarantine's
   entries, storage, and drift (each model's present-rate per finding over the last day beside
-  its card's, and the radiologists' verdicts); the page adds recent studies (UIDs shortened), failures, the quarantine's reasons, dead letters and
-  peers. No patient data.
+  its card's, and the radiologists' verdicts); the page adds recent studies (UIDs shortened),
+  failures, the quarantine's reasons, dead letters and peers. No patient data.
 """
 
 from __future__ import annotations
