@@ -486,7 +486,7 @@ class ReportsConfig:
     series_number: int = 9901
     institution_name: str = ""
     #: Processes that build and write the result objects (SR, SEG, GSPS, SC), off the server's
-    #: GIL: 0 = one per core, -1 = none (built in the analysing thread).
+    #: GIL: 0 = one per core (at most 4), -1 = none (built in the analysing thread).
     workers: int = 0
     #: A study whose objects take longer than this fails (its builder process is replaced).
     build_timeout_s: float = 300.0
