@@ -120,6 +120,26 @@ def build(order: ObjectOrder) -> Built:
     return Built(objects, problems)
 
 
+def encoded_report(
+    analyses: list[ImageAnalysis],
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    series_number: int,
+    device_uid: str,
+) -> bytes:
+    """A gRPC request's SR (English) as Part 10 bytes, written nowhere; ValueError naming why
+    the analyses cannot make one (e.g. the instances name two patients)."""
+    return encode(
+        build_report(
+            analyses,
+            series_instance_uid=series_instance_uid,
+            sop_instance_uid=sop_instance_uid,
+            series_number=series_number,
+            device_observer_uid=device_uid,
+        )
+    )
+
+
 def _write_report(order: ObjectOrder, language: str) -> tuple[Path, str]:
     """The study's SR (with ``language`` beside English) in the reports folder: its path and
     SOP Instance UID. The UIDs derive from the study, the models' versions, the analysed
@@ -254,6 +274,22 @@ class ResultBuilder:
         if self._pool is None:
             return build(order)
         return self._pool.call(build, order)
+
+    def report(
+        self,
+        analyses: list[ImageAnalysis],
+        *,
+        series_instance_uid: str,
+        sop_instance_uid: str,
+        series_number: int,
+        device_uid: str,
+    ) -> bytes:
+        """A gRPC request's SR as Part 10 bytes (see :func:`encoded_report`), built in a worker:
+        a call that asks for its report holds no other call up while highdicom builds it."""
+        args = (analyses, series_instance_uid, sop_instance_uid, series_number, device_uid)
+        if self._pool is None:
+            return encoded_report(*args)
+        return self._pool.call(encoded_report, *args)
 
     def close(self) -> None:
         """Stop the workers (idempotent)."""

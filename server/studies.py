@@ -30,8 +30,6 @@ from nidaan.core.findings import ImageAnalysis, ReportedFinding
 from nidaan.pacs_bridge.audit import AuditLog
 from nidaan.pacs_bridge.lesions import group_findings
 from nidaan.pacs_bridge.reports import (
-    build_report,
-    encode,
     report_key,
     report_uids,
     study_attributes,
@@ -353,21 +351,21 @@ class Studies:
         return RequestResult(study_uid, analyses, not_analysed, sr)
 
     def request_report(self, study_uid: str, analyses: list[ImageAnalysis]) -> bytes:
-        """The SR a gRPC request asked for (the same TID 1500 report the PACS would get)."""
+        """The SR a gRPC request asked for (the same TID 1500 report the PACS would get), built
+        by a report builder process."""
         key = report_key(analyses, (str(a.source.SOPInstanceUID) for a in analyses))
         series_uid, sop_uid = report_uids(study_uid, "grpc|" + key)
         # The same findings and Tracking UIDs as the DICOM route's report of the same study.
         try:
-            report = build_report(
+            return self.results.report(
                 analyses,
                 series_instance_uid=series_uid,
                 sop_instance_uid=sop_uid,
                 series_number=self.config.reports.series_number,
-                device_observer_uid=self.device_uid,
+                device_uid=self.device_uid,
             )
         except ValueError as exc:  # e.g. the instances name two patients
             raise InputError(f"no report: {exc}") from exc
-        return encode(report)
 
     # --- GetStudy (gRPC) ---
 

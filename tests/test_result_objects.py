@@ -4,7 +4,9 @@ never the server."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import io
 import os
 import signal
 import threading
@@ -25,7 +27,13 @@ from nidaan.core.findings import (
 )
 from nidaan.pacs_bridge.lesions import group_findings
 from nidaan.pacs_bridge.reports import report_key, study_attributes
-from nidaan.server.result_objects import ObjectOrder, ResultBuilder, build, slot
+from nidaan.server.result_objects import (
+    ObjectOrder,
+    ResultBuilder,
+    build,
+    encoded_report,
+    slot,
+)
 
 from factory import save, synthetic_ct_series, synthetic_cxr
 
@@ -177,3 +185,24 @@ def test_a_study_past_the_time_limit_fails_with_a_reason_and_the_next_is_built(
         assert built.objects[("sr", "")][0][0].is_file()
     finally:
         slow.close()
+
+
+def test_a_grpc_requests_report_built_in_a_worker_and_its_refusal_named(
+    tmp_path: Path, builder: ResultBuilder
+) -> None:
+    order = _order(tmp_path, ())
+    uids = {
+        "series_instance_uid": "2.25.1001",
+        "sop_instance_uid": "2.25.1002",
+        "series_number": 9901,
+        "device_uid": "2.25.99",
+    }
+    remote = pydicom.dcmread(io.BytesIO(builder.report(order.analyses, **uids)))
+    local = pydicom.dcmread(io.BytesIO(encoded_report(order.analyses, *uids.values())))
+    assert remote.SOPInstanceUID == "2.25.1002" and remote.ContentSequence == local.ContentSequence
+    # What the builder refuses comes back as the ValueError naming why (gRPC INVALID_ARGUMENT).
+    other = copy.deepcopy(order.analyses[0])
+    other.source.PatientID = "SOMEONE-ELSE"
+    other.source.SOPInstanceUID = "2.25.1003"
+    with pytest.raises(ValueError, match="disagree on PatientID"):
+        builder.report([order.analyses[0], other], **uids)
