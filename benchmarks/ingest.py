@@ -31,6 +31,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import report
 from workload import (
     DCMTK_ENV,
     ROOT,
@@ -215,87 +216,59 @@ def run(smoke: bool = False, slices: int = 300, repeats: int = 3) -> dict[str, A
     one, two = rates["Nidaan, 1 receiver process"], rates["Nidaan, 2 receiver processes"]
     cores = len(os.sched_getaffinity(0))
     per_core = 1e3 / cpu_ms["Nidaan, 2 receiver processes"]  # instances/s one core can carry
-    rows: list[dict[str, Any]] = []
-    for name, by in rates.items():
-        for assocs, value in by.items():
-            rows.append(
-                {
-                    "figure": f"{name}, {assocs} association{'s' if assocs > 1 else ''}",
-                    "value": round(value, 1),
-                    "unit": "instances/s",
-                    "baseline": None,
-                    "baseline_value": None,
-                    "ratio": None,
-                    "target": None,
-                    "met": None,
-                    "why": None,
-                }
-            )
-
-    def ratio(figure: str, value: float, against: str, against_value: float, target: float) -> None:
-        r = value / against_value
-        rows.append(
-            {
-                "figure": figure,
-                "value": round(r, 2),
-                "unit": "x",
-                "baseline": against,
-                "baseline_value": round(against_value, 1),
-                "ratio": round(r, 2),
-                "target": f">= {target}x",
-                "met": r >= target,
-                "why": None
-                if r >= target
-                else (
-                    f"on {cores} cores shared with the 4 storescu senders: the machine was busy "
-                    f"{busy.get('Nidaan, 1 receiver process', 0):.2f} of {cores} cores with 1 "
-                    f"receiver, {busy.get('Nidaan, 2 receiver processes', 0):.2f} with 2"
-                ),
-            }
+    rows: list[dict[str, Any]] = [
+        report.row(
+            f"{name}, {assocs} association{'s' if assocs > 1 else ''}",
+            round(value, 1),
+            "instances/s",
         )
-
-    ratio("Nidaan 2 receivers / 1 receiver, 4 associations", two[4], "1 receiver", one[4], 1.6)
-    ratio("Nidaan (2 receivers) / storescp, 4 associations", two[4], "storescp", base[4], 0.2)
-    ratio("Nidaan (2 receivers) / Orthanc, 4 associations", two[4], "Orthanc", orth[4], 3.0)
-    rows.append(
-        {
-            "figure": "Nidaan CPU per instance received (all its processes, 2 receivers)",
-            "value": round(cpu_ms["Nidaan, 2 receiver processes"], 2),
-            "unit": "ms",
-            "baseline": None,
-            "baseline_value": None,
-            "ratio": None,
-            "target": None,
-            "met": None,
-            "why": None,
-        }
+        for name, by in rates.items()
+        for assocs, value in by.items()
+    ]
+    bound = (
+        f"on {cores} cores shared with the 4 storescu senders: the machine was busy "
+        f"{busy.get('Nidaan, 1 receiver process', 0):.2f} of {cores} cores with 1 "
+        f"receiver, {busy.get('Nidaan, 2 receiver processes', 0):.2f} with 2"
     )
-    for name, cores_busy in busy.items():
+    for figure, value, against, against_value, target in (
+        ("Nidaan 2 receivers / 1 receiver, 4 associations", two[4], "1 receiver", one[4], 1.6),
+        ("Nidaan (2 receivers) / storescp, 4 associations", two[4], "storescp", base[4], 0.2),
+        ("Nidaan (2 receivers) / Orthanc, 4 associations", two[4], "Orthanc", orth[4], 3.0),
+    ):
+        r = round(value / against_value, 2)
         rows.append(
-            {
-                "figure": f"cores busy machine-wide while sending to {name}, 4 associations",
-                "value": round(cores_busy, 2),
-                "unit": f"of {cores} cores",
-                "baseline": None,
-                "baseline_value": None,
-                "ratio": None,
-                "target": None,
-                "met": None,
-                "why": None,
-            }
+            report.row(
+                figure,
+                r,
+                "x",
+                baseline=against,
+                baseline_value=round(against_value, 1),
+                ratio=r,
+                target=f">= {target}x",
+                why=bound,
+            )
         )
     rows.append(
-        {
-            "figure": "projection: instances/s on 16 cores at that CPU cost (CPU-bound ceiling)",
-            "value": round(16 * per_core, 0),
-            "unit": "instances/s",
-            "baseline": None,
-            "baseline_value": None,
-            "ratio": None,
-            "target": None,
-            "met": None,
-            "why": None,
-        }
+        report.row(
+            "Nidaan CPU per instance received (all its processes, 2 receivers)",
+            round(cpu_ms["Nidaan, 2 receiver processes"], 2),
+            "ms",
+        )
+    )
+    rows += [
+        report.row(
+            f"cores busy machine-wide while sending to {name}, 4 associations",
+            round(cores_busy, 2),
+            f"of {cores} cores",
+        )
+        for name, cores_busy in busy.items()
+    ]
+    rows.append(
+        report.row(
+            "projection: instances/s on 16 cores at that CPU cost (CPU-bound ceiling)",
+            round(16 * per_core, 0),
+            "instances/s",
+        )
     )
     return {
         "name": "ingest",
