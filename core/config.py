@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .machine import usable_cores
 
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 6.2: AE, no backslash, <= 16 chars
 
@@ -42,7 +43,7 @@ class DicomConfig:
     def receiver_count(self) -> int:
         """How many receiving processes ``receivers`` asks for (0: the main process)."""
         if self.receivers == "auto":
-            return min(8, len(os.sched_getaffinity(0)))
+            return min(8, usable_cores())
         return int(self.receivers)
 
     ae_title: str = "NIDAAN"
@@ -61,7 +62,8 @@ class DicomConfig:
     max_associations: int = 16
     #: Processes receiving C-STORE: the main process accepts each connection and hands it to
     #: the receiver with the fewest associations. ``"auto"``: one per core this process may use
-    #: (at most 8); ``0``: receive in the main process itself.
+    #: (its CPU affinity, capped by a cgroup CPU quota; at most 8); ``0``: receive in the main
+    #: process itself.
     receivers: int | str = "auto"
     #: Limits on what one instance or study may be; beyond them the C-STORE is refused.
     max_instance_bytes: int = 2_147_483_648

@@ -19,6 +19,7 @@ import numpy as np
 
 from nidaan.core.config import InferenceConfig
 from nidaan.core.errors import InferenceError
+from nidaan.core.machine import usable_cores
 
 from .model_repository import ModelSpec
 
@@ -70,35 +71,6 @@ def stack(tensors: Sequence[Any]) -> Any:
         cupy.cuda.get_current_stream().synchronize()  # see concatenate()
         return out
     return np.stack(tensors)
-
-
-def cgroup_cpu_limit(path: str = "/sys/fs/cgroup/cpu.max") -> int | None:
-    """Whole cores a cgroup v2 CPU quota allows (a container's ``--cpus``), or None if unlimited.
-
-    ``cpu.max`` holds "<quota> <period>" in microseconds, or "max <period>".
-    """
-    try:
-        with open(path) as f:
-            quota, period = f.read().split()[:2]
-    except (OSError, ValueError):
-        return None
-    if quota == "max":
-        return None
-    try:
-        return max(1, math.ceil(int(quota) / int(period)))
-    except (ValueError, ZeroDivisionError):
-        return None
-
-
-def usable_cores() -> int:
-    """Cores this process may use: its CPU affinity (a container's cpuset), capped by a cgroup
-    CPU quota, so that ONNX Runtime does not start more threads than it will get time for."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    limit = cgroup_cpu_limit()
-    return min(cores, limit) if limit else cores
 
 
 def onnxruntime_providers(device: str) -> list[str]:

@@ -16,7 +16,6 @@ builds every object the study's destinations asked for, writes each into the rep
 from __future__ import annotations
 
 import logging
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from pydicom.dataset import Dataset
 
 from nidaan.core.errors import ReportError
 from nidaan.core.findings import ImageAnalysis, ReportedFinding
+from nidaan.core.machine import usable_cores
 from nidaan.pacs_bridge.languages import load_language
 from nidaan.pacs_bridge.overlays import (
     build_presentation_states,
@@ -240,7 +240,7 @@ class ResultBuilder:
 
     def __init__(self, workers: int = 0, timeout_s: float = 300.0) -> None:
         if workers == 0:
-            workers = min(len(os.sched_getaffinity(0)), MAX_AUTO_WORKERS)
+            workers = min(usable_cores(), MAX_AUTO_WORKERS)
         self._pool = (
             None
             if workers < 0

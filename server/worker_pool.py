@@ -28,6 +28,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
 from nidaan.core.errors import NidaanError
+from nidaan.core.machine import usable_cores
 
 log = logging.getLogger("nidaan.workers")
 T = TypeVar("T")
@@ -59,7 +60,8 @@ def _nothing() -> None:
 
 class WorkerPool:
     """Spawned worker processes that run module-level functions; thread-safe; started on first
-    use. ``name`` ("decoder") and ``what`` ("decoding the pixel data") make the messages of the
+    use; ``workers`` 0 = one per usable core (:func:`~nidaan.core.machine.usable_cores`).
+    ``name`` ("decoder") and ``what`` ("decoding the pixel data") make the messages of the
     ``error`` raised when a call cannot complete; ``warm`` runs once in each new worker (imports,
     so the first call does not pay for them)."""
 
@@ -73,7 +75,7 @@ class WorkerPool:
         error: type[NidaanError],
         warm: Callable[[], None] = _nothing,
     ) -> None:
-        self.workers = workers or len(os.sched_getaffinity(0))
+        self.workers = workers or usable_cores()
         self.timeout_s = timeout_s
         self._name = name
         self._what = what

@@ -9,13 +9,15 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from nidaan.core.errors import InferenceError, QueueFullError
+from nidaan.core.machine import cgroup_cpu_limit, usable_cores
 from nidaan.server.batching import DynamicBatcher
-from nidaan.server.inference import OnnxRuntimeBackend, cgroup_cpu_limit, usable_cores
+from nidaan.server.inference import OnnxRuntimeBackend
 from nidaan.server.model_repository import ModelSpec
 
 
@@ -228,6 +230,17 @@ def test_a_container_cpu_quota_caps_the_threads(tmp_path) -> None:  # type: igno
     assert cgroup_cpu_limit(str(tmp_path / "absent")) is None
 
 
+def _own_cpu_max(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A cgroup cpu.max file of the test's own, read in place of /sys/fs/cgroup/cpu.max."""
+    from nidaan.core import machine
+
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text("max 100000\n")  # no quota
+    read_limit = machine.cgroup_cpu_limit
+    monkeypatch.setattr(machine, "cgroup_cpu_limit", lambda path="": read_limit(str(cpu_max)))
+    return cpu_max
+
+
 @contextmanager
 def _running_on(cpus: list[int]) -> Iterator[None]:
     """This thread (which calls usable_cores) may run only on ``cpus`` while inside."""
@@ -243,11 +256,7 @@ def _running_on(cpus: list[int]) -> Iterator[None]:
 def test_cpu_sessions_use_the_cores_this_process_may_run_on(cxr, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     # The truth is set here, not read back from the code under test: this thread's CPU affinity,
     # and a cgroup cpu.max file of the test's own in place of /sys/fs/cgroup/cpu.max.
-    from nidaan.server import inference
-
-    cpu_max = tmp_path / "cpu.max"
-    read_limit = inference.cgroup_cpu_limit
-    monkeypatch.setattr(inference, "cgroup_cpu_limit", lambda path="": read_limit(str(cpu_max)))
+    cpu_max = _own_cpu_max(tmp_path, monkeypatch)
     one = dataclasses.replace(cxr, instance_count=1)
     two = dataclasses.replace(cxr, instance_count=2)
 
@@ -268,3 +277,33 @@ def test_cpu_sessions_use_the_cores_this_process_may_run_on(cxr, tmp_path, monke
         assert (usable_cores(), threads(one), threads(two)) == (1, 1, 1)
         cpu_max.write_text("300000 100000\n")  # a quota above the affinity caps nothing
         assert (usable_cores(), threads(one)) == (2, 2)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux CPU affinity")
+def test_worker_processes_default_to_the_cores_a_container_allows(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Receivers, decoders and report builders on ``auto``/0 follow the usable cores: a CPU
+    quota (``docker run --cpus 1``) caps them as a cpuset does, so a small container on a big
+    node does not start a process per node core. Nothing is started: the counts are read."""
+    from nidaan.core.config import DicomConfig
+    from nidaan.server.decode_pool import DecodePool
+    from nidaan.server.result_objects import MAX_AUTO_WORKERS, ResultBuilder
+
+    cpu_max = _own_cpu_max(tmp_path, monkeypatch)
+
+    def counts() -> tuple[int, int, int]:
+        return (
+            DicomConfig(receivers="auto").receiver_count(),
+            DecodePool(0).workers,
+            ResultBuilder(0).workers,
+        )
+
+    allowed = sorted(os.sched_getaffinity(0))
+    with _running_on(allowed[:1]):
+        assert counts() == (1, 1, 1)
+    if len(allowed) < 2:
+        pytest.skip("one CPU: affinity cannot show more than one core")
+    with _running_on(allowed[:2]):
+        assert counts() == (2, 2, min(2, MAX_AUTO_WORKERS))
+        cpu_max.write_text("100000 100000\n")  # docker run --cpus 1
+        assert counts() == (1, 1, 1)
+    assert ResultBuilder(3).workers == 3 and ResultBuilder(-1).workers == 0  # as configured
