@@ -15,12 +15,11 @@ builds every object the study's destinations asked for, writes each into the rep
 
 from __future__ import annotations
 
-import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -49,7 +48,7 @@ from nidaan.pacs_bridge.spool import atomic_write
 
 from .worker_pool import WorkerPool
 
-log = logging.getLogger("nidaan.results")
+T = TypeVar("T")
 _UID_IN_TEXT = re.compile(r"\b\d+(\.\d+){2,}\b")
 
 #: The kinds of result object (``[[peers]] objects``).
@@ -126,16 +125,23 @@ def encoded_report(
     sop_instance_uid: str,
     series_number: int,
     device_uid: str,
+    *,
+    findings: list[ReportedFinding] | None = None,
+    institution_name: str = "",
+    language: str = "",
 ) -> bytes:
-    """A gRPC request's SR (English) as Part 10 bytes, written nowhere; ValueError naming why
-    the analyses cannot make one (e.g. the instances name two patients)."""
+    """The SR of ``analyses`` as Part 10 bytes (a gRPC request's, or a study's before it is
+    written); ValueError naming why the analyses cannot make one (e.g. two patients)."""
     return encode(
         build_report(
             analyses,
+            findings=findings,
             series_instance_uid=series_instance_uid,
             sop_instance_uid=sop_instance_uid,
             series_number=series_number,
             device_observer_uid=device_uid,
+            institution_name=institution_name or None,
+            language=language,
         )
     )
 
@@ -147,18 +153,18 @@ def _write_report(order: ObjectOrder, language: str) -> tuple[Path, str]:
     series_uid, sop_uid = report_uids(
         order.study_uid, order.key + (f"|lang={language}" if language else "")
     )
-    report = build_report(
+    data = encoded_report(
         order.analyses,
+        series_uid,
+        sop_uid,
+        order.series_number,
+        order.device_uid,
         findings=order.findings,
-        series_instance_uid=series_uid,
-        sop_instance_uid=sop_uid,
-        series_number=order.series_number,
-        device_observer_uid=order.device_uid,
-        institution_name=order.institution_name or None,
+        institution_name=order.institution_name,
         language=language,
     )
     path = order.reports_dir / f"{sop_uid}.dcm"
-    atomic_write(path, [encode(report)])
+    atomic_write(path, [data])
     return path, sop_uid
 
 
@@ -269,11 +275,13 @@ class ResultBuilder:
         if self._pool is not None:
             self._pool.start()
 
+    def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in a worker, or here when there are none."""
+        return fn(*args) if self._pool is None else self._pool.call(fn, *args)
+
     def build(self, order: ObjectOrder) -> Built:
         """The order's objects, built and written (see :func:`build`)."""
-        if self._pool is None:
-            return build(order)
-        return self._pool.call(build, order)
+        return self._run(build, order)
 
     def report(
         self,
@@ -286,10 +294,14 @@ class ResultBuilder:
     ) -> bytes:
         """A gRPC request's SR as Part 10 bytes (see :func:`encoded_report`), built in a worker:
         a call that asks for its report holds no other call up while highdicom builds it."""
-        args = (analyses, series_instance_uid, sop_instance_uid, series_number, device_uid)
-        if self._pool is None:
-            return encoded_report(*args)
-        return self._pool.call(encoded_report, *args)
+        return self._run(
+            encoded_report,
+            analyses,
+            series_instance_uid,
+            sop_instance_uid,
+            series_number,
+            device_uid,
+        )
 
     def close(self) -> None:
         """Stop the workers (idempotent)."""
