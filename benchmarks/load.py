@@ -4,16 +4,20 @@
     .venv/bin/python benchmarks/load.py [--users 16] [--seconds 30] [--json PATH]
     .venv/bin/python benchmarks/load.py --smoke          # seconds: 2 callers, 3 s each
 
-Three measurements, one after the other, on the same studies (three one-image 1024 x 1024
+Four measurements, one after the other, on the same studies (three one-image 1024 x 1024
 radiograph studies to one four-slice 512 x 512 CT study, from benchmarks/workload.py):
 
-1. in process (the baseline): ``--users`` threads calling ``Pipeline.analyse`` on the parsed
-   bytes, i.e. the work without gRPC, the server process or a client;
+1. in process (the baseline): ``--users`` threads parsing the instances' bytes (``dcmread``)
+   and calling ``Pipeline.analyse``, i.e. the work without gRPC, the server process or a client;
 2. gRPC, threads: ``nidaan serve`` called by ``--users`` threads of this process, each with the
    bundled client (``nidaan.client.Client``) sending Analyze calls back to back; the client's
    own CPU time is measured too (it shares the machine's cores with the server);
 3. gRPC, locust: the same server driven by ``benchmarks/locustfile.py``'s IntegratorUser
-   headless (its users run on gevent); the load tool's view.
+   headless (its users run on gevent); the load tool's view;
+4. gRPC alone: the same callers and requests against a server with Nidaan's gRPC settings and
+   handler shape that does no work (``floor_server``, in its own process). Its CPU per call,
+   server and client, is what any handler starts from: on a machine whose cores the callers
+   share, no handler can reach more than in process / (in process + gRPC alone).
 
 Figures: studies/s of each and their ratio to in process (target for the threads: at least
 0.8x); CPU milliseconds per study of the server process against in process (what the server
@@ -78,7 +82,8 @@ def in_process(users: int, seconds: float) -> tuple[float, list[float], float]:
     models = load_repository(ROOT / "models")
     pipeline = Pipeline(models, create_backend(InferenceConfig(), models))
     studies, order = _studies()
-    pipeline.analyse([dcmread(io.BytesIO(studies["ct"][0][0]))])  # warm up
+    for kind in studies:  # warm up: each kind's kernels compiled (or loaded) and models run
+        pipeline.analyse([dcmread(io.BytesIO(b)) for b in studies[kind][0]])
     latencies: list[float] = []
     lock = threading.Lock()
     deadline = time.monotonic() + seconds
@@ -134,58 +139,125 @@ class _Server:
         stop(self.proc)
 
 
-def served_threads(users: int, seconds: float, work: Path) -> dict[str, float]:
-    """Studies/s, latencies, and server and client CPU of ``users`` threads calling Analyze."""
+def _callers(target: str, users: int, seconds: float) -> dict[str, Any]:
+    """``users`` threads of this process, each with the bundled client (one channel each),
+    calling Analyze on the mix back to back for ``seconds``: latencies (ms), failures, the
+    elapsed time and this process's CPU seconds meanwhile."""
     from nidaan.client import Client
 
     studies, order = _studies()
-    with _Server(work) as server:
-        target = f"127.0.0.1:{server.grpc_port}"
-        with Client(target) as warm:
-            warm.analyze(studies["ct"][0])
-        latencies: list[float] = []
-        failed = [0]
-        lock = threading.Lock()
-        deadline = time.monotonic() + seconds
+    with Client(target) as warm:
+        warm.analyze(studies["ct"][0])
+    latencies: list[float] = []
+    failed = [0]
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
 
-        def user(u: int) -> None:
-            with Client(target, timeout_s=300) as client:  # one channel per caller
-                for turn in itertools.count(u):
-                    if time.monotonic() >= deadline:
-                        return
-                    kind = order[turn % len(order)]
-                    study = studies[kind][turn % len(studies[kind])]
-                    started = time.perf_counter()
-                    try:
-                        client.analyze(study)
-                    except Exception:  # counted, not raised: the run goes on
-                        with lock:
-                            failed[0] += 1
-                        continue
+    def user(u: int) -> None:
+        with Client(target, timeout_s=300) as client:
+            for turn in itertools.count(u):
+                if time.monotonic() >= deadline:
+                    return
+                kind = order[turn % len(order)]
+                study = studies[kind][turn % len(studies[kind])]
+                started = time.perf_counter()
+                try:
+                    client.analyze(study)
+                except Exception:  # counted, not raised: the run goes on
                     with lock:
-                        latencies.append((time.perf_counter() - started) * 1000)
+                        failed[0] += 1
+                    continue
+                with lock:
+                    latencies.append((time.perf_counter() - started) * 1000)
 
-        me = psutil.Process()
-        server_cpu0, client_cpu0, started = _cpu(server.ps), _cpu(me), time.monotonic()
-        threads = [threading.Thread(target=user, args=(u,)) for u in range(users)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        elapsed = time.monotonic() - started
-        server_cpu = _cpu(server.ps) - server_cpu0
-        client_cpu = _cpu(me) - client_cpu0
+    me = psutil.Process()
+    cpu0, started = _cpu(me), time.monotonic()
+    threads = [threading.Thread(target=user, args=(u,)) for u in range(users)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {
+        "latencies": latencies,
+        "failed": failed[0],
+        "elapsed": time.monotonic() - started,
+        "client_cpu": _cpu(me) - cpu0,
+    }
+
+
+def served_threads(users: int, seconds: float, work: Path) -> dict[str, float]:
+    """Studies/s, latencies, and server and client CPU of ``users`` threads calling Analyze."""
+    with _Server(work) as server:
+        cpu0 = _cpu(server.ps)
+        calls = _callers(f"127.0.0.1:{server.grpc_port}", users, seconds)
+        server_cpu = _cpu(server.ps) - cpu0
+    return _summary(calls, server_cpu)
+
+
+def _summary(calls: dict[str, Any], server_cpu: float) -> dict[str, float]:
+    latencies, elapsed = calls["latencies"], calls["elapsed"]
     n = max(1, len(latencies))
     return {
         "rate": len(latencies) / elapsed,
         "median": statistics.median(latencies) if latencies else float("nan"),
         "p95": statistics.quantiles(latencies, n=20)[18] if len(latencies) > 1 else 0.0,
         "studies": float(len(latencies)),
-        "failed": float(failed[0]),
+        "failed": float(calls["failed"]),
         "server_cpu_ms": server_cpu / n * 1000,
-        "client_cores": client_cpu / elapsed,
+        "client_cpu_ms": calls["client_cpu"] / n * 1000,
+        "client_cores": calls["client_cpu"] / elapsed,
         "server_cores": server_cpu / elapsed,
     }
+
+
+def floor_server(port: int, threads: int) -> None:
+    """Serve Analyze the way ``nidaan serve`` does on the wire and do no work: the same gRPC
+    settings (``server_options``), the same request-streaming handler reading the request as
+    raw bytes and parsing it, an empty response. What gRPC itself costs per call."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+
+    from nidaan.client.proto import inference_pb2 as pb
+    from nidaan.server.api import SERVICE, server_options
+
+    def analyze(requests: Any, context: Any) -> Any:
+        for data in requests:
+            pb.AnalyzeRequest.FromString(data)
+        return pb.AnalyzeResponse()
+
+    handler = grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "Analyze": grpc.stream_unary_rpc_method_handler(
+                analyze, response_serializer=pb.AnalyzeResponse.SerializeToString
+            )
+        },
+    )
+    server = grpc.server(
+        ThreadPoolExecutor(threads), handlers=[handler], options=server_options(512 << 20)
+    )
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    server.wait_for_termination()
+
+
+def transport_floor(users: int, seconds: float) -> dict[str, float]:
+    """The same callers and requests against :func:`floor_server` (in its own process): the
+    server's and the client's CPU per call that any handler starts from."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--floor-server", str(port), "--users", str(users)]
+    )
+    try:
+        wait_for_port(port, timeout=60, proc=proc)
+        ps = psutil.Process(proc.pid)
+        cpu0 = _cpu(ps)
+        calls = _callers(f"127.0.0.1:{port}", users, seconds)
+        server_cpu = _cpu(ps) - cpu0
+    finally:
+        stop(proc)
+    return _summary(calls, server_cpu)
 
 
 def served_locust(users: int, seconds: float, work: Path) -> dict[str, str]:
@@ -280,26 +352,41 @@ def run(smoke: bool = False, users: int = 16, seconds: float = 30.0) -> dict[str
         f"{row['50%']} ms, p95 {row['95%']} ms, {row['Request Count']} studies, "
         f"{row['Failure Count']} failed; {locust_rate / rate:.2f}x of in process"
     )
+    floor = transport_floor(users, seconds)
+    best = cpu_ms / (cpu_ms + floor["server_cpu_ms"] + floor["client_cpu_ms"])
+    print(
+        f"gRPC alone (a handler that does no work, same settings, callers and requests): "
+        f"{floor['rate']:.1f} calls/s, server {floor['server_cpu_ms']:.2f} + client "
+        f"{floor['client_cpu_ms']:.2f} CPU ms per call; on these cores no handler can do "
+        f"better than {cpu_ms:.1f} / ({cpu_ms:.1f} + {floor['server_cpu_ms']:.2f} + "
+        f"{floor['client_cpu_ms']:.2f}) = {best:.2f}x",
+        flush=True,
+    )
     met = ratio >= TARGET
     # A second, independent measure of the same ratio: if both runs are bound by the machine's
     # cores (the server and its callers share them), studies/s go as 1 / CPU per study, so the
     # CPU figures alone predict the ratio the clock measured.
-    client_ms = threads["client_cores"] / threads["rate"] * 1000
+    client_ms = threads["client_cpu_ms"]
     predicted = cpu_ms / (threads["server_cpu_ms"] + client_ms)
     cores_in_process = cpu_ms * rate / 1000
     cores_served = threads["server_cores"] + threads["client_cores"]
+    handler_ms = threads["server_cpu_ms"] - cpu_ms - floor["server_cpu_ms"]
     print(
         f"CPU-bound prediction: {cpu_ms:.1f} ms in process / "
         f"({threads['server_cpu_ms']:.1f} ms server + {client_ms:.1f} ms client) = "
         f"{predicted:.2f}x; cores busy {cores_in_process:.2f} in process, "
-        f"{cores_served:.2f} over gRPC",
+        f"{cores_served:.2f} over gRPC; Nidaan's handler adds {handler_ms:.1f} ms per study "
+        f"beyond the work and gRPC itself",
         flush=True,
     )
     why = (
-        f"the server and its callers share the cores: {cores_in_process:.2f} cores busy in "
-        f"process, {cores_served:.2f} over gRPC, and CPU per study {cpu_ms:.1f} ms against "
-        f"{threads['server_cpu_ms']:.1f} + {client_ms:.1f} ms (server + client) predicts "
-        f"{predicted:.2f}x; docs/configuration.md, 'gRPC memory and overhead'"
+        f"the server and its callers share the cores ({cores_in_process:.2f} busy in process, "
+        f"{cores_served:.2f} over gRPC), so studies/s go as 1 / CPU per study: "
+        f"{cpu_ms:.1f} ms in process against {threads['server_cpu_ms']:.1f} + "
+        f"{client_ms:.1f} ms (server + client) predicts {predicted:.2f}x, and gRPC alone "
+        f"with a handler doing nothing costs {floor['server_cpu_ms']:.1f} + "
+        f"{floor['client_cpu_ms']:.1f} ms per call, so no handler could pass {best:.2f}x "
+        "here; docs/configuration.md, 'gRPC memory and overhead'"
     )
     rows = [
         _row("in process: studies/s", rate, "studies/s"),
@@ -321,6 +408,19 @@ def run(smoke: bool = False, users: int = 16, seconds: float = 30.0) -> dict[str
             cpu_ms,
         ),
         _row("client CPU per study over gRPC (bundled client, same machine)", client_ms, "ms"),
+        _row(
+            "gRPC alone (handler doing no work): server CPU per call",
+            floor["server_cpu_ms"],
+            "ms",
+        ),
+        _row(
+            "gRPC alone (handler doing no work): client CPU per call", floor["client_cpu_ms"], "ms"
+        ),
+        _row(
+            "best ratio any handler could reach here (in process / (in process + gRPC alone))",
+            best,
+            "x",
+        ),
         _row(
             "ratio predicted from CPU per study (in process / (server + client))",
             predicted,
@@ -359,7 +459,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--smoke", action="store_true", help="seconds: 2 callers, 3 s each")
     parser.add_argument("--json", type=Path, help="write the result dict here")
+    parser.add_argument("--floor-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.floor_server:
+        floor_server(args.floor_server, args.users + 8)
+        return
     result = run(args.smoke, args.users, args.seconds)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

@@ -32,6 +32,10 @@ DEFER_BYTES = 1 << 20
 #: (TID 1500 SRs within about ten), and deep nesting exhausts recursive parsers downstream.
 MAX_SEQUENCE_DEPTH = 32
 
+#: The VRs of raw elements that may hold a sequence: SQ, UN (an implicit-VR sequence of a
+#: private tag) and None (a raw element whose VR the transfer syntax does not carry).
+_MAYBE_SQ = (None, "SQ", "UN")
+
 
 @dataclass(frozen=True)
 class Admitted:
@@ -55,13 +59,16 @@ def too_deep(ds: Dataset, limit: int = MAX_SEQUENCE_DEPTH, top: list | None = No
     try:
         while stack:
             current, depth = stack.pop()
-            tags = top if current is ds and top is not None else current.keys()
+            if current is ds and top is not None:
+                tags = top
+            else:
+                # ``items()`` gives the elements as read: raw, deferred values not fetched.
+                tags = [
+                    tag for tag, raw in current.items() if getattr(raw, "VR", None) in _MAYBE_SQ
+                ]
             for tag in tags:
                 # Only sequences (and values whose VR the raw element does not say) are converted:
                 # pixel data and the other plain values stay as read.
-                raw = current.get_item(tag, keep_deferred=True)
-                if getattr(raw, "VR", None) not in (None, "SQ", "UN"):
-                    continue
                 elem = current[tag]
                 if elem.VR == "SQ":
                     if depth + 1 > limit:
@@ -80,9 +87,10 @@ def overrun_element(ds: Dataset, file_size: int, sequences: list | None = None) 
     value left on disk (deferred), with where the file ends. ``sequences``, if given, collects
     the tags that may hold sequences (for :func:`too_deep`, sparing it a second pass).
     """
-    for tag in ds.keys():  # noqa: SIM118 - iterating a Dataset would convert its elements
-        raw = ds.get_item(tag, keep_deferred=True)
-        if sequences is not None and getattr(raw, "VR", None) in (None, "SQ", "UN"):
+    # ``items()`` gives the elements as read (iterating a Dataset would convert each one, and
+    # ``get_item`` would read deferred values from disk): the values stay raw bytes.
+    for tag, raw in ds.items():
+        if sequences is not None and getattr(raw, "VR", None) in _MAYBE_SQ:
             sequences.append(tag)
         length = getattr(raw, "length", None)
         if length in (None, 0xFFFFFFFF):

@@ -1075,6 +1075,24 @@ class _InferenceHandlers(grpc.GenericRpcHandler):
         return self._served[path] if self._slots.enter() else self._refused[path]
 
 
+def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """The gRPC core settings of Nidaan's server (``benchmarks/load.py`` measures gRPC's own
+    cost with the same)."""
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        # grpcio sets SO_REUSEPORT by default: a second server on the same port would start
+        # and take a share of the calls. Refuse the port like the DICOM and HTTP ports do.
+        ("grpc.so_reuseport", 0),
+        # Memory: gRPC's core buffers what senders send ahead of the handlers, up to each
+        # stream's flow-control window, which bandwidth probing grows to megabytes on a
+        # fast link. With hundreds of calls at once that is outside the byte budget, so
+        # the window stays fixed and small: a sender waits for the handler to read.
+        ("grpc.http2.bdp_probe", 0),
+        ("grpc.http2.lookahead_bytes", STREAM_WINDOW_BYTES),
+    ]
+
+
 class ApiServer:
     """A gRPC server with the Inference, health and reflection services.
 
@@ -1100,20 +1118,7 @@ class ApiServer:
         self._executor = ThreadPoolExecutor(
             max_concurrent_rpcs + workers, thread_name_prefix="nidaan-grpc"
         )
-        options = [
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-            # grpcio sets SO_REUSEPORT by default: a second server on the same port would start
-            # and take a share of the calls. Refuse the port like the DICOM and HTTP ports do.
-            ("grpc.so_reuseport", 0),
-            # Memory: gRPC's core buffers what senders send ahead of the handlers, up to each
-            # stream's flow-control window, which bandwidth probing grows to megabytes on a
-            # fast link. With hundreds of calls at once that is outside the byte budget, so
-            # the window stays fixed and small: a sender waits for the handler to read.
-            ("grpc.http2.bdp_probe", 0),
-            ("grpc.http2.lookahead_bytes", STREAM_WINDOW_BYTES),
-        ]
-        self.server = grpc.server(self._executor, options=options)
+        self.server = grpc.server(self._executor, options=server_options(max_message_bytes))
         if tokens is None and service.studies.config.grpc.tokens_file:
             tokens = BearerTokens(read_tokens(service.studies.config.grpc.tokens_file))
         self.server.add_generic_rpc_handlers((_InferenceHandlers(service, self.slots, tokens),))
