@@ -58,9 +58,20 @@ def write_series(folder: Path, slices: int, seed: int) -> list[Path]:
     return paths
 
 
+#: CPU seconds the storescu senders of each :func:`send` took (user + system), last send last.
+SENDER_CPU: list[float] = []
+
+
+def _children_cpu() -> float:
+    t = os.times()
+    return t.children_user + t.children_system
+
+
 def send(port: int, called: str, files: list[Path], associations: int) -> float:
-    """Seconds for ``associations`` storescu processes, started together, to send ``files``."""
+    """Seconds for ``associations`` storescu processes, started together, to send ``files``
+    (their CPU seconds are appended to :data:`SENDER_CPU`)."""
     groups = [files[i::associations] for i in range(associations)]
+    cpu0 = _children_cpu()
     start = time.perf_counter()
     procs = [
         subprocess.Popen(
@@ -73,6 +84,7 @@ def send(port: int, called: str, files: list[Path], associations: int) -> float:
     ]
     errors = [p.communicate()[1] for p in procs]
     took = time.perf_counter() - start
+    SENDER_CPU.append(_children_cpu() - cpu0)  # waited for, so counted in os.times()
     failed = [e for p, e in zip(procs, errors, strict=True) if p.returncode != 0]
     if failed:
         raise RuntimeError(failed[0].decode(errors="replace")[-500:])
@@ -132,24 +144,29 @@ def run(smoke: bool = False, slices: int = 300, repeats: int = 3) -> dict[str, A
     mb = sum(f.stat().st_size for f in studies[0]) / 1e6
     rates: dict[str, dict[int, float]] = {}
     cpu_ms: dict[str, float] = {}
+    cpu4_ms: dict[str, float] = {}  # the same, of the 4-association sends alone
     #: Cores the whole machine kept busy during the 4-association sends (every process: the
     #: receiver, the senders, the kernel), a second measure of what bounds a rate.
     busy: dict[str, float] = {}
+    #: The senders' CPU per instance during the 4-association sends (ms).
+    sender_ms: dict[str, float] = {}
 
     def measure(name: str, port: int, called: str, before=None, after=None) -> None:  # type: ignore[no-untyped-def]
         for assocs in (1, 4):
-            runs, loads = [], []
+            runs, loads, senders = [], [], []
             for files in studies:
                 if before:
                     before()
                 ticks = machine_ticks()
                 runs.append(len(files) / send(port, called, files, assocs))
                 loads.append(busy_cores(ticks, machine_ticks()))
+                senders.append(SENDER_CPU[-1] * 1e3 / len(files))
                 if after:
                     after()
             rates.setdefault(name, {})[assocs] = statistics.median(runs)
             if assocs == 4:
                 busy[name] = statistics.median(loads)
+                sender_ms[name] = statistics.median(senders)
 
     # dcmtk storescp, forking a process per association.
     port = free_port()
@@ -188,7 +205,7 @@ def run(smoke: bool = False, slices: int = 300, repeats: int = 3) -> dict[str, A
         )
         config.write_text(text)
         server = start_nidaan(config, work / f"nidaan{receivers}.log", http=True)
-        spent = [0.0]
+        spent: list[float] = []  # Nidaan's CPU seconds per send: 1 association's, then 4's
         try:
             wait_for_port(port, timeout=180, proc=server)
             wait_for_port(http_port, timeout=60, proc=server)
@@ -201,16 +218,17 @@ def run(smoke: bool = False, slices: int = 300, repeats: int = 3) -> dict[str, A
                 pid: int = server.pid,
                 hp: int = http_port,
                 start: list[float] = start_cpu,
-                total: list[float] = spent,
+                sends: list[float] = spent,
             ) -> None:
-                total[0] += cpu_seconds(pid) - start[0]
+                sends.append(cpu_seconds(pid) - start[0])
                 wait_idle(hp)
 
             measure(name, port, "NIDAAN", before, after)
         finally:
             stop(server)
         # CPU of the sends only (analysis waits for wait_idle, after the reading).
-        cpu_ms[name] = spent[0] * 1e3 / (slices * repeats * 2)
+        cpu_ms[name] = sum(spent) * 1e3 / (slices * repeats * 2)
+        cpu4_ms[name] = sum(spent[repeats:]) * 1e3 / (slices * repeats)
 
     base, orth = rates["dcmtk storescp --fork"], rates["Orthanc"]
     one, two = rates["Nidaan, 1 receiver process"], rates["Nidaan, 2 receiver processes"]
@@ -225,10 +243,17 @@ def run(smoke: bool = False, slices: int = 300, repeats: int = 3) -> dict[str, A
         for name, by in rates.items()
         for assocs, value in by.items()
     ]
+    n1, n2 = "Nidaan, 1 receiver process", "Nidaan, 2 receiver processes"
+    # The most two receivers could take on this machine: every core busy, each instance costing
+    # what Nidaan's processes and the senders spent on it in the 2-receiver sends. Against the
+    # measured 1-receiver rate, the best 2-against-1 ratio these cores allow.
+    ceiling = cores * 1e3 / (cpu4_ms[n2] + sender_ms[n2])
     bound = (
         f"on {cores} cores shared with the 4 storescu senders: the machine was busy "
-        f"{busy.get('Nidaan, 1 receiver process', 0):.2f} of {cores} cores with 1 "
-        f"receiver, {busy.get('Nidaan, 2 receiver processes', 0):.2f} with 2"
+        f"{busy.get(n1, 0):.2f} of {cores} cores with 1 receiver, {busy.get(n2, 0):.2f} with "
+        f"2; with every core busy at the CPU per instance measured (Nidaan "
+        f"{cpu4_ms[n2]:.2f} ms + senders {sender_ms[n2]:.2f} ms), 2 receivers could take at "
+        f"most {ceiling:.0f}/s, {ceiling / one[4]:.2f}x the 1 receiver's"
     )
     for figure, value, against, against_value, target in (
         ("Nidaan 2 receivers / 1 receiver, 4 associations", two[4], "1 receiver", one[4], 1.6),
@@ -257,6 +282,29 @@ def run(smoke: bool = False, slices: int = 300, repeats: int = 3) -> dict[str, A
     )
     rows += [
         report.row(
+            f"CPU per instance at 4 associations, {name} (Nidaan's processes)",
+            round(cpu4_ms[name], 2),
+            "ms",
+        )
+        for name in (n1, n2)
+    ]
+    rows.append(
+        report.row(
+            f"CPU per instance of the 4 storescu senders, sending to {n2}",
+            round(sender_ms[n2], 2),
+            "ms",
+        )
+    )
+    rows.append(
+        report.row(
+            "ceiling of 2 receivers against 1 on this machine: every core busy at the CPU per "
+            "instance measured (Nidaan's and the senders'), against the 1 receiver's rate",
+            round(ceiling / one[4], 2),
+            "x",
+        )
+    )
+    rows += [
+        report.row(
             f"cores busy machine-wide while sending to {name}, 4 associations",
             round(cores_busy, 2),
             f"of {cores} cores",
@@ -280,6 +328,8 @@ def run(smoke: bool = False, slices: int = 300, repeats: int = 3) -> dict[str, A
         "rows": rows,
         "cpu_ms_per_instance": cpu_ms,
         "busy_cores_at_4_associations": busy,
+        "cpu_ms_per_instance_at_4_associations": cpu4_ms,
+        "sender_cpu_ms_per_instance_at_4_associations": sender_ms,
         "plot": {
             "kind": "bar",
             "title": f"C-STORE of a {slices}-slice CT study",
