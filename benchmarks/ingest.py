@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import tempfile
@@ -139,7 +140,15 @@ def run(smoke: bool = False, slices: int = 300, repeats: int = 3) -> dict[str, A
     """Measure every receiver at 1 and 4 associations; the benchmark convention's dict."""
     if smoke:
         slices, repeats = 24, 1
+    # The studies, the receivers' data and Orthanc's store: about 2.7 GB for a full run.
     work = Path(tempfile.mkdtemp(prefix="nidaan-ingest-"))
+    try:
+        return _measure(work, smoke, slices, repeats)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _measure(work: Path, smoke: bool, slices: int, repeats: int) -> dict[str, Any]:
     studies = [write_series(work / f"in{r}", slices, seed=r) for r in range(repeats)]
     mb = sum(f.stat().st_size for f in studies[0]) / 1e6
     rates: dict[str, dict[int, float]] = {}
