@@ -27,6 +27,7 @@ adds per study, whatever the client costs). Not a test: nothing is asserted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import itertools
@@ -37,6 +38,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -64,9 +67,55 @@ def _cpu(proc: psutil.Process) -> float:
     return float(t.user + t.system)
 
 
-def _studies() -> tuple[dict[str, list[list[bytes]]], list[str]]:
-    studies = {"radiograph": radiograph_studies(), "ct": ct_studies()}
-    return studies, [k for k, w in MIX.items() for _ in range(w)]
+def _studies() -> dict[str, list[list[bytes]]]:
+    return {"radiograph": radiograph_studies(), "ct": ct_studies()}
+
+
+def _drive(
+    studies: dict[str, list[list[bytes]]],
+    users: int,
+    seconds: float,
+    caller: Callable[[], AbstractContextManager[Callable[[list[bytes]], Any]]],
+) -> dict[str, Any]:
+    """``users`` threads, each with its own ``caller()`` (a context giving the function that
+    analyses one study), taking the mix's studies back to back for ``seconds``: latencies (ms),
+    failures, the elapsed time and this process's CPU seconds meanwhile."""
+    order = [k for k, w in MIX.items() for _ in range(w)]  # the kinds, as often as the mix says
+    latencies: list[float] = []
+    failed = [0]
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+
+    def user(u: int) -> None:
+        with caller() as analyse:
+            for turn in itertools.count(u):
+                if time.monotonic() >= deadline:
+                    return
+                kind = order[turn % len(order)]
+                study = studies[kind][turn % len(studies[kind])]
+                started = time.perf_counter()
+                try:
+                    analyse(study)
+                except Exception:  # counted, not raised: the run goes on
+                    with lock:
+                        failed[0] += 1
+                    continue
+                with lock:
+                    latencies.append((time.perf_counter() - started) * 1000)
+
+    me = psutil.Process()
+    cpu0, started = _cpu(me), time.monotonic()
+    threads = [threading.Thread(target=user, args=(u,)) for u in range(users)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {
+        "latencies": latencies,
+        "failed": failed[0],
+        "elapsed": time.monotonic() - started,
+        "client_cpu": _cpu(me) - cpu0,
+    }
 
 
 def in_process(users: int, seconds: float) -> tuple[float, list[float], float]:
@@ -81,33 +130,17 @@ def in_process(users: int, seconds: float) -> tuple[float, list[float], float]:
 
     models = load_repository(ROOT / "models")
     pipeline = Pipeline(models, create_backend(InferenceConfig(), models))
-    studies, order = _studies()
+    studies = _studies()
     for kind in studies:  # warm up: each kind's kernels compiled (or loaded) and models run
         pipeline.analyse([dcmread(io.BytesIO(b)) for b in studies[kind][0]])
-    latencies: list[float] = []
-    lock = threading.Lock()
-    deadline = time.monotonic() + seconds
 
-    def user(u: int) -> None:
-        for turn in itertools.count(u):
-            if time.monotonic() >= deadline:
-                return
-            kind = order[turn % len(order)]
-            study = studies[kind][turn % len(studies[kind])]
-            started = time.perf_counter()
-            pipeline.analyse([dcmread(io.BytesIO(b)) for b in study])
-            with lock:
-                latencies.append((time.perf_counter() - started) * 1000)
+    def analyse(study: list[bytes]) -> None:
+        pipeline.analyse([dcmread(io.BytesIO(b)) for b in study])
 
-    me = psutil.Process()
-    cpu0, started = _cpu(me), time.monotonic()
-    threads = [threading.Thread(target=user, args=(u,)) for u in range(users)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.monotonic() - started
-    cpu = _cpu(me) - cpu0
+    run = _drive(studies, users, seconds, lambda: contextlib.nullcontext(analyse))
+    latencies, elapsed, cpu = run["latencies"], run["elapsed"], run["client_cpu"]
+    if run["failed"]:
+        raise RuntimeError(f"{run['failed']} studies failed in process")
     pipeline.backend.close()
     close = getattr(pipeline, "close", None)
     if close is not None:
@@ -145,44 +178,16 @@ def _callers(target: str, users: int, seconds: float) -> dict[str, Any]:
     elapsed time and this process's CPU seconds meanwhile."""
     from nidaan.client import Client
 
-    studies, order = _studies()
+    studies = _studies()
     with Client(target) as warm:
         warm.analyze(studies["ct"][0])
-    latencies: list[float] = []
-    failed = [0]
-    lock = threading.Lock()
-    deadline = time.monotonic() + seconds
 
-    def user(u: int) -> None:
-        with Client(target, timeout_s=300) as client:
-            for turn in itertools.count(u):
-                if time.monotonic() >= deadline:
-                    return
-                kind = order[turn % len(order)]
-                study = studies[kind][turn % len(studies[kind])]
-                started = time.perf_counter()
-                try:
-                    client.analyze(study)
-                except Exception:  # counted, not raised: the run goes on
-                    with lock:
-                        failed[0] += 1
-                    continue
-                with lock:
-                    latencies.append((time.perf_counter() - started) * 1000)
+    @contextlib.contextmanager
+    def caller() -> Iterator[Callable[[list[bytes]], Any]]:
+        with Client(target, timeout_s=300) as client:  # one channel per caller
+            yield client.analyze
 
-    me = psutil.Process()
-    cpu0, started = _cpu(me), time.monotonic()
-    threads = [threading.Thread(target=user, args=(u,)) for u in range(users)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return {
-        "latencies": latencies,
-        "failed": failed[0],
-        "elapsed": time.monotonic() - started,
-        "client_cpu": _cpu(me) - cpu0,
-    }
+    return _drive(studies, users, seconds, caller)
 
 
 def served_threads(users: int, seconds: float, work: Path) -> dict[str, float]:
