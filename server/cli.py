@@ -65,6 +65,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .app import NidaanServer
 
     _limit_malloc_arenas()
+    # The handlers go in before anything starts: a SIGINT or SIGTERM that arrives while the
+    # server starts, or just after it says it is up, then stops it cleanly, not with a
+    # KeyboardInterrupt through whatever line happened to run (an init system or an operator
+    # may signal as soon as the ready line appears).
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
     server = NidaanServer(cfg)
     try:
         server.start(http=not args.no_http, grpc=not args.no_grpc)
@@ -82,9 +89,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     for line in exposure_warnings(cfg):  # the defaults listen on every interface
         logging.getLogger("nidaan.server").warning("%s", line)
-    done = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
     done.wait()
     server.stop()
     return 0

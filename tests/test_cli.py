@@ -231,6 +231,37 @@ def test_serve_does_not_warn_of_a_status_page_protected_by_tokens(tmp_path: Path
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_while_serve_starts_stops_it_cleanly(tmp_path: Path, sig: int) -> None:
+    """An operator's Ctrl-C, or an init system's SIGTERM, that lands while `serve` is still
+    starting its codec and report processes (after the ports opened, before the ready line):
+    it stops cleanly with status 0, not with a KeyboardInterrupt traceback or killed by the
+    signal, and its DICOM port is closed afterwards."""
+    from peers import free_port
+
+    ports = {"dicom": free_port(), "grpc": free_port(), "http": free_port()}
+    _ports_config(tmp_path, ports)
+    proc = subprocess.Popen(
+        [NIDAAN, "--config", str(tmp_path / "c.toml"), "serve"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    seen = []
+    for line in proc.stderr:  # the ports are open once this line is logged; the pools are not
+        seen.append(line)
+        if "listening as NIDAAN" in line:
+            break
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    err = "".join(seen) + err
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", ports["dicom"]), timeout=2).close()
+
+
 def test_exposure_warnings_leave_out_a_protected_status_page() -> None:
     from nidaan.core.config import load_config
     from nidaan.server.cli import exposure_warnings
