@@ -21,12 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 _SCHEMA = """
+-- instance_count: the study's rows in instances, kept with them. The per-study cap reads it on
+-- every C-STORE, and COUNT(*) over the index grows with the study (0.2 ms at 3,000 instances).
 CREATE TABLE IF NOT EXISTS studies (
     study_uid TEXT PRIMARY KEY,
     calling_ae TEXT NOT NULL,
     state TEXT NOT NULL,
     reason TEXT NOT NULL DEFAULT '',
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    instance_count INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS instances (
     sop_instance_uid TEXT PRIMARY KEY,
@@ -178,6 +181,20 @@ class StateStore:
             self._db.execute("ALTER TABLE reports ADD COLUMN summary TEXT NOT NULL DEFAULT ''")
         if "images" not in columns:  # nor how many images it covered
             self._db.execute("ALTER TABLE reports ADD COLUMN images INTEGER NOT NULL DEFAULT -1")
+        self._add_instance_counts()
+
+    def _add_instance_counts(self) -> None:
+        """A studies table from before ``instance_count``: add it, counted from ``instances``,
+        in one write transaction, so a receiving process that opens the database at the same
+        moment finds the column whole or adds it itself."""
+        with self._tx() as db:
+            if "instance_count" in {r[1] for r in db.execute("PRAGMA table_info(studies)")}:
+                return
+            db.execute("ALTER TABLE studies ADD COLUMN instance_count INTEGER NOT NULL DEFAULT 0")
+            db.execute(
+                "UPDATE studies SET instance_count ="
+                " (SELECT COUNT(*) FROM instances i WHERE i.study_uid = studies.study_uid)"
+            )
 
     def close(self) -> None:
         with self._lock:
@@ -217,12 +234,13 @@ class StateStore:
             )
             is_new = cur.rowcount == 1
             db.execute(
-                "INSERT INTO studies (study_uid, calling_ae, state, updated_at)"
-                " VALUES (?,?,'receiving',?) ON CONFLICT(study_uid) DO UPDATE SET"
+                "INSERT INTO studies (study_uid, calling_ae, state, updated_at, instance_count)"
+                " VALUES (?,?,'receiving',?,?) ON CONFLICT(study_uid) DO UPDATE SET"
                 " state = CASE WHEN ? THEN 'receiving' ELSE state END,"
                 " reason = CASE WHEN ? THEN '' ELSE reason END,"
+                " instance_count = instance_count + excluded.instance_count,"
                 " calling_ae = excluded.calling_ae, updated_at = excluded.updated_at",
-                (rec.study_uid, calling_ae, now, is_new, is_new),
+                (rec.study_uid, calling_ae, now, int(is_new), is_new, is_new),
             )
         return is_new
 
@@ -244,12 +262,12 @@ class StateStore:
         return None if row is None else str(row[0])
 
     def instance_count(self, study_uid: str) -> int:
-        """How many instances of the study are stored."""
+        """How many instances of the study are stored (0 for a study never received)."""
         with self._lock:
-            (n,) = self._db.execute(
-                "SELECT COUNT(*) FROM instances WHERE study_uid = ?", (study_uid,)
+            row = self._db.execute(
+                "SELECT instance_count FROM studies WHERE study_uid = ?", (study_uid,)
             ).fetchone()
-        return int(n)
+        return 0 if row is None else int(row[0])
 
     def set_study_state(self, study_uid: str, state: str, reason: str = "") -> None:
         if state not in STUDY_STATES:
@@ -462,6 +480,10 @@ class StateStore:
                     "DELETE FROM instances WHERE study_uid = ? AND sop_instance_uid = ?",
                     [(study_uid, r[0]) for r in rows],
                 )
+                db.execute(
+                    "UPDATE studies SET instance_count = instance_count - ? WHERE study_uid = ?",
+                    (len(rows), study_uid),
+                )
             else:
                 rows = db.execute(
                     "SELECT report_path FROM outbox WHERE study_uid = ?"
@@ -617,7 +639,7 @@ class StateStore:
             rows = self._db.execute(
                 "SELECT s.study_uid, s.calling_ae, s.state, s.reason, s.updated_at,"
                 " (SELECT MIN(received_at) FROM instances i WHERE i.study_uid = s.study_uid),"
-                " (SELECT COUNT(*) FROM instances i WHERE i.study_uid = s.study_uid),"
+                " s.instance_count,"
                 " (SELECT GROUP_CONCAT(DISTINCT sop_class_uid) FROM instances i"
                 "  WHERE i.study_uid = s.study_uid),"
                 " COALESCE((SELECT summary FROM reports r WHERE r.study_uid = s.study_uid), ''),"

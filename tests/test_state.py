@@ -40,6 +40,44 @@ def test_new_instance_reopens_a_finished_study(tmp_path: Path) -> None:
     assert state.study("1.2.3")[0] == "receiving"  # type: ignore[index]
 
 
+def test_instance_count_follows_new_duplicate_and_pruned_instances(tmp_path: Path) -> None:
+    """The count the per-study cap and GetStudy read: new instances only, per study, back to
+    zero when the spool is pruned, and counting again when the study is sent again."""
+    spool = Spool(tmp_path)
+    state = StateStore(tmp_path / "s.db")
+    for sop in ("1.2.3.4", "1.2.3.5", "1.2.3.4"):  # the third is a re-send
+        state.add_instance(_rec(spool, "1.2.3", sop), "PACS")
+    state.add_instance(_rec(spool, "1.2.9", "1.2.9.1"), "PACS")
+    assert state.instance_count("1.2.3") == 2 == len(state.instances("1.2.3"))
+    assert state.instance_count("1.2.9") == 1
+    assert state.instance_count("1.2.404") == 0
+    state.set_study_state("1.2.3", "delivered")
+    files = state.prune("1.2.3", "spool", lambda paths: None)
+    assert files is not None and len(files) == 2
+    assert state.instance_count("1.2.3") == 0 and state.instance_count("1.2.9") == 1
+    state.add_instance(_rec(spool, "1.2.3", "1.2.3.4"), "PACS")  # sent again after pruning
+    assert state.instance_count("1.2.3") == 1 == len(state.instances("1.2.3"))
+
+
+def test_a_database_from_before_the_instance_count_is_counted_on_opening(tmp_path: Path) -> None:
+    import sqlite3
+
+    spool = Spool(tmp_path)
+    state = StateStore(tmp_path / "s.db")
+    for sop in ("1.2.3.4", "1.2.3.5", "1.2.3.6"):
+        state.add_instance(_rec(spool, "1.2.3", sop), "PACS")
+    state.add_instance(_rec(spool, "1.2.9", "1.2.9.1"), "PACS")
+    state.close()
+    old = sqlite3.connect(tmp_path / "s.db")  # the schema of the releases before the column
+    old.execute("ALTER TABLE studies DROP COLUMN instance_count")
+    old.commit()
+    old.close()
+    again = StateStore(tmp_path / "s.db")
+    assert again.instance_count("1.2.3") == 3 and again.instance_count("1.2.9") == 1
+    again.add_instance(_rec(spool, "1.2.3", "1.2.3.7"), "PACS")
+    assert again.instance_count("1.2.3") == 4
+
+
 def test_outbox_item_is_delivered_once_per_destination(tmp_path: Path) -> None:
     state = StateStore(tmp_path / "s.db")
     spool = Spool(tmp_path)
