@@ -16,7 +16,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,6 +109,18 @@ class InstanceRecord:
     is_image: bool
 
 
+@dataclass
+class _Pending:
+    """One :meth:`StateStore.add_instance` call waiting for the commit that records it."""
+
+    record: InstanceRecord
+    calling_ae: str
+    done: bool = False
+    recorded: bool = False
+    is_new: bool = False
+    error: Exception | None = None
+
+
 @dataclass(frozen=True)
 class OutboxItem:
     """A report waiting for (or done with) delivery to one destination."""
@@ -171,6 +183,12 @@ class StateStore:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        # add_instance's group commit: the calls waiting, and whether one is committing.
+        self._group = threading.Condition()
+        self._pending: list[_Pending] = []
+        self._committing = False
+        #: Transactions that recorded instances (fewer than the instances under concurrency).
+        self.group_commits = 0
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         # FULL: a committed row survives power loss, as the C-STORE response promises.
@@ -206,42 +224,102 @@ class StateStore:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                # A COMMIT that failed (its fsync, a full disk) leaves the transaction open:
+                # roll it back too, or every later BEGIN on this connection would fail.
+                if self._db.in_transaction:
+                    with suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
 
     # --- instances and studies -----------------------------------------------------------------
 
     def add_instance(self, rec: InstanceRecord, calling_ae: str) -> bool:
         """Record a stored instance; False when that SOP Instance UID was already stored.
+        It returns once the row is committed (fsync'd): the C-STORE response may then say
+        Success.
 
         A new instance of a study that was already analysed reopens it, so the report covers it.
+
+        Group commit: the calls that arrive while a commit is under way (other associations of
+        this process) are recorded together in the next transaction, one WAL fsync for all of
+        them, instead of queueing for one commit each. A transaction that fails is retried one
+        call at a time, so one call's error is never another's.
         """
+        me = _Pending(rec, calling_ae)
+        with self._group:
+            self._pending.append(me)
+            while self._committing and not me.done:
+                self._group.wait()
+            leader = not me.done
+            if leader:  # no commit under way: this call commits everything waiting
+                batch, self._pending = self._pending, []
+                self._committing = True
+        if leader:
+            try:
+                self._record_group(batch)
+            finally:
+                with self._group:
+                    for p in batch:
+                        if not p.recorded and p.error is None:  # the leader was interrupted
+                            p.error = sqlite3.OperationalError("the commit was interrupted")
+                        p.done = True
+                    self._committing = False
+                    self._group.notify_all()
+        if me.error is not None:
+            raise me.error
+        return me.is_new
+
+    def _record_group(self, batch: list[_Pending]) -> None:
+        """Record ``batch`` in one transaction, or each call in its own if that fails."""
+        try:
+            with self._tx() as db:
+                news = [self._insert_instance(db, p.record, p.calling_ae) for p in batch]
+        except Exception as exc:
+            if len(batch) == 1:
+                batch[0].error = exc
+                return
+        else:
+            for p, is_new in zip(batch, news, strict=True):
+                p.is_new, p.recorded = is_new, True
+            self.group_commits += 1
+            return
+        for p in batch:  # the group failed: find whose row it was
+            try:
+                with self._tx() as db:
+                    p.is_new = self._insert_instance(db, p.record, p.calling_ae)
+                p.recorded = True
+                self.group_commits += 1
+            except Exception as exc:
+                p.error = exc
+
+    @staticmethod
+    def _insert_instance(db: sqlite3.Connection, rec: InstanceRecord, calling_ae: str) -> bool:
+        """The rows of one stored instance, in the caller's transaction; whether it is new."""
         now = time.time()
-        with self._tx() as db:
-            cur = db.execute(
-                "INSERT OR IGNORE INTO instances VALUES (?,?,?,?,?,?,?)",
-                (
-                    rec.sop_instance_uid,
-                    rec.study_uid,
-                    rec.series_uid,
-                    rec.sop_class_uid,
-                    str(rec.path),
-                    int(rec.is_image),
-                    now,
-                ),
-            )
-            is_new = cur.rowcount == 1
-            db.execute(
-                "INSERT INTO studies (study_uid, calling_ae, state, updated_at, instance_count)"
-                " VALUES (?,?,'receiving',?,?) ON CONFLICT(study_uid) DO UPDATE SET"
-                " state = CASE WHEN ? THEN 'receiving' ELSE state END,"
-                " reason = CASE WHEN ? THEN '' ELSE reason END,"
-                " instance_count = instance_count + excluded.instance_count,"
-                " calling_ae = excluded.calling_ae, updated_at = excluded.updated_at",
-                (rec.study_uid, calling_ae, now, int(is_new), is_new, is_new),
-            )
+        cur = db.execute(
+            "INSERT OR IGNORE INTO instances VALUES (?,?,?,?,?,?,?)",
+            (
+                rec.sop_instance_uid,
+                rec.study_uid,
+                rec.series_uid,
+                rec.sop_class_uid,
+                str(rec.path),
+                int(rec.is_image),
+                now,
+            ),
+        )
+        is_new = cur.rowcount == 1
+        db.execute(
+            "INSERT INTO studies (study_uid, calling_ae, state, updated_at, instance_count)"
+            " VALUES (?,?,'receiving',?,?) ON CONFLICT(study_uid) DO UPDATE SET"
+            " state = CASE WHEN ? THEN 'receiving' ELSE state END,"
+            " reason = CASE WHEN ? THEN '' ELSE reason END,"
+            " instance_count = instance_count + excluded.instance_count,"
+            " calling_ae = excluded.calling_ae, updated_at = excluded.updated_at",
+            (rec.study_uid, calling_ae, now, int(is_new), is_new, is_new),
+        )
         return is_new
 
     def instances(self, study_uid: str) -> list[InstanceRecord]:

@@ -120,3 +120,71 @@ def test_spool_write_is_complete_or_absent(tmp_path: Path) -> None:
 
 def test_backoff_doubles_and_is_capped() -> None:
     assert [backoff(n, 1.0, 10.0) for n in range(1, 7)] == [1, 2, 4, 8, 10, 10]
+
+
+def _held_commit(state: StateStore, calls: list[InstanceRecord]) -> tuple[list, int]:
+    """Run ``add_instance`` for ``calls`` from one thread each while the database is busy (its
+    lock held, as during another thread's commit), then let go: what each call returned or
+    raised, and how many transactions recorded them."""
+    import threading
+    import time
+
+    outcomes: list = [None] * len(calls)
+
+    def call(i: int) -> None:
+        try:
+            outcomes[i] = state.add_instance(calls[i], "PACS")
+        except Exception as exc:
+            outcomes[i] = exc
+
+    before = state.group_commits
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(calls))]
+    with state._lock:  # the first call takes its group and waits here; the rest queue up
+        threads[0].start()
+        while not state._committing:
+            time.sleep(0.001)
+        for t in threads[1:]:
+            t.start()
+        deadline = time.monotonic() + 30
+        while len(state._pending) < len(calls) - 1 and time.monotonic() < deadline:
+            time.sleep(0.001)
+    for t in threads:
+        t.join(30)
+    return outcomes, state.group_commits - before
+
+
+def test_concurrent_instances_share_one_commit_and_each_is_recorded(tmp_path: Path) -> None:
+    """Associations storing at once: the instances that arrive during a commit are recorded
+    by the next one together, each told whether it was new, none lost, the counts right."""
+    spool = Spool(tmp_path)
+    state = StateStore(tmp_path / "s.db")
+    calls = [_rec(spool, f"1.2.{i % 2}", f"1.2.{i % 2}.{i}") for i in range(8)]
+    calls.append(_rec(spool, "1.2.1", "1.2.1.1"))  # a re-send, in the same group as the first
+    outcomes, commits = _held_commit(state, calls)
+    assert outcomes == [True] * 8 + [False]
+    assert commits == 2  # the first call's, then one for the eight that waited
+    assert state.instance_count("1.2.0") == 4 and state.instance_count("1.2.1") == 4
+    state.close()
+    again = StateStore(tmp_path / "s.db")  # committed, not only seen by this connection
+    assert sorted(r.sop_instance_uid for r in again.instances("1.2.1")) == [
+        f"1.2.1.{i}" for i in (1, 3, 5, 7)
+    ]
+
+
+def test_a_row_that_fails_in_a_group_fails_alone(tmp_path: Path) -> None:
+    import sqlite3
+
+    spool = Spool(tmp_path)
+    state = StateStore(tmp_path / "s.db")
+    calls = [_rec(spool, "1.2.3", f"1.2.3.{i}") for i in range(5)]
+    # A value SQLite cannot take: its statement fails, and with it the group's transaction.
+    bad = InstanceRecord("1.2.3.99", "1.2.3", ["1.2.3.1"], "1.2.840.1", tmp_path / "x", True)  # type: ignore[arg-type]
+    calls.insert(3, bad)
+    outcomes, commits = _held_commit(state, calls)
+    assert isinstance(outcomes[3], sqlite3.Error)
+    assert commits == 1 + 4  # the first call's; then the group of the other five failed and
+    # was retried call by call: four committed, the bad one alone failed
+    assert outcomes[:3] + outcomes[4:] == [True] * 5
+    assert state.instance_count("1.2.3") == 5
+    assert state.study_of("1.2.3.99") is None
+    assert state.add_instance(_rec(spool, "1.2.3", "1.2.3.100"), "PACS")  # and it goes on
