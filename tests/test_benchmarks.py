@@ -103,3 +103,21 @@ def test_run_all_smoke_writes_json_and_png_for_every_benchmark(tmp_path: Path) -
         assert json.loads((results / f"{name}.json").read_text())["status"] == "ok", name
     for path, text in readmes.items():
         assert path.read_text() == text, f"{path} was rewritten by a --no-readme run"
+
+
+def test_state_commit_benchmark_reports_each_thread_count(tmp_path: Path) -> None:
+    """benchmarks/state_commit.py runs (a few instances per thread) and prints a row for 1, 2,
+    4 and 8 threads; one thread commits once per instance, by construction of the measure."""
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "state_commit.py"), "--instances", "20"]
+        + ["--dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    rows = [line.split() for line in run.stdout.splitlines()[1:]]
+    assert [r[0] for r in rows] == ["1", "2", "4", "8"], run.stdout
+    assert rows[0][2] == "1.00" and rows[0][3] == "1.00x"
+    assert all(float(r[1]) > 0 and 0 < float(r[2]) <= 1 for r in rows)
+    assert list(tmp_path.iterdir()) == []  # its databases are removed
