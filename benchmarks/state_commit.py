@@ -1,4 +1,5 @@
-"""The state database's group commit: instances recorded per second by 1-8 threads at once.
+"""The state database's group commit: instances recorded per second by 1-8 threads at once;
+and the per-study cap's check, counted against kept.
 
     .venv/bin/python benchmarks/state_commit.py [--instances 400] [--dir PATH]
 
@@ -11,7 +12,10 @@ each call then waits for its own commit and WAL fsync, as every call did before 
 (Before it, one connection serialised one transaction per call, and more threads gained only
 what they overlapped outside it: 1.05-1.50x at 2-8 threads, measured with this script on the
 code of e00dcd9.) The transactions per instance say how many calls each commit carried.
-Standalone, like profile_ingest.py: not in run_all.py and not a test; nothing is asserted.
+Then the per-study cap's check on every C-STORE: a ``COUNT(*)`` of the study's rows (before
+``instance_count`` was kept) against reading the kept count, for studies of 300, 3,000 and
+10,000 instances. Standalone, like profile_ingest.py: not in run_all.py and not a test; nothing
+is asserted.
 """
 
 from __future__ import annotations
@@ -61,6 +65,34 @@ def measure(folder: Path, threads: int, instances: int) -> tuple[float, float]:
     return total / took, commits / total
 
 
+def cap_check_us(folder: Path, sizes: tuple[int, ...] = (300, 3000, 10_000)) -> list[tuple]:
+    """(instances in the study, µs per ``COUNT(*)`` of its rows, µs per ``instance_count``):
+    what the per-study cap cost on every C-STORE before the count was kept, and now."""
+    store = StateStore(folder / "cap.sqlite3")
+    rows = []
+    for n in sizes:
+        study = f"1.2.826.0.1.3680043.10.2.{n}"
+        with store._tx() as db:  # one transaction: the set-up is not what is measured
+            for i in range(n):
+                rec = InstanceRecord(f"{study}.{i}", study, f"{study}.1", "1.2", folder, True)
+                store._insert_instance(db, rec, "PACS")
+        times = []
+        for query in (
+            lambda s=study: store._db.execute(
+                "SELECT COUNT(*) FROM instances WHERE study_uid = ?", (s,)
+            ).fetchone(),
+            lambda s=study: store.instance_count(s),
+        ):
+            calls = 1000
+            began = time.perf_counter()
+            for _ in range(calls):
+                query()
+            times.append((time.perf_counter() - began) / calls * 1e6)
+        rows.append((n, times[0], times[1]))
+    store.close()
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--instances", type=int, default=400, help="per thread")
@@ -74,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
             rate, per = measure(folder, threads, args.instances)
             base = base or rate
             print(f"{threads:7d}  {rate:11.0f}  {per:25.2f}  {rate / base:15.2f}x")
+        print("\nthe per-study cap's check: instances  COUNT(*) µs  instance_count µs")
+        for n, count, kept in cap_check_us(folder):
+            print(f"{n:37d}  {count:11.1f}  {kept:17.1f}")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return 0

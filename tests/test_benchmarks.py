@@ -107,7 +107,8 @@ def test_run_all_smoke_writes_json_and_png_for_every_benchmark(tmp_path: Path) -
 
 def test_state_commit_benchmark_reports_each_thread_count(tmp_path: Path) -> None:
     """benchmarks/state_commit.py runs (a few instances per thread) and prints a row for 1, 2,
-    4 and 8 threads; one thread commits once per instance, by construction of the measure."""
+    4 and 8 threads (one thread commits once per instance, by construction of the measure),
+    then the cap check's cost for each study size."""
     run = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "state_commit.py"), "--instances", "20"]
         + ["--dir", str(tmp_path)],
@@ -116,8 +117,12 @@ def test_state_commit_benchmark_reports_each_thread_count(tmp_path: Path) -> Non
         timeout=120,
         check=True,
     )
-    rows = [line.split() for line in run.stdout.splitlines()[1:]]
+    lines = run.stdout.splitlines()
+    rows = [line.split() for line in lines[1:5]]
     assert [r[0] for r in rows] == ["1", "2", "4", "8"], run.stdout
     assert rows[0][2] == "1.00" and rows[0][3] == "1.00x"
     assert all(float(r[1]) > 0 and 0 < float(r[2]) <= 1 for r in rows)
+    cap = [line.split() for line in lines[7:]]  # the per-study cap's check, by study size
+    assert [r[0] for r in cap] == ["300", "3000", "10000"], run.stdout
+    assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in cap)
     assert list(tmp_path.iterdir()) == []  # its databases are removed
