@@ -299,7 +299,9 @@ class StateStore:
         """The rows of one stored instance, in the caller's transaction; whether it is new."""
         now = time.time()
         cur = db.execute(
-            "INSERT OR IGNORE INTO instances VALUES (?,?,?,?,?,?,?)",
+            # Only a re-sent SOP Instance UID is ignored. OR IGNORE would also drop a row that
+            # breaks NOT NULL without an error, and the instance would be acknowledged unrecorded.
+            "INSERT INTO instances VALUES (?,?,?,?,?,?,?) ON CONFLICT(sop_instance_uid) DO NOTHING",
             (
                 rec.sop_instance_uid,
                 rec.study_uid,

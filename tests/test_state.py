@@ -122,6 +122,22 @@ def test_backoff_doubles_and_is_capped() -> None:
     assert [backoff(n, 1.0, 10.0) for n in range(1, 7)] == [1, 2, 4, 8, 10, 10]
 
 
+def test_an_instance_that_cannot_be_recorded_fails_instead_of_passing_as_a_resend(
+    tmp_path: Path,
+) -> None:
+    """A row the schema refuses (a missing series UID) raises, so the C-STORE fails; it is not
+    taken for a re-sent instance and acknowledged without a row."""
+    import sqlite3
+
+    spool = Spool(tmp_path)
+    state = StateStore(tmp_path / "s.db")
+    rec = InstanceRecord("1.2.3.4", "1.2.3", None, "1.2.840.1", tmp_path / "x", True)  # type: ignore[arg-type]
+    with pytest.raises(sqlite3.IntegrityError, match="NOT NULL"):
+        state.add_instance(rec, "PACS")
+    assert state.instance_count("1.2.3") == 0
+    assert state.add_instance(_rec(spool, "1.2.3", "1.2.3.4"), "PACS")  # the real one, later
+
+
 def _held_commit(state: StateStore, calls: list[InstanceRecord]) -> tuple[list, int]:
     """Run ``add_instance`` for ``calls`` from one thread each while the database is busy (its
     lock held, as during another thread's commit), then let go: what each call returned or
