@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from nidaan.core.findings import CodedValue
 __all__ = ["Language", "available", "load_language"]
 
 _DIR = Path(__file__).with_name("languages")
+#: Where a language's ``burn_fonts`` are looked for (the FHS's font folders).
+FONT_DIRS = (Path("/usr/share/fonts"), Path("/usr/local/share/fonts"))
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,8 @@ class Language:
     reviewed_by: str
     terms: dict[str, str]
     findings: dict[str, str]
+    #: Font files that draw the language's script, relative to one of FONT_DIRS.
+    burn_fonts: tuple[str, ...] = ()
 
     def term(self, key: str, **values: object) -> str:
         """The text ``key`` with ``values`` filled in."""
@@ -38,6 +43,16 @@ class Language:
     def finding(self, code: CodedValue) -> str:
         """The finding's name in this language (the code's meaning when the file lacks it)."""
         return self.findings.get(f"{code.scheme}:{code.value}", code.meaning)
+
+    def burn_font(self, font_dirs: Sequence[Path] | None = None) -> Path | None:
+        """The first of ``burn_fonts`` installed under ``font_dirs`` (default FONT_DIRS); None
+        when none is (or the language names none)."""
+        for name in self.burn_fonts:
+            for folder in FONT_DIRS if font_dirs is None else font_dirs:
+                path = folder / name
+                if path.is_file():
+                    return path
+        return None
 
 
 def available() -> list[str]:
@@ -69,6 +84,20 @@ def load_language(tag: str) -> Language:
             raise ConfigError(f"report language file {path.name} lacks {', '.join(missing)}")
     if meta.get("tag") != tag:
         raise ConfigError(f"report language file {path.name} says its tag is {meta.get('tag')!r}")
+    fonts = meta.get("burn_fonts", [])
+    if not isinstance(fonts, list) or not all(
+        isinstance(f, str) and f and not Path(f).is_absolute() and ".." not in Path(f).parts
+        for f in fonts
+    ):
+        raise ConfigError(
+            f"report language file {path.name}: burn_fonts must list font files relative to "
+            'the font folders, e.g. "truetype/lohit-devanagari/Lohit-Devanagari.ttf"'
+        )
     return Language(
-        tag, str(meta.get("name", tag)), str(meta.get("reviewed_by", "")), terms, findings
+        tag,
+        str(meta.get("name", tag)),
+        str(meta.get("reviewed_by", "")),
+        terms,
+        findings,
+        tuple(fonts),
     )

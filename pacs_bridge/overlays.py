@@ -50,9 +50,11 @@ reused UIDs, a UID missing for a series (or image) that needs one.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import highdicom as hd
 import numpy as np
@@ -117,6 +119,18 @@ def default_legend(finding: ReportedFinding, number: int) -> str:
     return f"{text} — {NOT_FOR_DIAGNOSIS}" if algo.not_for_diagnosis else text
 
 
+def finding_line(language: Language, finding: ReportedFinding, number: int) -> str:
+    """A lesion's legend in ``language``, e.g. ``फेफड़े की गांठ (पल्मोनरी नोड्यूल) 1: संभावना 0.87
+    (सीमा 0.38)``."""
+    return language.term(
+        "finding_line",
+        name=language.finding(finding.code),
+        n=number,
+        probability=f"{finding.probability:.2f}",
+        threshold=f"{finding.threshold:.2f}",
+    )
+
+
 def legend_in(language: Language | None) -> Legend:
     """The English legend, followed by the same in ``language`` (None: English only), e.g.
     ``Pulmonary nodule 1: 0.87 (threshold 0.38) — ... / फेफड़े की गांठ ... 1: संभावना 0.87 (सीमा 0.38)``,
@@ -125,13 +139,7 @@ def legend_in(language: Language | None) -> Legend:
         return default_legend
 
     def legend(finding: ReportedFinding, number: int) -> str:
-        other = language.term(
-            "finding_line",
-            name=language.finding(finding.code),
-            n=number,
-            probability=f"{finding.probability:.2f}",
-            threshold=f"{finding.threshold:.2f}",
-        )
+        other = finding_line(language, finding, number)
         if finding.algorithm.not_for_diagnosis:
             other += " — " + language.term("not_for_diagnosis")
         return f"{default_legend(finding, number)} / {other}"
@@ -715,8 +723,18 @@ def _windowed(image: Dataset) -> np.ndarray:
     return gray
 
 
-def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    return ImageFont.load_default(size=size)
+def _font(size: int, path: Path | None = None) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """Pillow's built-in font, or the font file ``path`` laid out with raqm (HarfBuzz and
+    FriBiDi), which shapes complex scripts: Devanagari's vowel signs and conjuncts are placed
+    and joined, not drawn one code point after another."""
+    if path is None:
+        return ImageFont.load_default(size=size)
+    return _script_font(str(path), size)
+
+
+@functools.cache
+def _script_font(path: str, size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.truetype(path, size, layout_engine=ImageFont.Layout.RAQM)
 
 
 def _wrap(
@@ -739,15 +757,21 @@ def _font_size(rows: int, columns: int) -> int:
     return max(10, min(rows, columns) // 40)
 
 
-def _line_height(size: int) -> int:
-    return round(size * 1.3) + 2
+def _line_height(size: int, script: bool = False) -> int:
+    """A text line's height: Pillow's font, or a script font, whose marks above and below the
+    line (Devanagari's vowel signs) need more."""
+    return round(size * (1.7 if script else 1.3)) + 2
+
+
+#: A line burned into a Secondary Capture: its text, whether it is the not-for-diagnosis line
+#: (drawn in red), and the font file of its script (None: Pillow's font, for English).
+BurnedLine = tuple[str, bool, Path | None]
 
 
 def _burn(
-    image: Dataset, parts: Sequence[tuple[_Lesion, Outline]], lines: Sequence[tuple[str, bool]]
+    image: Dataset, parts: Sequence[tuple[_Lesion, Outline]], lines: Sequence[BurnedLine]
 ) -> np.ndarray:
-    """The windowed image as RGB with ``parts`` outlined and ``lines`` (text, is it the
-    not-for-diagnosis line) written at the top."""
+    """The windowed image as RGB with ``parts`` outlined and ``lines`` written at the top."""
     rows, columns = int(image.Rows), int(image.Columns)
     gray = _windowed(image)
     picture = Image.fromarray(np.stack([gray] * 3, axis=-1), mode="RGB")
@@ -755,13 +779,26 @@ def _burn(
     size = _font_size(rows, columns)
     font = _font(size)
     thickness = max(1, min(rows, columns) // 300)
+    # The lines at the top, wrapped to the width: (text, is it NFD, font, line height).
+    band: list[tuple[str, bool, ImageFont.FreeTypeFont | ImageFont.ImageFont, int]] = []
+    for text, is_nfd, font_path in lines:
+        line_font = _font(size, font_path)
+        height = _line_height(size, script=font_path is not None)
+        if font_path is None:
+            text = _ascii_dashes(text)
+        band += [
+            (line, is_nfd, line_font, height) for line in _wrap(draw, text, line_font, columns - 8)
+        ]
+    band_bottom = 4 + sum(height for *_, height in band)
     for lesion, outline in parts:
         # A pixel's centre is at SCOORD (c + 0.5, r + 0.5); PIL addresses pixels by index.
         points = [(x - 0.5, y - 0.5) for x, y in outline.points]
         draw.line(points, fill=_OUTLINE_RGB, width=thickness, joint="curve")
         box = outline.box
         tag = lesion.label  # "Pulmonary nodule 1": the legend line at the top says the rest
-        tag_y = box.y_min - _line_height(size) if box.y_min >= _line_height(size) else box.y_max
+        # Above the region, unless that is under the lines at the top: then below it.
+        above = box.y_min - _line_height(size)
+        tag_y = above if above >= band_bottom else box.y_max
         draw.text(
             (max(0.0, box.x_min), tag_y),
             tag,
@@ -771,18 +808,16 @@ def _burn(
             stroke_fill=_STROKE_RGB,
         )
     y = 4
-    for text, is_nfd in lines:
-        text = _ascii_dashes(text)
-        for line in _wrap(draw, text, font, columns - 8):
-            draw.text(
-                (4, y),
-                line,
-                fill=_NFD_RGB if is_nfd else _TEXT_RGB,
-                font=font,
-                stroke_width=1,
-                stroke_fill=_STROKE_RGB,
-            )
-            y += _line_height(size)
+    for line, is_nfd, line_font, height in band:
+        draw.text(
+            (4, y),
+            line,
+            fill=_NFD_RGB if is_nfd else _TEXT_RGB,
+            font=line_font,
+            stroke_width=1,
+            stroke_fill=_STROKE_RGB,
+        )
+        y += height
     return np.asarray(picture, dtype=np.uint8)
 
 
@@ -807,10 +842,22 @@ def _patient_orientation(image: Dataset) -> tuple[str, str] | None:
     return (out[0], out[1])
 
 
-def _lines(lesions_here: Sequence[str], nfd: bool) -> list[tuple[str, bool]]:
+def _lines(
+    here: Sequence[_Lesion], nfd: bool, language: Language | None, font: Path | None
+) -> list[BurnedLine]:
     """The lines burned into a Secondary Capture: "NOT FOR DIAGNOSIS" first when it applies,
-    then each lesion's legend."""
-    return ([(NOT_FOR_DIAGNOSIS, True)] if nfd else []) + [(t, False) for t in lesions_here]
+    then each lesion's legend; then, with ``language`` and a ``font`` that draws it, the same
+    in that language."""
+    lines: list[BurnedLine] = [(NOT_FOR_DIAGNOSIS, True, None)] if nfd else []
+    lines += [(lesion.legend, False, None) for lesion in here]
+    if language is None or language.tag == "en" or font is None:
+        return lines
+    if nfd:
+        lines.append((language.term("not_for_diagnosis"), True, font))
+    lines += [
+        (finding_line(language, lesion.finding, lesion.number), False, font) for lesion in here
+    ]
+    return lines
 
 
 def build_secondary_captures(
@@ -825,8 +872,14 @@ def build_secondary_captures(
     manufacturer_model_name: str = _MODEL_NAME,
     legend: Legend = default_legend,
     study_attributes: Mapping[str, object] | None = None,
+    language: Language | None = None,
+    font_dirs: Sequence[Path] | None = None,
 ) -> list[hd.sc.SCImage]:
-    """One RGB Secondary Capture per source image with a part, regions and legend burned in.
+    """One RGB Secondary Capture per source image with a part, regions and legend burned in;
+    with ``language``, the legend and NOT FOR DIAGNOSIS in that language too, below the
+    English, when one of its ``burn_fonts`` is installed under ``font_dirs`` (default: the
+    system's font folders, ``languages.FONT_DIRS``; else English
+    alone; ``nidaan serve`` warns of it at start).
 
     ``images`` maps SOP Instance UID to the full source data set (pixels needed);
     ``sop_instance_uids`` maps each such source SOP Instance UID to its SC's SOP Instance UID;
@@ -836,6 +889,7 @@ def build_secondary_captures(
     """
     lesions = _check(findings, images, legend, series_instance_uid, need_pixels=True)
     description = _description(lesions)
+    font = language.burn_font(font_dirs) if language is not None else None
     out = []
     sources = [image for refs in _by_series(lesions, images).values() for image in refs]
     for number, image in enumerate(sources, start=1):
@@ -849,7 +903,7 @@ def build_secondary_captures(
         ]
         here = list(dict.fromkeys(lesion for lesion, _ in parts))
         nfd = any(lesion.finding.algorithm.not_for_diagnosis for lesion in here)
-        lines = _lines([lesion.legend for lesion in here], nfd)
+        lines = _lines(here, nfd, language, font)
         pixels = _burn(image, parts, lines)
         orientation = _patient_orientation(image)
         sc = hd.sc.SCImage.from_ref_dataset(
@@ -887,8 +941,10 @@ def build_secondary_captures(
             hd.sr.CodedConcept(purpose.value, purpose.scheme_designator, purpose.meaning)
         ]
         sc.SourceImageSequence = [reference]
-        burned = [lesion.label for lesion in here] + [text for text, _ in lines]
-        sc.ImageComments = "\n".join(_ascii_dashes(t) for t in burned)
+        burned = [lesion.label for lesion in here] + [
+            _ascii_dashes(text) if path is None else text for text, _, path in lines
+        ]
+        sc.ImageComments = "\n".join(burned)
         _study(sc, study_attributes)
         out.append(sc)
     return out

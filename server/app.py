@@ -26,6 +26,7 @@ from typing import Any
 from nidaan.core.config import Config, read_tokens
 from nidaan.core.errors import ConfigError, InferenceError, NidaanError
 from nidaan.kernels import configure_cache, resolve_backend
+from nidaan.pacs_bridge import languages
 from nidaan.pacs_bridge.assembly import StudyAssembler
 from nidaan.pacs_bridge.audit import AuditLog
 from nidaan.pacs_bridge.languages import load_language
@@ -712,13 +713,25 @@ class NidaanServer:
         """Each peer's report language, loaded now (a missing file is a ConfigError at start,
         not a failure per study), with a warning at start where its texts reach a reader
         unchecked: a language file nobody has reviewed for medical terms (empty
-        ``reviewed_by``), or a model whose sidecar has no intended use in that language (its
-        reports to the peer state it in English only)."""
+        ``reviewed_by``), a peer sent Secondary Captures whose language no installed font draws
+        (they carry English alone), or a model whose sidecar has no intended use in that
+        language (its reports to the peer state it in English only)."""
         warned: set[str] = set()
         for peer in self.config.peers:
             if not peer.language:
                 continue
             language = load_language(peer.language)
+            if "sc" in peer.objects and language.tag != "en" and language.burn_font() is None:
+                log.warning(
+                    "no font for %r is installed (burn_fonts in pacs_bridge/languages/%s.toml, "
+                    "looked for under %s): the Secondary Captures for peer %s carry English "
+                    "alone; install one of %s",
+                    language.tag,
+                    language.tag,
+                    ", ".join(str(d) for d in languages.FONT_DIRS),
+                    peer.ae_title,
+                    ", ".join(language.burn_fonts) or "(none named)",
+                )
             if language.tag in warned:
                 continue
             warned.add(language.tag)

@@ -58,12 +58,12 @@ Slot = tuple[str, str]
 
 
 def slot(kind: str, language: str) -> Slot:
-    """The slot an object of ``kind`` for a destination of ``language`` fills: the SR and the
-    presentation state carry the destination's language; the SEG has no text to translate, and
-    the SC's burned-in text is English (docs/reports.md)."""
+    """The slot an object of ``kind`` for a destination of ``language`` fills: the SR, the
+    presentation state and the SC's burned-in text carry the destination's language; the SEG
+    has no text to translate (docs/reports.md)."""
     if kind not in KINDS:
         raise ValueError(f"unknown result object {kind!r}")
-    return (kind, language if kind in ("sr", "gsps") else "")
+    return (kind, language if kind != "seg" else "")
 
 
 @dataclass(frozen=True)
@@ -210,12 +210,14 @@ def _region_objects(
             **common,
         )
     else:  # "sc"
-        series_uid, uids = overlay_uids("sc", key, sorted(images))
+        sc_kind = "sc" + (f"|{language}" if language else "")
+        series_uid, uids = overlay_uids(sc_kind, key, sorted(images))
         made = build_secondary_captures(
             order.findings,
             images,
             series_instance_uid=series_uid,
             sop_instance_uids=uids,
+            language=load_language(language) if language else None,
             **common,
         )
     out = []

@@ -198,6 +198,10 @@ def test_storescu_sender_nodule_found_where_it_was_planted(
         t.startswith("Pulmonary nodule 1") and "फेफड़े की गांठ (पल्मोनरी नोड्यूल) 1" in t for t in legends
     )
     assert sc.BurnedInAnnotation == "YES"
+    # The SC burns in the peer's language too, below the English (Image Comments says it all).
+    burned = str(sc.ImageComments).splitlines()
+    assert "NOT FOR DIAGNOSIS" in burned and "निदान के लिए नहीं" in burned
+    assert any(t.startswith("फेफड़े की गांठ (पल्मोनरी नोड्यूल) 1: संभावना") for t in burned)
     for modality, obj in objects.items():
         if modality != "OT" or obj is sc:
             assert obj.StudyInstanceUID == ds.StudyInstanceUID

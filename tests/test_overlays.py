@@ -23,7 +23,7 @@ from nidaan.core.findings import (
     Outline,
     ReportedFinding,
 )
-from nidaan.pacs_bridge.languages import load_language
+from nidaan.pacs_bridge.languages import Language, load_language
 from nidaan.pacs_bridge.lesions import group_findings
 from nidaan.pacs_bridge.overlays import (
     NOT_FOR_DIAGNOSIS,
@@ -34,6 +34,7 @@ from nidaan.pacs_bridge.overlays import (
     legend_in,
     overlay_uids,
 )
+from nidaan.pacs_bridge.overlays import _windowed as _windowed  # what a viewer shows of the image
 from nidaan.pacs_bridge.reports import build_report, report_uids
 
 from factory import sample_file, synthetic_ct_series, synthetic_cxr
@@ -471,6 +472,74 @@ def test_a_second_language_legend_is_carried_in_utf8(tmp_path: Path) -> None:
         "/ फेफड़े की गांठ (पल्मोनरी नोड्यूल) 1: संभावना 0.87 (सीमा 0.38) — निदान के लिए नहीं"
     )
     assert legend_in(None) is default_legend
+
+
+def test_the_secondary_capture_burns_the_peers_language_below_the_english(tmp_path: Path) -> None:
+    """For a Hindi peer the SC keeps the English lines and adds the same in Hindi below them,
+    drawn with an installed Devanagari font (every character of it has a glyph there, not the
+    font's empty box); Image Comments carries both. With no such font: English alone."""
+    from PIL import ImageFont
+
+    cxr, _ = synthetic_cxr(3, rows=400, columns=400)
+    points = ((60.3, 250.2), (150.7, 260.6), (120.4, 330.9), (60.3, 250.2))
+    finding = _finding([(cxr, points)])
+    kwargs = _kwargs("sc", [str(cxr.SOPInstanceUID)])
+    hindi = load_language("hi")
+    (english,) = build_secondary_captures([finding], _images(cxr), **kwargs)
+    (both,) = build_secondary_captures([finding], _images(cxr), language=hindi, **kwargs)
+    (fallback,) = build_secondary_captures(
+        [finding], _images(cxr), language=hindi, font_dirs=[tmp_path], **kwargs
+    )
+    both = _valid(both, tmp_path / "sc.dcm")
+
+    line = "फेफड़े की गांठ (पल्मोनरी नोड्यूल) 1: संभावना 0.87 (सीमा 0.38)"
+    comments = str(both.ImageComments).split("\n")
+    assert comments[: len(str(english.ImageComments).split("\n"))] == str(
+        english.ImageComments
+    ).split("\n")
+    assert comments[-2:] == ["निदान के लिए नहीं", line]
+    assert "संभावना" not in str(english.ImageComments)
+
+    # The English lines are the same in both; the Hindi ones are drawn below them, well above
+    # the region (its tag starts near row 235), and nothing else differs.
+    a, b = english.pixel_array.astype(int), both.pixel_array.astype(int)
+    plain = _windowed(cxr)[..., None]
+    english_rows = np.nonzero((a != plain).any(axis=(1, 2))[:200])[0]
+    differs = (a != b).any(axis=(1, 2))
+    first, last = np.nonzero(differs)[0][[0, -1]]
+    assert english_rows[-1] - 3 <= first and last < 200, (english_rows[-1], first, last)
+    assert differs[first:last].mean() > 0.5  # lines of text, not a stray pixel
+    assert not differs[: english_rows[-1] - 3].any()
+    # With no Devanagari font installed: the English SC's pixels exactly (under its own UIDs).
+    assert np.array_equal(fallback.pixel_array, english.pixel_array)
+    assert "संभावना" not in str(fallback.ImageComments)
+
+    font_path = hindi.burn_font()
+    assert font_path is not None
+    font = ImageFont.truetype(str(font_path), 20)
+    missing = bytes(font.getmask("\uffff"))  # what the font draws for a character it lacks
+    lacking = {c for c in line + "निदान के लिए नहीं" if not c.isspace() and c.isprintable()}
+    lacking = {c for c in lacking if bytes(font.getmask(c)) == missing}
+    assert not lacking, f"the burn font has no glyph for {sorted(lacking)}"
+
+
+def test_a_region_under_the_legend_lines_has_its_tag_below_it() -> None:
+    """A region whose top is within reach of the lines at the top (more of them for a Hindi
+    peer): its tag ("Pulmonary nodule 1") goes below the region, never under those lines;
+    where the lines leave room, above it as before."""
+    cxr, _ = synthetic_cxr(5, rows=400, columns=400)
+    points = ((100.5, 80.5), (200.5, 85.5), (150.5, 160.5), (100.5, 80.5))
+    finding = _finding([(cxr, points)])
+    kwargs = _kwargs("sc", [str(cxr.SOPInstanceUID)])
+    plain = _windowed(cxr)[..., None]
+
+    def tag_below(language: Language | None) -> bool:
+        (sc,) = build_secondary_captures([finding], _images(cxr), language=language, **kwargs)
+        changed = (sc.pixel_array != plain).any(axis=-1)
+        return bool(changed[163:180, 100:200].sum() > 20)  # text under the region's bottom
+
+    assert not tag_below(None)  # two English lines: room above the region
+    assert tag_below(load_language("hi"))  # four lines, the last two taller: below
 
 
 def _all_text(ds: Dataset) -> list[str]:

@@ -142,6 +142,32 @@ def test_a_language_nobody_reviewed_or_a_model_without_its_intended_use_is_warne
     assert not any("model ct_nodule" in w for w in warnings)  # its sidecar has the Hindi one
 
 
+def test_a_peer_sent_secondary_captures_no_installed_font_can_write_in_is_warned_of(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Secondary Captures for a Hindi peer carry English alone where no Devanagari font is
+    installed: `serve` says so at start, for that peer only (VIEWER gets no SC)."""
+    from nidaan.pacs_bridge import languages
+
+    peers = [
+        Peer("PACS", "127.0.0.1", 104, objects=["sr", "sc"], language="hi"),
+        Peer("VIEWER", "127.0.0.1", 105, objects=["sr"], language="hi"),
+    ]
+
+    def font_warnings(where: Path) -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="nidaan.server"):
+            NidaanServer(make_config(where, peers=peers))
+        return [r.getMessage() for r in caplog.records if "no font for" in r.getMessage()]
+
+    monkeypatch.setattr(languages, "FONT_DIRS", (tmp_path / "no-fonts",))
+    (warning,) = font_warnings(tmp_path / "a")
+    assert "'hi'" in warning and "peer PACS carry English alone" in warning
+    assert "truetype/lohit-devanagari/Lohit-Devanagari.ttf" in warning  # what to install
+    monkeypatch.undo()  # the system's folders, where the test command installs Lohit
+    assert font_warnings(tmp_path / "b") == []
+
+
 def _config_with(tmp_path: Path, peer: str) -> Config:
     path = tmp_path / "nidaan.toml"
     path.write_text(

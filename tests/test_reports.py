@@ -369,6 +369,27 @@ def test_every_shipped_language_has_every_text(source: pydicom.Dataset) -> None:
         assert set(language.terms) == set(english.terms), tag
         assert set(language.findings) == set(english.findings), tag
         _build([ImageAnalysis(SYNTHETIC, source, _findings())], language=tag)
+        if tag != "en":  # its Secondary Captures burn it in: the test command installs a font
+            assert language.burn_font() is not None, f"{tag}: none of its burn_fonts installed"
+
+
+@pytest.mark.parametrize("font", ["/etc/passwd", "../../../etc/passwd", ""])
+def test_a_language_file_naming_a_font_outside_the_font_folders_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, font: str
+) -> None:
+    import shutil
+
+    from nidaan.core.errors import ConfigError
+    from nidaan.pacs_bridge import languages
+
+    shutil.copy(languages._DIR / "en.toml", tmp_path / "en.toml")
+    text = (languages._DIR / "hi.toml").read_text(encoding="utf-8")
+    text = text.replace('tag = "hi"', 'tag = "xx"')
+    text = text.replace('"truetype/lohit-devanagari/Lohit-Devanagari.ttf"', f'"{font}"')
+    (tmp_path / "xx.toml").write_text(text, encoding="utf-8")
+    monkeypatch.setattr(languages, "_DIR", tmp_path)
+    with pytest.raises(ConfigError, match="xx.toml: burn_fonts must list font files relative"):
+        languages.load_language.__wrapped__("xx")
 
 
 @pytest.mark.parametrize("language", ["", "hi"])
