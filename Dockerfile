@@ -20,9 +20,13 @@ COPY pacs_bridge pacs_bridge
 COPY models models
 # The server with the CPU ONNX Runtime (`server` extra), then an unprivileged user that owns only
 # the data and cache folders.
-# This checkout itself (its dependencies' versions are bounded in pyproject.toml).
-# hadolint ignore=DL3013
-RUN pip install --no-cache-dir '.[server]' \
+# This checkout itself (its dependencies' versions are bounded in pyproject.toml), and a
+# Devanagari font, to burn Hindi into Secondary Captures (pacs_bridge/languages/hi.toml).
+# hadolint ignore=DL3008,DL3013
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends fonts-lohit-deva \
+    && rm -rf /var/lib/apt/lists/* \
+    && pip install --no-cache-dir '.[server]' \
     && useradd --system --uid 10001 --home-dir /var/lib/nidaan --shell /usr/sbin/nologin nidaan \
     && mkdir -p /var/lib/nidaan /var/cache/nidaan/numba \
     && chown -R nidaan:nidaan /var/lib/nidaan /var/cache/nidaan

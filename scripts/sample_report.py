@@ -6,7 +6,8 @@ A synthetic chest radiograph with two planted nodules (the demo model's own gene
 header from pydicom-data, made-up patient data) goes through the real pipeline (``cxr_screen``)
 and the real writers: the SR in English and Hindi rendered by dcmtk's ``dsr2html`` and
 ``dsrdump``, that HTML photographed by Debian's chromium (Playwright, no browser download) as
-``report.png``, and the Secondary Capture fallback saved as ``overlay.png``.
+``report.png``, and the Secondary Capture fallback saved as ``overlay.png`` (and the top band of a
+Hindi peer's, ``overlay-hi.png``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from nidaan.core.config import InferenceConfig
+from nidaan.pacs_bridge.languages import load_language
 from nidaan.pacs_bridge.lesions import group_findings
 from nidaan.pacs_bridge.overlays import build_secondary_captures, overlay_uids
 from nidaan.pacs_bridge.reports import (
@@ -127,6 +129,19 @@ def main() -> None:
             study_attributes=study_attributes([ds]),
         )
         Image.fromarray(sc.pixel_array).save(OUT / "overlay.png", optimize=True)
+        # The same for a Hindi peer (its own UIDs): the top band, where the text is.
+        sc_series, uids = overlay_uids("sc|hi", "sample", [str(ds.SOPInstanceUID)])
+        (sc,) = build_secondary_captures(
+            findings,
+            {str(ds.SOPInstanceUID): ds},
+            series_instance_uid=sc_series,
+            sop_instance_uids=uids,
+            software_versions=software_version(),
+            study_attributes=study_attributes([ds]),
+            language=load_language("hi"),
+        )
+        band = sc.pixel_array[: sc.pixel_array.shape[0] // 4]
+        Image.fromarray(band).save(OUT / "overlay-hi.png", optimize=True)
     pipeline.backend.close()
     pipeline.close()
     for f in findings:
