@@ -119,29 +119,21 @@ def main() -> None:
     sr_path.unlink()
     _photograph(OUT / "report.html", OUT / "report.png")
     if any(f.present and f.parts for f in findings):
-        sc_series, uids = overlay_uids("sc", "sample", [str(ds.SOPInstanceUID)])
-        (sc,) = build_secondary_captures(
-            findings,
-            {str(ds.SOPInstanceUID): ds},
-            series_instance_uid=sc_series,
-            sop_instance_uids=uids,
-            software_versions=software_version(),
-            study_attributes=study_attributes([ds]),
-        )
-        Image.fromarray(sc.pixel_array).save(OUT / "overlay.png", optimize=True)
-        # The same for a Hindi peer (its own UIDs): the top band, where the text is.
-        sc_series, uids = overlay_uids("sc|hi", "sample", [str(ds.SOPInstanceUID)])
-        (sc,) = build_secondary_captures(
-            findings,
-            {str(ds.SOPInstanceUID): ds},
-            series_instance_uid=sc_series,
-            sop_instance_uids=uids,
-            software_versions=software_version(),
-            study_attributes=study_attributes([ds]),
-            language=load_language("hi"),
-        )
-        band = sc.pixel_array[: sc.pixel_array.shape[0] // 4]
-        Image.fromarray(band).save(OUT / "overlay-hi.png", optimize=True)
+        # The English SC whole; a Hindi peer's (its own UIDs), its top quarter, where the text is.
+        for language, name, rows in (("", "overlay.png", 1), ("hi", "overlay-hi.png", 4)):
+            kind = "sc" + (f"|{language}" if language else "")
+            sc_series, uids = overlay_uids(kind, "sample", [str(ds.SOPInstanceUID)])
+            (sc,) = build_secondary_captures(
+                findings,
+                {str(ds.SOPInstanceUID): ds},
+                series_instance_uid=sc_series,
+                sop_instance_uids=uids,
+                software_versions=software_version(),
+                study_attributes=study_attributes([ds]),
+                language=load_language(language) if language else None,
+            )
+            pixels = sc.pixel_array[: sc.pixel_array.shape[0] // rows]
+            Image.fromarray(pixels).save(OUT / name, optimize=True)
     pipeline.backend.close()
     pipeline.close()
     for f in findings:

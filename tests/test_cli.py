@@ -163,6 +163,16 @@ def test_a_taken_port_is_one_line_naming_the_setting_and_value(
     assert run.stdout == ""
 
 
+def _popen_serve(tmp_path: Path) -> subprocess.Popen:
+    """`nidaan serve` on ``tmp_path``'s c.toml, its output piped."""
+    return subprocess.Popen(
+        [NIDAAN, "--config", str(tmp_path / "c.toml"), "serve"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def _serve(tmp_path: Path, extra: str) -> tuple[subprocess.Popen, dict[str, int]]:
     """`nidaan serve` on free loopback DICOM and gRPC ports and an HTTP port on every
     interface; returns once it says it is up."""
@@ -172,12 +182,7 @@ def _serve(tmp_path: Path, extra: str) -> tuple[subprocess.Popen, dict[str, int]
     _ports_config(tmp_path, {k: v for k, v in ports.items() if k != "http"})
     with open(tmp_path / "c.toml", "a") as f:
         f.write(f'[http]\nbind = "0.0.0.0"\nport = {ports["http"]}\n{extra}')
-    proc = subprocess.Popen(
-        [NIDAAN, "--config", str(tmp_path / "c.toml"), "serve"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = _popen_serve(tmp_path)
     assert proc.stdout is not None
     up = proc.stdout.readline()
     assert up.startswith("nidaan: AE NIDAAN on DICOM port"), proc.communicate(timeout=30)
@@ -241,12 +246,7 @@ def test_a_signal_while_serve_starts_stops_it_cleanly(tmp_path: Path, sig: int) 
 
     ports = {"dicom": free_port(), "grpc": free_port(), "http": free_port()}
     _ports_config(tmp_path, ports)
-    proc = subprocess.Popen(
-        [NIDAAN, "--config", str(tmp_path / "c.toml"), "serve"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = _popen_serve(tmp_path)
     assert proc.stderr is not None
     seen = []
     for line in proc.stderr:  # the ports are open once this line is logged; the pools are not
