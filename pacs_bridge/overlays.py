@@ -782,7 +782,7 @@ def _burn(
     # The lines at the top, wrapped to the width: (text, is it NFD, font, line height).
     band: list[tuple[str, bool, ImageFont.FreeTypeFont | ImageFont.ImageFont, int]] = []
     for text, is_nfd, font_path in lines:
-        line_font = _font(size, font_path)
+        line_font = font if font_path is None else _font(size, font_path)
         height = _line_height(size, script=font_path is not None)
         if font_path is None:
             text = _ascii_dashes(text)
@@ -850,7 +850,7 @@ def _lines(
     in that language."""
     lines: list[BurnedLine] = [(NOT_FOR_DIAGNOSIS, True, None)] if nfd else []
     lines += [(lesion.legend, False, None) for lesion in here]
-    if language is None or language.tag == "en" or font is None:
+    if language is None or font is None:  # English names no font: nothing more to burn
         return lines
     if nfd:
         lines.append((language.term("not_for_diagnosis"), True, font))

@@ -204,7 +204,10 @@ class StateStore:
     def _add_instance_counts(self) -> None:
         """A studies table from before ``instance_count``: add it, counted from ``instances``,
         in one write transaction, so a receiving process that opens the database at the same
-        moment finds the column whole or adds it itself."""
+        moment finds the column whole or adds it itself. A table that has it (every open but
+        the first) takes no write lock."""
+        if "instance_count" in {r[1] for r in self._db.execute("PRAGMA table_info(studies)")}:
+            return
         with self._tx() as db:
             if "instance_count" in {r[1] for r in db.execute("PRAGMA table_info(studies)")}:
                 return
