@@ -356,10 +356,7 @@ class StateStore:
         if state not in STUDY_STATES:
             raise ValueError(f"unknown study state {state!r}")
         with self._tx() as db:
-            db.execute(
-                "UPDATE studies SET state = ?, reason = ?, updated_at = ? WHERE study_uid = ?",
-                (state, reason, time.time(), study_uid),
-            )
+            _set_state(db, study_uid, state, reason)
 
     def study(self, study_uid: str) -> tuple[str, str, str] | None:
         """(state, reason, calling AE) of a study, or None."""
@@ -396,15 +393,8 @@ class StateStore:
         """Queue a study's result objects, (path, SOP Instance UID, destination) each, in one
         transaction: the outbox never sees part of them, so the study counts as delivered only
         once all are (idempotent for the same object and destination)."""
-        now = time.time()
         with self._tx() as db:
-            db.executemany(
-                "INSERT INTO outbox (study_uid, report_path, sop_instance_uid, destination, state,"
-                " next_attempt_at) VALUES (?,?,?,?,'queued',?)"
-                " ON CONFLICT(sop_instance_uid, destination) DO UPDATE SET state = 'queued',"
-                " report_path = excluded.report_path, next_attempt_at = excluded.next_attempt_at",
-                [(study_uid, str(path), sop, dest, now) for path, sop, dest in items],
-            )
+            _enqueue(db, study_uid, items)
 
     def study_outbox_counts(self, study_uid: str) -> dict[str, int]:
         """How many of one study's deliveries are in each state."""
@@ -591,14 +581,27 @@ class StateStore:
         findings (no patient data) and how many stored images it was made from, whether or not
         it is sent anywhere: what GetStudy, the status page and an operator read."""
         with self._tx() as db:
-            db.execute(
-                "INSERT INTO reports (study_uid, report_path, sop_instance_uid, updated_at,"
-                " summary, images) VALUES (?,?,?,?,?,?) ON CONFLICT(study_uid) DO UPDATE SET"
-                " report_path = excluded.report_path, summary = excluded.summary,"
-                " sop_instance_uid = excluded.sop_instance_uid, updated_at = excluded.updated_at,"
-                " images = excluded.images",
-                (study_uid, str(report_path), sop_instance_uid, time.time(), summary, images),
-            )
+            _record_report(db, study_uid, report_path, sop_instance_uid, summary, images)
+
+    def report_study(
+        self,
+        study_uid: str,
+        reason: str,
+        report: tuple[Path, str],
+        queue: Sequence[tuple[Path, str, str]] = (),
+        summary: str = "",
+        images: int = -1,
+    ) -> None:
+        """Mark a study reported, remember its newest ``report`` (path, SOP Instance UID) and
+        queue its result objects (as ``enqueue_all``), in one transaction.
+
+        One transaction, because each apart is a window: a reader between them saw a reported
+        study with nothing queued and no report, and a crash there left it so for good, its
+        report never sent."""
+        with self._tx() as db:
+            _set_state(db, study_uid, "reported", reason)
+            _enqueue(db, study_uid, queue)
+            _record_report(db, study_uid, report[0], report[1], summary, images)
 
     def reported_images(self, study_uid: str) -> int:
         """How many stored images the study's newest report was made from (-1: no report, or
@@ -780,3 +783,41 @@ class StateStore:
                     (study_uid,),
                 ).fetchone()
         return None if row is None else (Path(row[0]), str(row[1]))
+
+
+def _set_state(db: sqlite3.Connection, study_uid: str, state: str, reason: str) -> None:
+    db.execute(
+        "UPDATE studies SET state = ?, reason = ?, updated_at = ? WHERE study_uid = ?",
+        (state, reason, time.time(), study_uid),
+    )
+
+
+def _enqueue(
+    db: sqlite3.Connection, study_uid: str, items: Sequence[tuple[Path, str, str]]
+) -> None:
+    now = time.time()
+    db.executemany(
+        "INSERT INTO outbox (study_uid, report_path, sop_instance_uid, destination, state,"
+        " next_attempt_at) VALUES (?,?,?,?,'queued',?)"
+        " ON CONFLICT(sop_instance_uid, destination) DO UPDATE SET state = 'queued',"
+        " report_path = excluded.report_path, next_attempt_at = excluded.next_attempt_at",
+        [(study_uid, str(path), sop, dest, now) for path, sop, dest in items],
+    )
+
+
+def _record_report(
+    db: sqlite3.Connection,
+    study_uid: str,
+    report_path: Path,
+    sop_instance_uid: str,
+    summary: str,
+    images: int,
+) -> None:
+    db.execute(
+        "INSERT INTO reports (study_uid, report_path, sop_instance_uid, updated_at,"
+        " summary, images) VALUES (?,?,?,?,?,?) ON CONFLICT(study_uid) DO UPDATE SET"
+        " report_path = excluded.report_path, summary = excluded.summary,"
+        " sop_instance_uid = excluded.sop_instance_uid, updated_at = excluded.updated_at,"
+        " images = excluded.images",
+        (study_uid, str(report_path), sop_instance_uid, time.time(), summary, images),
+    )

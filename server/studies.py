@@ -198,9 +198,8 @@ class Studies:
             self.metrics.result_objects_failed.labels(kind).inc()
         if not destinations:
             why = self._no_destination(calling_ae)
-            self.state.set_study_state(study_uid, "reported", why)
-            self.state.record_report(
-                study_uid, path, sop_uid, findings_summary(findings), len(records)
+            self.state.report_study(
+                study_uid, why, (path, sop_uid), (), findings_summary(findings), len(records)
             )
             self.metrics.stage("report", time.monotonic() - writing)
             log.warning(
@@ -213,12 +212,12 @@ class Studies:
         queue = [(p, uid, dest) for dest, s in wanted for p, uid in built.objects[s]]
         if built.problems:
             note = "; ".join(filter(None, [note, *built.problems.values()]))
-        # Reported before anything is queued: the outbox may deliver it all at once, and its
-        # "delivered" must come after, never be overwritten.
-        self.state.set_study_state(study_uid, "reported", note)
-        self.state.enqueue_all(study_uid, queue)
-        # After the state: GetStudy sees both.
-        self.state.record_report(study_uid, path, sop_uid, findings_summary(findings), len(records))
+        # The state, the queue and the report in one transaction: the outbox's "delivered"
+        # comes after it and is never overwritten, and nobody (GetStudy, a crash) ever sees a
+        # reported study with nothing queued.
+        self.state.report_study(
+            study_uid, note, (path, sop_uid), queue, findings_summary(findings), len(records)
+        )
         self.metrics.stage("report", time.monotonic() - writing)
         self.metrics.studies.labels("reported").inc()
         self._wake_outbox()

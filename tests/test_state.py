@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,32 @@ def test_outbox_item_is_delivered_once_per_destination(tmp_path: Path) -> None:
     assert state.delivered(items[1].id) == ""  # the other destination still waits
     assert state.delivered(items[0].id) == "1.2.3"
     assert state.outbox("queued") == []
+
+
+def test_a_study_is_reported_with_its_queue_and_report_or_not_at_all(tmp_path: Path) -> None:
+    """The state, the outbox rows and the report record go in one transaction. Written apart,
+    a reader could see "reported" with nothing queued (a test did), and a crash between them
+    left the study reported and its report never sent."""
+    spool = Spool(tmp_path)
+    state = StateStore(tmp_path / "s.db")
+    for study in ("1.2.3", "1.2.4"):
+        state.add_instance(_rec(spool, study, study + ".1"), "PACS")
+        state.set_study_state(study, "analysed")
+    report = tmp_path / "sr.dcm"
+    state.report_study(
+        "1.2.3", "", (report, "2.25.1"), [(report, "2.25.1", "PACS"), (report, "2.25.1", "B")]
+    )
+    assert state.study("1.2.3") == ("reported", "", "PACS")
+    assert sorted(i.destination for i in state.outbox("queued")) == ["B", "PACS"]
+    assert state.latest_report("1.2.3") == (report, "2.25.1")
+
+    # A row the outbox refuses (no destination) fails it all, as a crash part-way would.
+    bad = [(report, "2.25.2", "PACS"), (report, "2.25.2", None)]
+    with pytest.raises(sqlite3.IntegrityError):
+        state.report_study("1.2.4", "", (report, "2.25.2"), bad)  # type: ignore[arg-type]
+    assert state.study("1.2.4") == ("analysed", "", "PACS")  # analysed again after a restart
+    assert [i.study_uid for i in state.outbox()] == ["1.2.3", "1.2.3"]
+    assert state.latest_report("1.2.4") is None
 
 
 @pytest.mark.parametrize("uid", ["../../etc", "1.2.3/../../x", "1.2.03", "", "1" * 65, "a.b"])
