@@ -38,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -153,17 +154,30 @@ class _Server:
 
     def __init__(self, work: Path) -> None:
         work.mkdir(parents=True, exist_ok=True)
-        self.grpc_port = free_port()
+        self.grpc_port, self.http_port = free_port(), free_port()
         config = nidaan_config(
             work / "nidaan.toml",
             port=free_port(),
             data_dir=work / "data",
             models=ROOT / "models",
-            extra=f'[grpc]\nbind = "127.0.0.1"\nport = {self.grpc_port}\n',
+            extra=f'[grpc]\nbind = "127.0.0.1"\nport = {self.grpc_port}\n'
+            f'[http]\nbind = "127.0.0.1"\nport = {self.http_port}\n',
         )
-        self.proc = start_nidaan(config, work / "nidaan.log")
+        self.proc = start_nidaan(config, work / "nidaan.log", http=True)
         wait_for_port(self.grpc_port, timeout=180, proc=self.proc)
+        wait_for_port(self.http_port, timeout=30, proc=self.proc)
         self.ps = psutil.Process(self.proc.pid)
+
+    def gc_collections(self) -> float:
+        """The server's garbage collections so far, all generations (``python_gc_*`` on
+        /metrics)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/metrics") as r:
+            text = r.read().decode()
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("python_gc_collections_total{")
+        )
 
     def __enter__(self) -> _Server:
         return self
@@ -193,10 +207,11 @@ def _callers(target: str, users: int, seconds: float) -> dict[str, Any]:
 def served_threads(users: int, seconds: float, work: Path) -> dict[str, float]:
     """Studies/s, latencies, and server and client CPU of ``users`` threads calling Analyze."""
     with _Server(work) as server:
-        cpu0 = _cpu(server.ps)
+        cpu0, gc0 = _cpu(server.ps), server.gc_collections()
         calls = _callers(f"127.0.0.1:{server.grpc_port}", users, seconds)
         server_cpu = _cpu(server.ps) - cpu0
-    return _summary(calls, server_cpu)
+        collections = server.gc_collections() - gc0
+    return {**_summary(calls, server_cpu), "gc_collections": collections}
 
 
 def _summary(calls: dict[str, Any], server_cpu: float) -> dict[str, float]:
@@ -346,7 +361,8 @@ def run(smoke: bool = False, users: int = 16, seconds: float = 30.0) -> dict[str
         f"{threads['median']:.0f} ms, p95 {threads['p95']:.0f} ms, {threads['studies']:.0f} "
         f"studies, {threads['failed']:.0f} failed; {ratio:.2f}x of in process; server "
         f"{threads['server_cpu_ms']:.1f} CPU ms per study ({threads['server_cores']:.2f} "
-        f"cores), client {threads['client_cores']:.2f} cores",
+        f"cores), client {threads['client_cores']:.2f} cores; "
+        f"{threads['gc_collections']:.0f} garbage collections in the server meanwhile",
         flush=True,
     )
     with tempfile.TemporaryDirectory() as tmp:
@@ -430,6 +446,11 @@ def run(smoke: bool = False, users: int = 16, seconds: float = 30.0) -> dict[str
             "ratio predicted from CPU per study (in process / (server + client))",
             predicted,
             "x",
+        ),
+        _row(
+            "garbage collections in the server during the gRPC run (core.heap)",
+            threads["gc_collections"],
+            "collections",
         ),
         _row(
             f"gRPC Analyze, {users} locust users: studies/s",

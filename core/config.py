@@ -335,6 +335,11 @@ class InferenceConfig:
     #: How inputs reach Triton: ``auto`` (system shared memory when Triton's URL is loopback,
     #: CUDA shared memory for GPU tensors), ``system``, ``cuda`` or ``none`` (in the gRPC message).
     triton_shared_memory: str = "auto"
+    #: ``nidaan serve``: container objects made, net of those freed, between collections of
+    #: the cyclic garbage collector's youngest generation, once the server has started (its
+    #: start-up objects then frozen out of every collection: ``core.heap``); 0 leaves CPython's
+    #: collector as it is (700, nothing frozen).
+    gc_young_threshold: int = 50_000
 
     def validate(self) -> None:
         if self.backend not in ("onnxruntime", "triton"):
@@ -352,6 +357,10 @@ class InferenceConfig:
             raise ConfigError("inference.decode_workers must be 0 (one per core) or more")
         if self.decode_timeout_s <= 0:
             raise ConfigError("inference.decode_timeout_s must be positive")
+        if self.gc_young_threshold < 0:
+            raise ConfigError(
+                "inference.gc_young_threshold must be 0 (CPython's collector as it is) or more"
+            )
         for name in ("workers", "max_queue_images"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"inference.{name} must be at least 1")

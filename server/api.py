@@ -28,7 +28,6 @@ Inference service needs a bearer token (:class:`BearerTokens`); health checks st
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import hashlib
 import hmac
@@ -61,6 +60,7 @@ from nidaan.core.errors import (
     QueueFullError,
 )
 from nidaan.core.findings import CodedValue, Finding, ImageAnalysis
+from nidaan.core.heap import HeapReleaser
 from nidaan.pacs_bridge.admission import admit, read_bytes
 from nidaan.pacs_bridge.spool import Spool
 from nidaan.pacs_bridge.uids import is_valid_uid, ref
@@ -213,10 +213,10 @@ class ByteBudget:
     waits while it holds a share (AnalyzeStudy analyses what it has first), so calls cannot
     wait on each other for ever.
 
-    When nothing is held any more, glibc is asked to give freed memory back to the system
-    (``malloc_trim``), so the server's resident size returns towards its idle level after a
-    burst (with ``MALLOC_ARENA_MAX=2`` in the environment: docs/configuration.md, "gRPC
-    memory").
+    When nothing is held any more, the process gives freed memory back (a garbage collection,
+    then glibc's ``malloc_trim``: :class:`~nidaan.core.heap.HeapReleaser`), so the server's
+    resident size returns towards its idle level after a burst (docs/configuration.md, "gRPC
+    memory and overhead").
     """
 
     def __init__(
@@ -233,7 +233,7 @@ class ByteBudget:
         self._used = 0
         self._peak = 0
         self._cond = threading.Condition()
-        self._trimmer = _Trimmer()
+        self._releaser = HeapReleaser()
 
     @property
     def in_flight(self) -> int:
@@ -307,59 +307,11 @@ class ByteBudget:
             idle = self._used == 0
             self._cond.notify_all()
         if idle:
-            self._trimmer.poke()
+            self._releaser.poke()
 
     def _take(self, n: int) -> None:
         self._used += n
         self._peak = max(self._peak, self._used)
-
-
-class _Trimmer:
-    """Returns freed heap memory to the system (glibc ``malloc_trim``) a moment after the last
-    call in flight let go of its bytes, in its own thread and at most once a second.
-
-    Why: the instances a call held are freed when it ends, but glibc keeps freed memory in its
-    arenas (one per thread that allocated) and would hold the peak of a burst for ever. Without
-    glibc (musl, macOS) this does nothing.
-    """
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-        self._trim = _malloc_trim()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-
-    def poke(self) -> None:
-        if self._trim is None:
-            return
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="nidaan-grpc-trim", daemon=True
-                )
-                self._thread.start()
-        self._event.set()
-
-    def _run(self) -> None:
-        assert self._trim is not None
-        while True:
-            self._event.wait()
-            time.sleep(1.0)  # let the burst's last calls finish and free what they held
-            self._event.clear()
-            self._trim(0)
-
-
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, or None where the C library has none."""
-    try:
-        # The process's own symbols (the C library it runs on); no ldconfig lookup, which
-        # would start a process.
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return None
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
-    return trim
 
 
 class BearerTokens:

@@ -17,6 +17,7 @@ from typing import Any
 
 from nidaan.core.config import Config, load_config
 from nidaan.core.errors import ConfigError, NidaanError
+from nidaan.core.heap import limit_malloc_arenas, settle_heap
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -45,26 +46,13 @@ def _use_kernel_cache(cache_dir: str) -> None:
     os.environ["NUMBA_CACHE_DIR"] = path
 
 
-def _limit_malloc_arenas(arenas: int = 2) -> None:
-    """Two glibc malloc arenas, not eight per core: each thread's arena keeps what a burst of
-    calls freed, and the server's RSS then stays at the burst's peak (what MALLOC_ARENA_MAX=2
-    does, set here through ``mallopt`` before the threads start, so no one has to export it)."""
-    import contextlib
-    import ctypes
-
-    if "MALLOC_ARENA_MAX" in os.environ:
-        return  # the operator chose; glibc read it at start
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: its allocator decides
-        ctypes.CDLL("libc.so.6").mallopt(-8, arenas)  # M_ARENA_MAX (glibc malloc.h)
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the server until SIGINT/SIGTERM."""
     cfg = _config(args)  # first: it sets NUMBA_CACHE_DIR, which must precede the kernels' import
 
     from .app import NidaanServer
 
-    _limit_malloc_arenas()
+    limit_malloc_arenas()
     # The handlers go in before anything starts: a SIGINT or SIGTERM that arrives while the
     # server starts, or just after it says it is up, then stops it cleanly, not with a
     # KeyboardInterrupt through whatever line happened to run (an init system or an operator
@@ -80,6 +68,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except BaseException:  # e.g. a taken port (a ConfigError naming it): undo what started
         server.stop()
         raise
+    # What the server holds now stays for its life: out of the collector's way (core.heap).
+    settle_heap(cfg.inference.gc_young_threshold)
     grpc_port = server.api.port if server.api else "off"
     print(
         f"nidaan: AE {cfg.dicom.ae_title} on DICOM port {server.scp.port}, gRPC port {grpc_port}, "

@@ -13,6 +13,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.gc_collector import GCCollector
 from prometheus_client.registry import Collector
 
 #: Buckets of ``nidaan_finding_probability``: twentieths of [0, 1].
@@ -29,6 +30,9 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        # python_gc_*: collections per generation and what they found (core.heap settles the
+        # serving process so that, under load, these stay still).
+        GCCollector(registry=self.registry)
         self.instances = Counter(
             "nidaan_instances_received",
             "C-STORE requests answered, by status",
