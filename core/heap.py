@@ -7,10 +7,11 @@ objects in flight at any moment (the data sets of the calls and studies it is wo
 those counts are reached by live objects, not garbage, and every full collection scans what the
 process built at start (models, modules, configuration), which is never garbage either.
 Measured in ``nidaan serve`` under 16 gRPC callers (docs/configuration.md, "gRPC memory and
-overhead"): about 1,250 collections in 15 s found 14 objects in all, and each full collection
-held the interpreter lock for about 115 ms, stalling every thread. :func:`settle_heap` takes the
-collector out of the way of serving; :class:`HeapReleaser` collects when the server goes idle,
-so garbage in reference cycles still goes, when no call waits for it.
+overhead"): 1,367-1,433 collections in 15 s found 14 objects in all, and each full
+collection held the interpreter lock for about 115 ms, stalling every thread.
+:func:`settle_heap` takes the collector out of the way of serving; garbage in reference cycles
+still goes when allocations cross its raised threshold, and :class:`HeapReleaser` collects when
+the server goes idle, when no call waits for it.
 """
 
 from __future__ import annotations
