@@ -50,9 +50,9 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
 
 class HeapReleaser:
     """Gives freed memory back a moment after the process went idle (:meth:`poke`), in its own
-    thread and at most once a second: collects garbage in reference cycles (which
-    :func:`settle_heap` leaves longer in place under load), then asks glibc to return free
-    pages to the system (``malloc_trim``).
+    thread and at most once a second: where the heap was settled, collects garbage in reference
+    cycles (which :func:`settle_heap` leaves longer in place under load), then asks glibc to
+    return free pages to the system (``malloc_trim``).
 
     Why: what a burst of calls held is freed when they end, but glibc keeps freed memory in its
     arenas and would hold the burst's peak for ever. Without glibc (musl, macOS) only the
@@ -82,7 +82,11 @@ class HeapReleaser:
             self._event.wait()
             time.sleep(self.settle_s)
             self._event.clear()
-            gc.collect()
+            if gc.get_freeze_count():
+                # Settled, what is left to scan is small (0.5 ms measured in a server after
+                # 100 calls, against 77 ms for its whole heap): cheap even once a second.
+                # Unsettled, CPython's own thresholds collect, and a full pass would cost more.
+                gc.collect()
             if self._trim is not None:
                 self._trim(0)
 

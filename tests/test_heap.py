@@ -109,6 +109,27 @@ print("after", alive() is not None, flush=True)
 """
 
 
+#: The releaser in a process that never settled: it must leave collecting to CPython's own
+#: thresholds (a full pass over an unfrozen heap costs tens of milliseconds).
+_UNSETTLED = """
+import gc, time
+from nidaan.core.heap import HeapReleaser
+
+full = gc.get_stats()[2]["collections"]
+HeapReleaser(settle_s=0.05).poke()
+time.sleep(0.5)
+print(gc.get_stats()[2]["collections"] - full)
+"""
+
+
+def test_the_releaser_collects_only_a_settled_heap() -> None:
+    run = subprocess.run(
+        [sys.executable, "-c", _UNSETTLED], capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["0"], run.stdout
+
+
 def test_garbage_in_a_reference_cycle_goes_once_the_server_is_idle() -> None:
     run = subprocess.run([sys.executable, "-c", _CYCLE], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
