@@ -7,6 +7,7 @@ Debian package to install, and is skipped with that message elsewhere: never sil
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,11 +159,22 @@ def need(program: str) -> str:
     return path
 
 
-def free_port() -> int:
-    """A free high TCP port on loopback."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _workload() -> types.ModuleType:
+    """``benchmarks/workload.py``, loaded once under the name the benchmarks import it by (the
+    benchmarks never import the tests): one :func:`free_port`, and one record of the ports it
+    handed out, for a test and the benchmarks it runs in its own process alike."""
+    if "workload" not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / "workload.py"
+        spec = importlib.util.spec_from_file_location("workload", path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["workload"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["workload"]
+
+
+#: A free high TCP port on loopback, never one this process handed out before.
+free_port = _workload().free_port
 
 
 def wait_for_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
