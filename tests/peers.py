@@ -161,8 +161,8 @@ def need(program: str) -> str:
 
 def _workload() -> types.ModuleType:
     """``benchmarks/workload.py``, loaded once under the name the benchmarks import it by (the
-    benchmarks never import the tests): one :func:`free_port`, and one record of the ports it
-    handed out, for a test and the benchmarks it runs in its own process alike."""
+    benchmarks never import the tests): one :func:`free_port` for both, and, in a test that
+    also imports a benchmark's modules, one record of the ports handed out in that process."""
     if "workload" not in sys.modules:
         path = Path(__file__).resolve().parents[1] / "benchmarks" / "workload.py"
         spec = importlib.util.spec_from_file_location("workload", path)
