@@ -277,6 +277,40 @@ def orthanc_program() -> str:
     raise SystemExit("Orthanc is not installed: apt-get install orthanc")
 
 
+def orthanc_config(
+    workdir: Path,
+    http_port: int,
+    dicom_port: int,
+    modalities: dict[str, tuple[str, str, int]],
+    name: str,
+) -> Path:
+    """Write ``workdir/orthanc.json``: an Orthanc on loopback that stores whatever it is sent,
+    knows ``modalities`` (AE title: (AE title, host, port)) and keeps its database in
+    ``workdir/db``. The tests' and the benchmarks' Orthanc both start from it."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = {
+        "Name": name,
+        "StorageDirectory": str(workdir / "db"),
+        "IndexDirectory": str(workdir / "db"),
+        "HttpPort": http_port,
+        "DicomPort": dicom_port,
+        "DicomAet": "ORTHANC",
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "DicomAlwaysAllowStore": True,
+        "DicomCheckCalledAet": True,
+        "DicomModalities": {k: list(v) for k, v in modalities.items()},
+        # Release each association right after sending: Nidaan completes a study on release.
+        "DicomAssociationCloseDelay": 0,
+        "StableAge": 1,
+        "Plugins": [],
+        "StorageCompression": False,
+    }
+    path = workdir / "orthanc.json"
+    path.write_text(json.dumps(config, indent=1))
+    return path
+
+
 class Orthanc:
     """A real Orthanc (the PACS) on loopback, with its own folder, REST and DICOM ports; as
     tests/peers.py starts it (benchmarks do not import tests)."""
@@ -285,29 +319,12 @@ class Orthanc:
         self.workdir = workdir
         self.http_port, self.dicom_port = free_port(), free_port()
         self.aet = "ORTHANC"
-        workdir.mkdir(parents=True, exist_ok=True)
-        config = {
-            "Name": "nidaan-bench-pacs",
-            "StorageDirectory": str(workdir / "db"),
-            "IndexDirectory": str(workdir / "db"),
-            "HttpPort": self.http_port,
-            "DicomPort": self.dicom_port,
-            "DicomAet": self.aet,
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "DicomAlwaysAllowStore": True,
-            "DicomCheckCalledAet": True,
-            "DicomModalities": {k: list(v) for k, v in modalities.items()},
-            # Release each association right after sending: Nidaan completes a study on release.
-            "DicomAssociationCloseDelay": 0,
-            "StableAge": 1,
-            "Plugins": [],
-            "StorageCompression": False,
-        }
-        (workdir / "orthanc.json").write_text(json.dumps(config, indent=1))
+        config = orthanc_config(
+            workdir, self.http_port, self.dicom_port, modalities, name="nidaan-bench-pacs"
+        )
         self._log = open(workdir / "orthanc.log", "wb")  # noqa: SIM115 - closed by stop()
         self.process = subprocess.Popen(
-            [orthanc_program(), str(workdir / "orthanc.json")],
+            [orthanc_program(), str(config)],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             cwd=workdir,

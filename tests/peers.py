@@ -11,7 +11,6 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -173,20 +172,16 @@ def _workload() -> types.ModuleType:
     return sys.modules["workload"]
 
 
-#: A free high TCP port on loopback, never one this process handed out before.
+# What the tests and the benchmarks both need, from the one implementation: a free port (never
+# one this process handed out before), waiting for a listener, stopping a process, Orthanc's
+# configuration, and `nidaan serve` (the installed command) with its TOML config.
 free_port = _workload().free_port
-
-
-def wait_for_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before listening")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on port {port} after {timeout} s")
+wait_for_port = _workload().wait_for_port
+stop = _workload().stop
+orthanc_config = _workload().orthanc_config
+NIDAAN = _workload().NIDAAN
+nidaan_config = _workload().nidaan_config
+start_nidaan = _workload().start_nidaan
 
 
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.1):  # type: ignore[no-untyped-def]
@@ -198,17 +193,6 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.1):  # 
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-def stop(proc: subprocess.Popen, sig: int = 15, timeout: float = 20.0) -> None:
-    """Stop a process and wait for it (Orthanc must be gone before another reuses its DB)."""
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @dataclass
@@ -261,64 +245,12 @@ def start_orthanc(workdir: Path, modalities: dict[str, tuple[str, str, int]]) ->
     """Start a fresh Orthanc in ``workdir`` knowing the given DICOM modalities."""
     exe = need("Orthanc")
     http_port, dicom_port = free_port(), free_port()
-    workdir.mkdir(parents=True, exist_ok=True)
-    config = {
-        "Name": "nidaan-test-pacs",
-        "StorageDirectory": str(workdir / "db"),
-        "IndexDirectory": str(workdir / "db"),
-        "HttpPort": http_port,
-        "DicomPort": dicom_port,
-        "DicomAet": "ORTHANC",
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "DicomAlwaysAllowStore": True,
-        "DicomCheckCalledAet": True,
-        "DicomModalities": {k: list(v) for k, v in modalities.items()},
-        # Release each association right after sending: Nidaan completes a study on release.
-        "DicomAssociationCloseDelay": 0,
-        "StableAge": 1,
-        "Plugins": [],
-        "StorageCompression": False,
-    }
-    cfg = workdir / "orthanc.json"
-    cfg.write_text(json.dumps(config, indent=1))
+    cfg = orthanc_config(workdir, http_port, dicom_port, modalities, name="nidaan-test-pacs")
     log = open(workdir / "orthanc.log", "wb")  # noqa: SIM115 - lives as long as the process
     proc = subprocess.Popen([exe, str(cfg)], stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
     wait_for_port(http_port, proc=proc)
     wait_for_port(dicom_port, proc=proc)
     return Orthanc(http_port, dicom_port, proc)
-
-
-NIDAAN = Path(sys.executable).parent / "nidaan"
-
-
-def nidaan_config(
-    path: Path,
-    *,
-    port: int,
-    data_dir: Path,
-    models: Path,
-    extra: str = "",
-    peers: dict[str, int] | None = None,
-) -> Path:
-    """Write a Nidaan TOML config on loopback; ``peers`` maps AE titles to loopback ports."""
-    text = (
-        f'[dicom]\nbind = "127.0.0.1"\nport = {port}\n'
-        f'[storage]\ndata_dir = "{data_dir}"\n[models]\nrepository = "{models}"\n{extra}'
-    )
-    if "[grpc]" not in extra:  # never the default port: it may be taken on a test machine
-        text += f'[grpc]\nbind = "127.0.0.1"\nport = {free_port()}\n'
-    for ae, peer_port in (peers or {}).items():
-        text += f'[[peers]]\nae_title = "{ae}"\nhost = "127.0.0.1"\nport = {peer_port}\n'
-    path.write_text(text)
-    return path
-
-
-def start_nidaan(config: Path, log: Path | None = None, *, http: bool = False) -> subprocess.Popen:
-    """``nidaan serve`` (the installed command) in its own process, output to ``log``."""
-    args = [str(NIDAAN), "--config", str(config), "serve"] + ([] if http else ["--no-http"])
-    out = open(log, "ab") if log is not None else subprocess.DEVNULL  # noqa: SIM115
-    return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
 
 
 class StoreSCP:
