@@ -63,7 +63,7 @@ def measure(studies: int, rows: int, columns: int) -> dict[str, Any]:
     files: list[Path] = []
     burst_files: list[Path] = []
     for i in range(2 * studies):
-        ds = synthetic_cxr(1000 + i, nodule=i % 2 == 0, rows=rows, columns=columns)
+        ds, _ = synthetic_cxr(1000 + i, nodule=i % 2 == 0, rows=rows, columns=columns)
         (files if i < studies else burst_files).append(save(ds, work / "in" / f"{i}.dcm"))
     mb = files[0].stat().st_size / 1e6
     pacs_port, nidaan_port = free_port(), free_port()

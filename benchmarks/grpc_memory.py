@@ -137,7 +137,7 @@ def run(
         f"--settle {settle_s:g} --malloc-arena-max {malloc_arena_max}"
     )
     studies = [
-        [_bytes(ds) for ds in synthetic_ct_series(700 + i, (1,), slices=slices, size=size)]
+        [_bytes(ds) for ds in synthetic_ct_series(700 + i, (1,), slices=slices, size=size)[0]]
         for i in range(4)
     ]
     rows: list[dict[str, Any]] = []

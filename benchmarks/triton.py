@@ -27,16 +27,12 @@ import csv
 import importlib.util
 import json
 import os
-import re
 import resource
 import shlex
-import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import threading
 import time
@@ -52,6 +48,9 @@ from nidaan.server.inference import TritonBackend
 from nidaan.server.model_repository import ModelSpec, load_repository
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # workload.py, also when not run as a script
+
+from workload import pytriton_package, tritonserver_launch  # noqa: E402
 
 #: perf_analyzer ships in the tritonclient wheel of the same release as pytriton's tritonserver
 #: (2.51). Later tritonclient wheels (the venv's 2.73) no longer bundle it, and this one pins
@@ -60,13 +59,6 @@ PERF_ANALYZER_WHEEL = "tritonclient==2.51.0"
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nidaan"
 
 # --- tritonserver --------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A free high TCP port on loopback."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -92,76 +84,18 @@ class Server:
                 self.process.wait()
 
 
-def _pytriton() -> Path:
-    spec = importlib.util.find_spec("pytriton")
-    if spec is None or not spec.submodule_search_locations:
+def start_tritonserver(workdir: Path, models: Path) -> Server:
+    """tritonserver over a copy of ``models`` whose ONNX files run in the Python backend
+    (``workload.tritonserver_launch``, as the tests start it)."""
+    package = pytriton_package()
+    if package is None:
         raise SystemExit(
             "tritonserver is not installed: pip install --no-deps nvidia-pytriton==0.7.0"
         )
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def start_tritonserver(workdir: Path, models: Path) -> Server:
-    """tritonserver over a copy of ``models`` whose ONNX files run in the Python backend.
-
-    The same recipe as tests/peers.py (benchmarks do not import tests): the wheel's tritonserver
-    has no ONNX Runtime backend, so each model's config says ``backend: "python"`` and
-    deploy/triton/model.py runs the unchanged model.onnx with onnxruntime.
-    """
-    package = _pytriton()
-    root = package / "tritonserver"
-    version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    backend = workdir / "backends" / "python"
-    backend.mkdir(parents=True, exist_ok=True)
-    for f in ("libtriton_python.so", "triton_python_backend_utils.py"):
-        shutil.copy(root / "backends" / "python" / f, backend / f)
-    shutil.copy(root / "python_backend_stubs" / version / "triton_python_backend_stub", backend)
-    repo = workdir / "models"
-    model_py = ROOT / "deploy" / "triton" / "model.py"
-    for model in models.iterdir():
-        if not (model / "config.pbtxt").is_file():
-            continue
-        shutil.copytree(model, repo / model.name)
-        config = (model / "config.pbtxt").read_text()
-        config = re.sub(r'platform:\s*"onnxruntime_onnx"', 'backend: "python"', config)
-        (repo / model.name / "config.pbtxt").write_text(config)
-        for version_dir in (repo / model.name).iterdir():
-            if version_dir.is_dir() and version_dir.name.isdigit():
-                shutil.copy(model_py, version_dir / "model.py")
-    grpc_port, http_port = free_port(), free_port()
-    env = {
-        **os.environ,
-        # The Python backend's stub runs this interpreter's packages (onnxruntime, numpy).
-        "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
-        "LD_LIBRARY_PATH": os.pathsep.join(
-            [
-                str(sysconfig.get_config_var("LIBDIR")),
-                str(package.parent / "nvidia_pytriton.libs"),
-                os.environ.get("LD_LIBRARY_PATH", ""),
-            ]
-        ),
-        # Not benchmarks/ itself: there this file would shadow any ``import triton``.
-        "PYTHONPATH": os.pathsep.join(
-            p for p in sys.path if p and Path(p).resolve() != ROOT / "benchmarks"
-        ),
-    }
+    args, env, grpc_port = tritonserver_launch(workdir, models, package)
     log = workdir / "triton.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [
-                str(root / "bin" / "tritonserver"),
-                f"--model-repository={repo}",
-                f"--backend-directory={workdir / 'backends'}",
-                f"--grpc-port={grpc_port}",
-                f"--http-port={http_port}",
-                "--allow-metrics=false",
-                "--log-verbose=0",
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=workdir,
-        )
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=workdir)
     server = Server(proc, grpc_port, log)
     import tritonclient.grpc as grpcclient
 

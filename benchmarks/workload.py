@@ -12,9 +12,12 @@ import importlib.util
 import io
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
+import sysconfig
 import threading
 import time
 import urllib.request
@@ -53,7 +56,7 @@ def save(ds: Dataset, path: Path) -> Path:
 
 
 @cache
-def _generator() -> Any:
+def synthetic_module() -> Any:
     """The demo models' NumPy-only generator, loaded by path (models/ is not a package)."""
     path = ROOT / "models" / "training" / "synthetic.py"
     spec = importlib.util.spec_from_file_location("nidaan_synthetic", path)
@@ -78,42 +81,81 @@ def _ct_header() -> Dataset:
 
 
 def synthetic_cxr(
-    seed: int, *, nodule: bool = False, rows: int = 1024, columns: int = 900
-) -> Dataset:
-    """A 12-bit MONOCHROME2 chest radiograph with a real CR header and synthetic pixels."""
+    seed: int,
+    *,
+    nodule: bool = False,
+    tb: bool = False,
+    rows: int = 1024,
+    columns: int = 900,
+    study_uid: str | None = None,
+    monochrome1: bool = False,
+) -> tuple[Dataset, dict[str, np.ndarray]]:
+    """A 12-bit chest radiograph with a real CR header and synthetic pixels; also lesion masks."""
+    gen = synthetic_module()
     rng = np.random.default_rng(seed)
-    img, _ = _generator().synthesize_radiograph(rng, rows, columns, nodule=nodule, tb=False)
+    img, masks = gen.synthesize_radiograph(rng, rows, columns, nodule=nodule, tb=tb)
+    stored = np.clip(np.round(img * 4095.0), 0, 4095).astype(np.uint16)
+    if monochrome1:
+        stored = (4095 - stored).astype(np.uint16)
     ds = copy.deepcopy(_cr_header())
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.Rows, ds.Columns = rows, columns
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PhotometricInterpretation = "MONOCHROME1" if monochrome1 else "MONOCHROME2"
     ds.WindowCenter, ds.WindowWidth = 2048, 4096
     for kw in ("RescaleSlope", "RescaleIntercept"):
         if kw in ds:
             delattr(ds, kw)
-    ds.PixelData = np.clip(np.round(img * 4095.0), 0, 4095).astype(np.uint16).tobytes()
+    ds.PixelData = stored.tobytes()
     ds["PixelData"].VR = "OW"
-    return ds
+    return ds, masks
 
 
 def synthetic_ct_series(
-    seed: int, nodule_slices: tuple[int, ...] = (), *, slices: int = 4, size: int = 512
-) -> list[Dataset]:
-    """An axial chest CT series (signed 16-bit, Rescale Intercept -1024) with a real CT header;
-    a planted nodule in each slice listed in ``nodule_slices``."""
+    seed: int,
+    nodule_slices: tuple[int, ...] = (),
+    *,
+    slices: int = 4,
+    size: int = 512,
+    study_uid: str | None = None,
+    patient: Dataset | None = None,
+) -> tuple[list[Dataset], dict[int, np.ndarray]]:
+    """An axial chest CT series (signed 16-bit, Rescale Intercept -1024) with a real CT header and
+    synthetic slices; a nodule in each slice listed in ``nodule_slices``. Also the nodule masks.
+
+    ``patient``: a dataset whose Patient module the slices take (to share a study with it)."""
+    gen = synthetic_module()
     rng = np.random.default_rng(seed)
-    study, series = generate_uid(), generate_uid()
-    out = []
+    study = study_uid or generate_uid()
+    series = generate_uid()
+    out, masks = [], {}
     for k in range(slices):
-        hu, _ = _generator().synthesize_ct_slice(rng, size, nodule=k in nodule_slices)
+        hu, mask = gen.synthesize_ct_slice(rng, size, nodule=k in nodule_slices)
+        if k in nodule_slices:
+            masks[k] = mask
         ds = copy.deepcopy(_ct_header())
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         ds.InstanceNumber = k + 1
+        if patient is not None:  # one patient's study: its Patient and General Study modules
+            for kw in (
+                "PatientName",
+                "PatientID",
+                "PatientBirthDate",
+                "PatientSex",
+                "StudyID",
+                "StudyDate",
+                "StudyTime",
+                "AccessionNumber",
+                "ReferringPhysicianName",
+                "StudyDescription",
+            ):
+                setattr(ds, kw, patient.get(kw, ""))
         ds.ImagePositionPatient = [-250.0, -250.0, -100.0 - 5.0 * k]
         ds.SliceLocation = -100.0 - 5.0 * k
         ds.BodyPartExamined = "CHEST"
@@ -121,10 +163,11 @@ def synthetic_ct_series(
         ds.PixelSpacing = [500.0 / size, 500.0 / size]
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
         ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
-        ds.PixelData = np.round(hu + 1024.0).astype(np.int16).tobytes()
+        stored = np.round(hu + 1024.0).astype(np.int16)
+        ds.PixelData = stored.tobytes()
         ds["PixelData"].VR = "OW"
         out.append(ds)
-    return out
+    return out, masks
 
 
 def _bytes(ds: Dataset) -> bytes:
@@ -136,7 +179,7 @@ def _bytes(ds: Dataset) -> bytes:
 def radiograph_studies(n: int = POOL) -> list[list[bytes]]:
     """One-image 1024 x 1024 chest radiograph studies, half with a planted nodule."""
     return [
-        [_bytes(synthetic_cxr(500 + i, nodule=i % 2 == 0, rows=1024, columns=1024))]
+        [_bytes(synthetic_cxr(500 + i, nodule=i % 2 == 0, rows=1024, columns=1024)[0])]
         for i in range(n)
     ]
 
@@ -144,7 +187,7 @@ def radiograph_studies(n: int = POOL) -> list[list[bytes]]:
 def ct_studies(n: int = POOL) -> list[list[bytes]]:
     """Four-slice 512 x 512 chest CT studies with a nodule in one slice."""
     return [
-        [_bytes(ds) for ds in synthetic_ct_series(600 + i, (1,), slices=4, size=512)]
+        [_bytes(ds) for ds in synthetic_ct_series(600 + i, (1,), slices=4, size=512)[0]]
         for i in range(n)
     ]
 
@@ -356,6 +399,76 @@ class Orthanc:
     def stop(self) -> None:
         stop(self.process)  # wait for it: another Orthanc must not open the same database
         self._log.close()
+
+
+def pytriton_package() -> Path | None:
+    """The installed ``pytriton`` package's folder, or None: located, not imported, because the
+    wheel is installed without its Python dependencies (they pin NumPy < 2); only its
+    tritonserver build and bundled libraries are used."""
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def tritonserver_launch(
+    workdir: Path, models: Path, package: Path
+) -> tuple[list[str], dict[str, str], int]:
+    """Prepare ``workdir`` for the wheel's tritonserver over a copy of the model repository
+    ``models``, and say how to start it: its arguments, its environment and its gRPC port.
+
+    The wheel's tritonserver has no ONNX Runtime backend, so each model's config says
+    ``backend: "python"`` and deploy/triton/model.py runs the unchanged model.onnx with
+    onnxruntime. The tests and the Triton benchmark both start it this way.
+    """
+    root = package / "tritonserver"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    backend = workdir / "backends" / "python"
+    backend.mkdir(parents=True, exist_ok=True)
+    for f in ("libtriton_python.so", "triton_python_backend_utils.py"):
+        shutil.copy(root / "backends" / "python" / f, backend / f)
+    shutil.copy(root / "python_backend_stubs" / version / "triton_python_backend_stub", backend)
+    repo = workdir / "models"
+    model_py = ROOT / "deploy" / "triton" / "model.py"
+    for model in models.iterdir():
+        if not (model / "config.pbtxt").is_file():
+            continue
+        shutil.copytree(model, repo / model.name)
+        config = (model / "config.pbtxt").read_text()
+        config = re.sub(r'platform:\s*"onnxruntime_onnx"', 'backend: "python"', config)
+        (repo / model.name / "config.pbtxt").write_text(config)
+        for version_dir in (repo / model.name).iterdir():
+            if version_dir.is_dir() and version_dir.name.isdigit():
+                shutil.copy(model_py, version_dir / "model.py")
+    grpc_port, http_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        # The Python backend's stub runs this interpreter's packages (onnxruntime, numpy).
+        "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+        # The interpreter's libpython (pyenv builds keep it outside the linker's path) and the
+        # wheel's bundled libraries (the stub links its own libcudart, with or without a GPU).
+        "LD_LIBRARY_PATH": os.pathsep.join(
+            [
+                str(sysconfig.get_config_var("LIBDIR")),
+                str(package.parent / "nvidia_pytriton.libs"),
+                os.environ.get("LD_LIBRARY_PATH", ""),
+            ]
+        ),
+        # Not benchmarks/ itself: there benchmarks/triton.py would shadow any ``import triton``.
+        "PYTHONPATH": os.pathsep.join(
+            p for p in sys.path if p and Path(p).resolve() != ROOT / "benchmarks"
+        ),
+    }
+    args = [
+        str(root / "bin" / "tritonserver"),
+        f"--model-repository={repo}",
+        f"--backend-directory={workdir / 'backends'}",
+        f"--grpc-port={grpc_port}",
+        f"--http-port={http_port}",
+        "--allow-metrics=false",
+        "--log-verbose=0",
+    ]
+    return args, env, grpc_port
 
 
 def with_new_uids(ds: Dataset, study: str | None = None, series: str | None = None) -> Dataset:

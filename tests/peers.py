@@ -10,7 +10,6 @@ import functools
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -158,7 +157,7 @@ def need(program: str) -> str:
     return path
 
 
-def _workload() -> types.ModuleType:
+def workload() -> types.ModuleType:
     """``benchmarks/workload.py``, loaded once under the name the benchmarks import it by (the
     benchmarks never import the tests): one :func:`free_port` for both, and, in a test that
     also imports a benchmark's modules, one record of the ports handed out in that process."""
@@ -175,13 +174,13 @@ def _workload() -> types.ModuleType:
 # What the tests and the benchmarks both need, from the one implementation: a free port (never
 # one this process handed out before), waiting for a listener, stopping a process, Orthanc's
 # configuration, and `nidaan serve` (the installed command) with its TOML config.
-free_port = _workload().free_port
-wait_for_port = _workload().wait_for_port
-stop = _workload().stop
-orthanc_config = _workload().orthanc_config
-NIDAAN = _workload().NIDAAN
-nidaan_config = _workload().nidaan_config
-start_nidaan = _workload().start_nidaan
+free_port = workload().free_port
+wait_for_port = workload().wait_for_port
+stop = workload().stop
+orthanc_config = workload().orthanc_config
+NIDAAN = workload().NIDAAN
+nidaan_config = workload().nidaan_config
+start_nidaan = workload().start_nidaan
 
 
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.1):  # type: ignore[no-untyped-def]
@@ -323,70 +322,15 @@ class Triton:
 def start_triton(workdir: Path, models: Path) -> Triton:
     """Start a real tritonserver over a copy of ``models`` whose ONNX files run in the Python
     backend (deploy/triton/model.py): the wheel's tritonserver has no ONNX Runtime backend."""
-    import importlib.util
-    import re
-    import sysconfig
-
-    # Located, not imported: the wheel is installed without its Python dependencies (they pin
-    # NumPy < 2); only its tritonserver build and bundled libraries are used.
-    spec = importlib.util.find_spec("pytriton")
-    if spec is None or not spec.submodule_search_locations:
+    package = workload().pytriton_package()
+    if package is None:
         msg = "tritonserver is not installed: pip install --no-deps nvidia-pytriton==0.7.0"
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(msg)
         pytest.skip(msg)  # outside CI only: under CI=true the line above fails instead
-    package = Path(next(iter(spec.submodule_search_locations)))
-    root = package / "tritonserver"
-    version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    backend = workdir / "backends" / "python"
-    backend.mkdir(parents=True, exist_ok=True)
-    for f in ("libtriton_python.so", "triton_python_backend_utils.py"):
-        shutil.copy(root / "backends" / "python" / f, backend / f)
-    shutil.copy(root / "python_backend_stubs" / version / "triton_python_backend_stub", backend)
-    repo = workdir / "models"
-    model_py = Path(__file__).resolve().parents[1] / "deploy" / "triton" / "model.py"
-    for model in models.iterdir():
-        if not (model / "config.pbtxt").is_file():
-            continue
-        shutil.copytree(model, repo / model.name)
-        config = (model / "config.pbtxt").read_text()
-        config = re.sub(r'platform:\s*"onnxruntime_onnx"', 'backend: "python"', config)
-        (repo / model.name / "config.pbtxt").write_text(config)
-        for version_dir in (repo / model.name).iterdir():
-            if version_dir.is_dir() and version_dir.name.isdigit():
-                shutil.copy(model_py, version_dir / "model.py")
-    grpc_port, http_port = free_port(), free_port()
-    env = {
-        **os.environ,
-        # The Python backend's stub runs this interpreter's packages (onnxruntime, numpy).
-        "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
-        # The interpreter's libpython (pyenv builds keep it outside the linker's path) and the
-        # wheel's bundled libraries (the stub links its own libcudart, with or without a GPU).
-        "LD_LIBRARY_PATH": os.pathsep.join(
-            [
-                str(sysconfig.get_config_var("LIBDIR")),
-                str(package.parent / "nvidia_pytriton.libs"),
-                os.environ.get("LD_LIBRARY_PATH", ""),
-            ]
-        ),
-        "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
-    }
+    args, env, grpc_port = workload().tritonserver_launch(workdir, models, package)
     log = open(workdir / "triton.log", "wb")  # noqa: SIM115 - lives as long as the process
-    proc = subprocess.Popen(
-        [
-            str(root / "bin" / "tritonserver"),
-            f"--model-repository={repo}",
-            f"--backend-directory={workdir / 'backends'}",
-            f"--grpc-port={grpc_port}",
-            f"--http-port={http_port}",
-            "--allow-metrics=false",
-            "--log-verbose=0",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-        cwd=workdir,
-    )
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir)
     wait_for_port(grpc_port, timeout=120, proc=proc)
     import tritonclient.grpc as grpcclient
 
