@@ -72,7 +72,8 @@ def _cr_header() -> Dataset:
 
 
 @cache
-def _ct_header() -> Dataset:
+def ct_header() -> Dataset:
+    """pydicom's example CT without its pixels: the header every synthetic CT slice copies."""
     from pydicom import examples
 
     ds = copy.deepcopy(examples.ct)
@@ -137,7 +138,7 @@ def synthetic_ct_series(
         hu, mask = gen.synthesize_ct_slice(rng, size, nodule=k in nodule_slices)
         if k in nodule_slices:
             masks[k] = mask
-        ds = copy.deepcopy(_ct_header())
+        ds = copy.deepcopy(ct_header())
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()

@@ -18,6 +18,7 @@ synthetic_module = workload().synthetic_module
 synthetic_cxr = workload().synthetic_cxr
 synthetic_ct_series = workload().synthetic_ct_series
 save = workload().save
+ct_header = workload().ct_header
 
 
 def with_new_uids(path: Path, out: Path) -> Path:

@@ -20,7 +20,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from factory import _ct_header, synthetic_module
+from factory import ct_header, synthetic_module
 
 #: Width of a nodule's soft edge in mm (density ramps from full to none across it).
 EDGE_MM = 2.0
@@ -113,7 +113,7 @@ def synthetic_ct_volume(
     for k in range(slices):
         hu = volume[k] + rng.normal(0.0, 8.0, (size, size))
         z = top_mm - k * spacing_mm
-        ds = copy.deepcopy(_ct_header())
+        ds = copy.deepcopy(ct_header())
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
