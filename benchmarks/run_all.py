@@ -53,6 +53,7 @@ BENCHMARKS = (
     "load",
     "grpc_memory",
     "triton",
+    "soak",
 )
 
 RESULTS = BENCH / "results"

@@ -37,6 +37,7 @@ ADAPTED = (
     "turnaround",
     "result_objects",
     "locust_dicom",
+    "soak",
 )
 
 
@@ -101,6 +102,14 @@ def test_run_all_smoke_writes_json_and_png_for_every_benchmark(tmp_path: Path) -
     # The benchmarks this project adapted to the convention must have run, not been skipped.
     for name in ADAPTED:
         assert json.loads((results / f"{name}.json").read_text())["status"] == "ok", name
+    # The soak's 20 s: every study of the mix (radiographs, JPEG 2000, CT) went in and came
+    # back as an SR at the PACS.
+    soak = {
+        r["figure"]: r["value"] for r in json.loads((results / "soak.json").read_text())["rows"]
+    }
+    assert soak["studies sent"] >= 30, soak
+    assert soak["C-STORE refused or failed"] == 0, soak
+    assert soak["studies acknowledged without an SR at the PACS"] == 0, soak
     for path, text in readmes.items():
         assert path.read_text() == text, f"{path} was rewritten by a --no-readme run"
 
