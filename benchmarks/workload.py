@@ -1,8 +1,10 @@
-"""What the benchmarks send and run, self-contained (benchmarks do not import from tests/):
+"""What the benchmarks and the tests send and run: one implementation for both (benchmarks do
+not import from tests/; tests/peers.py and tests/factory.py load this file):
 
 - studies: synthetic chest radiographs and small chest CT studies with real headers (pydicom-data's
   CR, pydicom's CT) and pixels from the demo models' generator (models/training/synthetic.py);
-- processes: dcmtk's tools found unambiguously, ``nidaan serve`` on free loopback ports.
+- processes: dcmtk's tools found unambiguously, ``nidaan serve``, Orthanc and tritonserver on free
+  loopback ports.
 """
 
 from __future__ import annotations
