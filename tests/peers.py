@@ -17,6 +17,7 @@ import types
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -137,6 +138,15 @@ def locate(program: str) -> str | None:
     return _locate(program, search_path())[0]
 
 
+def unavailable(why: str) -> NoReturn:
+    """What this test needs is missing here (a program, a package, root): a failure under CI
+    (CI=true), whose test command installs everything and runs as root, and a skip on a
+    contributor's machine."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(why)
+    pytest.skip(why)  # outside CI only: under CI=true the line above fails instead
+
+
 def need(program: str) -> str:
     """The path of the real ``program``; fail (under CI) or skip naming the Debian package.
 
@@ -151,9 +161,7 @@ def need(program: str) -> str:
             f"{program} from Debian's {package} package is not installed{found}: "
             f"apt-get install {package} (the README's test command does this)"
         )
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)  # outside CI only: under CI=true the line above fails instead
+        unavailable(msg)
     return path
 
 
@@ -325,9 +333,7 @@ def start_triton(workdir: Path, models: Path) -> Triton:
     package = workload().pytriton_package()
     if package is None:
         msg = "tritonserver is not installed: pip install --no-deps nvidia-pytriton==0.7.0"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)  # outside CI only: under CI=true the line above fails instead
+        unavailable(msg)
     args, env, grpc_port = workload().tritonserver_launch(workdir, models, package)
     log = open(workdir / "triton.log", "wb")  # noqa: SIM115 - lives as long as the process
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir)

@@ -24,7 +24,7 @@ from nidaan.core.config import Config, Peer
 from conftest import make_config
 from factory import sample_file, synthetic_cxr
 from netutil import c_store
-from peers import StoreSCP, free_port, stop, wait_until
+from peers import StoreSCP, free_port, stop, unavailable, wait_until
 
 if TYPE_CHECKING:
     from nidaan.server.app import NidaanServer
@@ -123,28 +123,20 @@ def _undecodable() -> pydicom.Dataset:
     return ds
 
 
-def _cannot(why: str) -> None:
-    """The test cannot run here: a failure under CI (which runs as root, where it can), a skip
-    on a contributor's machine without root."""
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(why)
-    pytest.skip(why)  # outside CI only: under CI=true the line above fails instead
-
-
 @contextlib.contextmanager
 def _small_disk(folder: Path, size_mb: int) -> Iterator[Path]:
     """A real file system of ``size_mb`` MiB (tmpfs) mounted on ``folder`` (needs root)."""
     folder.mkdir(parents=True)
     mount = shutil.which("mount")
     if os.geteuid() != 0 or mount is None:
-        _cannot("mounting a small file system needs root and mount(8)")
+        unavailable("mounting a small file system needs root and mount(8)")
     done = subprocess.run(
         [mount, "-t", "tmpfs", "-o", f"size={size_mb}M", "tmpfs", str(folder)],
         capture_output=True,
         text=True,
     )
     if done.returncode != 0:
-        _cannot(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        unavailable(f"cannot mount a tmpfs here: {done.stderr.strip()}")
     try:
         yield folder
     finally:
